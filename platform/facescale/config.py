@@ -1,0 +1,188 @@
+"""The typed config tree: YAML parsed strictly into pydantic models, with dotted ``key=value`` overrides.
+
+Each component owns its small model next to its code (``heads/config.py``, ...); this module assembles the
+tree. Unknown keys, wrong types and missing files raise :class:`ConfigError` naming the key and the file --
+before Ray or anything else starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from facescale.heads.config import ClassifierConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the training shards and the held-out verification set are."""
+
+    root: str = "data/synth"
+    val_bins: list[str] = Field(default_factory=lambda: ["data/synth/verification.bin"])
+    loader: Literal["torch"] = "torch"
+    num_workers: int = Field(1, ge=0)
+    on_error: Literal["fail", "skip"] = "fail"
+
+
+class ModelConfig(_Strict):
+    """Backbone choice (see ``facescale.models.list_backbones()``)."""
+
+    backbone: str = "iresnet_tiny"
+    embedding_size: int = Field(512, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TrainConfig(_Strict):
+    """Optimisation and loop cadence. ``batch_size`` is per worker."""
+
+    batch_size: int = Field(64, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_power: float = Field(2.0, gt=0, description="polynomial decay power after warm-up")
+    grad_clip: float | None = Field(5.0, gt=0, description="max global grad norm of the backbone; null disables")
+    bf16: bool = False
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="steps between verification runs; null: at the end only")
+    checkpoint_every: int | None = Field(None, gt=0, description="steps between checkpoints; null: at the end only")
+    eval_batch_size: int = Field(128, gt=0)
+
+
+class ScalingConfig(_Strict):
+    """How many Ray Train workers and on what. ``address`` (or $RAY_ADDRESS) joins a running cluster."""
+
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    address: str | None = None
+    storage_path: str = "runs"
+    max_failures: int = Field(0, ge=-1)
+
+
+class TrackingConfig(_Strict):
+    """MLflow. ``uri`` falls back to $MLFLOW_TRACKING_URI, then to the embedded sqlite store."""
+
+    uri: str | None = None
+    experiment: str = "facescale"
+    run_name: str | None = None
+    artifact_root: str = "mlartifacts"
+    log_model: bool = True
+
+
+class SynthConfig(_Strict):
+    """Defaults for ``facescale data synth`` when it is given a config (the demo uses this)."""
+
+    identities: int = Field(500, gt=1)
+    images_per_identity: int = Field(20, gt=1)
+    held_out_identities: int = Field(200, gt=1)
+    num_pairs: int = Field(2000, gt=0)
+    difficulty: float = Field(0.5, ge=0.0, le=1.0)
+    seed: int = 0
+    samples_per_shard: int = Field(1000, gt=0)
+
+
+class FaceScaleConfig(_Strict):
+    """The whole tree for one training run."""
+
+    data: DataConfig = DataConfig()
+    synth: SynthConfig = SynthConfig()
+    model: ModelConfig = ModelConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI this run uses (config, then environment, then embedded sqlite)."""
+        if self.tracking.uri:
+            return self.tracking.uri
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns.db').resolve()}"
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=0.2)")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r} has an empty key component")
+    return parts, yaml.safe_load(raw) if raw.strip() else raw
+
+
+def _set_dotted(tree: dict[str, Any], parts: list[str], value: Any, item: str) -> None:
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: key {'.'.join(parts[:depth + 1])!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None,
+                model: type[BaseModel] = FaceScaleConfig) -> Any:
+    """Loads a YAML config strictly into ``model`` and applies dotted overrides.
+
+    Args:
+        path: YAML file; ``None`` starts from the embedded defaults.
+        overrides: ``["train.lr=0.2", "scaling.num_workers=4"]``; values are parsed as YAML scalars/lists.
+        model: Root pydantic model (pipelines use their own).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: Missing/unreadable file, bad YAML, unknown key, wrong type -- naming the file and key.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for item in overrides or []:
+        parts, value = _parse_override(item)
+        _set_dotted(tree, parts, value, item)
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        where = source + (f" with overrides {overrides}" if overrides else "")
+        raise ConfigError(_format_validation(exc, where)) from exc
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The resolved config as YAML (saved with every run and logged to MLflow)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
