@@ -1,0 +1,105 @@
+"""Additive/multiplicative angular margins applied to cosine logits.
+
+One formula covers the common margin losses (InsightFace's "combined margin"):
+
+    target logit = s * (cos(m1 * theta + m2) - m3),   other logits = s * cos(theta)
+
+- ArcFace (Deng et al., CVPR 2019, arXiv:1801.07698): (m1, m2, m3) = (1, 0.5, 0)
+- CosFace (Wang et al., CVPR 2018, arXiv:1801.09414): (1, 0, 0.4)
+- SphereFace-style multiplicative margin (Liu et al., 2017): m1 > 1
+
+Logits are cosines between L2-normalised embeddings and class centers. A label of -1 marks a row whose
+positive class is not in this logit block (Partial FC shards classes across ranks), so no margin is applied
+to that row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# Rows whose positive class lives in another logit block carry this label.
+IGNORE_LABEL = -1
+
+
+class CombinedMarginLoss(nn.Module):
+    """Applies the combined angular margin to the target logit and scales by ``s``.
+
+    By default the margin is differentiated exactly (gradient of cos(theta + m2) w.r.t. cos(theta)), and where
+    theta + m2 would pass pi -- where cos(theta + m2) stops decreasing in theta -- the target logit falls back to
+    the CosFace-like ``cos(theta) - m2 * sin(m2)``, which keeps the target logit monotonic (ArcFace paper, sec. 2.1;
+    the threshold cos(pi - m2) is the point where the two branches meet).
+
+    ``straight_through=True`` reproduces InsightFace's arcface_torch behaviour instead: the margin is applied
+    without gradient and the gradient passes straight through as if the target logit were cos(theta).
+
+    Args:
+        s: Scale applied to every logit.
+        m1: Multiplicative angular margin.
+        m2: Additive angular margin (radians).
+        m3: Additive cosine margin.
+        straight_through: Use the straight-through gradient instead of the exact one.
+    """
+
+    def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
+                 straight_through: bool = False) -> None:
+        super().__init__()
+        if s <= 0:
+            raise ValueError(f"margin scale s must be positive, got {s}")
+        if m1 < 1.0 or m2 < 0.0 or m3 < 0.0:
+            raise ValueError(f"margins must satisfy m1 >= 1, m2 >= 0, m3 >= 0; got m1={m1}, m2={m2}, m3={m3}")
+        self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
+        self.straight_through = straight_through
+        # Where theta + m2 > pi the additive angular margin is no longer monotonic (ArcFace sec. 2.1).
+        self.theta_limit_cos = math.cos(math.pi - self.m2)
+        self.fallback_shift = math.sin(math.pi - self.m2) * self.m2
+
+    def extra_repr(self) -> str:
+        return f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, straight_through={self.straight_through}"
+
+    def target_logit(self, cos_theta: torch.Tensor) -> torch.Tensor:
+        """Margin-adjusted cosine of the target class (unscaled)."""
+        if self.m1 == 1.0 and self.m2 == 0.0:
+            return cos_theta - self.m3
+        if self.m1 == 1.0:
+            # cos(theta + m) = cos(theta) cos(m) - sin(theta) sin(m); clamp keeps d sin/d cos finite at |cos| = 1.
+            sin_theta = torch.sqrt((1.0 - cos_theta * cos_theta).clamp_min(1e-12))
+            cos_theta_m = cos_theta * math.cos(self.m2) - sin_theta * math.sin(self.m2)
+            cos_theta_m = torch.where(cos_theta > self.theta_limit_cos, cos_theta_m,
+                                      cos_theta - self.fallback_shift)
+            return cos_theta_m - self.m3
+        theta = torch.acos(cos_theta.clamp(-1.0 + 1e-7, 1.0 - 1e-7))
+        angle = self.m1 * theta + self.m2
+        # Past pi, use the monotonic continuation cos(pi) - (angle - pi) * (slope 2/pi) so the loss still pushes theta down.
+        target = torch.where(angle <= math.pi, torch.cos(angle), -1.0 - (angle - math.pi) * (2.0 / math.pi))
+        return target - self.m3
+
+    def forward(self, cos_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Returns scaled logits with the margin on each row's target column.
+
+        Args:
+            cos_logits: Cosine logits ``[B, C]`` in [-1, 1]. Not modified in place.
+            labels: Target column per row ``[B]``, ``-1`` where the target is not in this block.
+
+        Returns:
+            Scaled logits ``[B, C]``.
+        """
+        rows = torch.nonzero(labels != IGNORE_LABEL, as_tuple=False).squeeze(1)
+        cols = labels[rows]
+        target = cos_logits[rows, cols]
+        if self.straight_through:
+            with torch.no_grad():
+                delta = self.target_logit(target) - target
+            adjusted = target + delta
+        else:
+            adjusted = self.target_logit(target)
+        out = cos_logits.index_put((rows, cols), adjusted)
+        return out * self.s
+
+
+MARGIN_PRESETS: dict[str, tuple[float, float, float]] = {
+    "arcface": (1.0, 0.5, 0.0),
+    "cosface": (1.0, 0.0, 0.4),
+}
