@@ -1,0 +1,196 @@
+"""1:1 verification on InsightFace ``.bin`` sets (LFW / CFP-FP / AgeDB style).
+
+Protocol (as InsightFace reports it, e.g. in the ArcFace paper's LFW/CFP-FP/AgeDB-30 tables): each image's
+embedding is the L2-normalised sum of the embeddings of the image and its horizontal flip; a pair's distance is
+the squared L2 distance of the two normalised embeddings (0 to 4); thresholds 0, 0.01, ..., 3.99; the pairs are
+split into 10 contiguous folds; for each fold the threshold with the best accuracy on the other 9 folds is
+applied to it. Reported: mean and std of the 10 fold accuracies and the chosen thresholds.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+THRESHOLDS = np.arange(0.0, 4.0, 0.01)
+
+
+class BinFormatError(ValueError):
+    """A ``.bin`` file that is not InsightFace's pickled ``(images, issame)`` tuple; names the file."""
+
+
+def _decode_jpeg(data: bytes) -> np.ndarray:
+    try:
+        import simplejpeg
+
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except (ImportError, ValueError):
+        from PIL import Image
+
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def load_bin(path: str | Path, image_size: tuple[int, int] = (112, 112)) -> tuple[np.ndarray, np.ndarray]:
+    """Loads an InsightFace verification ``.bin``.
+
+    The file is a pickled tuple ``(images, issame)``: ``images`` a list of 2N encoded images (JPEG/PNG bytes,
+    as InsightFace ships them) or uint8 arrays ``[H, W, 3]``, pairs interleaved ``[a0, b0, a1, b1, ...]``;
+    ``issame`` a list of N booleans. Python-2 pickles (InsightFace's originals) load with ``encoding='bytes'``.
+
+    Args:
+        path: The ``.bin`` file.
+        image_size: Expected ``(H, W)`` of every image.
+
+    Returns:
+        ``images`` uint8 ``[2N, H, W, 3]`` RGB and ``issame`` bool ``[N]``.
+
+    Raises:
+        BinFormatError: Not a pickle of that shape, odd image count, pair/label count mismatch, bad image --
+            the message names the file (and the image index).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BinFormatError(f"verification file not found: {path}")
+    try:
+        with path.open("rb") as f:
+            obj = pickle.load(f, encoding="bytes")
+    except Exception as exc:  # noqa: BLE001 -- any unpickling failure means "not a .bin"; re-raised with the file
+        raise BinFormatError(f"{path}: not a pickled (images, issame) tuple: {exc}") from exc
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
+        raise BinFormatError(f"{path}: expected a pickled (images, issame) tuple, got {type(obj).__name__}")
+    raw_images, raw_issame = obj
+    issame = np.asarray(list(raw_issame), dtype=bool)
+    if len(raw_images) % 2:
+        raise BinFormatError(f"{path}: {len(raw_images)} images is an odd number; pairs need 2N images")
+    if len(raw_images) != 2 * len(issame):
+        raise BinFormatError(f"{path}: {len(raw_images)} images make {len(raw_images) // 2} pairs "
+                             f"but issame has {len(issame)} labels")
+    images = np.empty((len(raw_images), *image_size, 3), dtype=np.uint8)
+    for i, item in enumerate(raw_images):
+        try:
+            if isinstance(item, (bytes, bytearray, memoryview)):
+                arr = _decode_jpeg(bytes(item))
+            else:
+                arr = np.asarray(item)
+                if arr.dtype != np.uint8:
+                    raise ValueError(f"dtype {arr.dtype}, expected uint8")
+        except Exception as exc:  # noqa: BLE001 -- decoder errors vary by backend; re-raised naming the image
+            raise BinFormatError(f"{path}: image {i} cannot be decoded: {exc}") from exc
+        if arr.shape != (*image_size, 3):
+            raise BinFormatError(f"{path}: image {i} has shape {arr.shape}, expected {(*image_size, 3)}")
+        images[i] = arr
+    return images, issame
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` RGB → float ``[N, 3, H, W]`` normalised as (x − 127.5) / 127.5."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().sub_(127.5).div_(127.5)
+
+
+@torch.no_grad()
+def compute_embeddings(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], images: np.ndarray,
+                       batch_size: int = 128, device: torch.device | str = "cpu") -> np.ndarray:
+    """Embeddings as the protocol defines them: L2-normalised sum of image and flipped image.
+
+    Args:
+        model: Backbone (put in eval mode by the caller or here if it is an ``nn.Module``).
+        images: uint8 ``[N, H, W, 3]`` RGB.
+        batch_size: Images per forward pass.
+        device: Device to run on.
+
+    Returns:
+        float32 ``[N, D]`` unit-norm embeddings.
+    """
+    was_training = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.eval()
+    chunks = []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = images_to_tensor(images[start:start + batch_size]).to(device)
+            emb = model(x).float() + model(torch.flip(x, dims=[3])).float()
+            chunks.append(torch.nn.functional.normalize(emb).cpu())
+    finally:
+        if was_training:
+            model.train()
+    return torch.cat(chunks).numpy()
+
+
+def _accuracy(threshold: float, dist: np.ndarray, issame: np.ndarray) -> float:
+    return float(np.mean((dist < threshold) == issame))
+
+
+def roc_curve(dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray = THRESHOLDS) -> tuple[np.ndarray, ...]:
+    """TPR and FPR of "same" = ``dist < threshold`` at each threshold."""
+    pred = dist[None, :] < thresholds[:, None]
+    num_pos = max(int(issame.sum()), 1)
+    num_neg = max(int((~issame).sum()), 1)
+    tpr = (pred & issame[None, :]).sum(1) / num_pos
+    fpr = (pred & ~issame[None, :]).sum(1) / num_neg
+    return tpr, fpr
+
+
+def evaluate(embeddings: np.ndarray, issame: np.ndarray, nfolds: int = 10) -> dict[str, Any]:
+    """10-fold verification accuracy with thresholds chosen on the other folds.
+
+    Args:
+        embeddings: ``[2N, D]`` embeddings, pairs interleaved; normalised here (idempotent if already unit norm).
+        issame: ``[N]`` booleans.
+        nfolds: Number of contiguous folds.
+
+    Returns:
+        ``accuracy_mean``, ``accuracy_std``, ``best_threshold`` (mean over folds), ``fold_thresholds``,
+        ``fold_accuracies``, ``tpr``/``fpr`` (ROC over all pairs), ``thresholds``, ``num_pairs``.
+    """
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    issame = np.asarray(issame, dtype=bool)
+    if embeddings.ndim != 2 or len(embeddings) != 2 * len(issame):
+        raise ValueError(f"embeddings {embeddings.shape} do not match {len(issame)} pairs (need [2N, D])")
+    if len(issame) < nfolds:
+        raise ValueError(f"{len(issame)} pairs cannot be split into {nfolds} folds")
+    embeddings = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(min=1e-12)
+    dist = np.sum((embeddings[0::2] - embeddings[1::2]) ** 2, axis=1)
+    # Contiguous folds, the first (N mod k) one pair larger -- the split sklearn's KFold(shuffle=False) makes.
+    folds = np.array_split(np.arange(len(issame)), nfolds)
+    fold_acc, fold_thr = [], []
+    for test_idx in folds:
+        train_mask = np.ones(len(issame), dtype=bool)
+        train_mask[test_idx] = False
+        train_acc = [_accuracy(t, dist[train_mask], issame[train_mask]) for t in THRESHOLDS]
+        best = float(THRESHOLDS[int(np.argmax(train_acc))])
+        fold_thr.append(best)
+        fold_acc.append(_accuracy(best, dist[test_idx], issame[test_idx]))
+    tpr, fpr = roc_curve(dist, issame)
+    return {
+        "accuracy_mean": float(np.mean(fold_acc)),
+        "accuracy_std": float(np.std(fold_acc)),
+        "best_threshold": float(np.mean(fold_thr)),
+        "fold_thresholds": fold_thr,
+        "fold_accuracies": fold_acc,
+        "tpr": tpr,
+        "fpr": fpr,
+        "thresholds": THRESHOLDS,
+        "num_pairs": int(len(issame)),
+    }
+
+
+def verify_model(model: nn.Module, bin_path: str | Path, batch_size: int = 128,
+                 device: torch.device | str = "cpu", cache: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Loads (or reuses from ``cache``) a ``.bin`` and evaluates ``model`` on it."""
+    key = str(bin_path)
+    if cache is not None and key in cache:
+        images, issame = cache[key]
+    else:
+        images, issame = load_bin(bin_path)
+        if cache is not None:
+            cache[key] = (images, issame)
+    emb = compute_embeddings(model, images, batch_size=batch_size, device=device)
+    result = evaluate(emb, issame)
+    return result
