@@ -1,0 +1,439 @@
+"""The shard contract: WebDataset tar shards plus a ``manifest.json`` that describes them.
+
+One sample is ``key.jpg`` (aligned 112x112 RGB JPEG), ``key.cls`` (the integer class id as ASCII, never a float:
+float32 is exact only below 2**24 identities) and an optional ``key.json``. The manifest beside the shards holds the
+shard list with per-shard sample counts, so that every loader sizes its epoch without scanning (DESIGN.md).
+
+Writers keep samples in the order they are given: callers shuffle globally before writing, because streaming
+readers only shuffle inside a buffer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import simplejpeg
+import webdataset as wds
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from tqdm import tqdm
+
+from facescale.data.errors import ImageDecodeError, LabelError, ManifestError, ShardError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+# Aligned-face crop size of ArcFace/InsightFace: the 5-point template in insightface `utils/face_align.py`
+# (`arcface_dst`) is defined on a 112x112 canvas, and every public .rec/.bin set uses it.
+IMAGE_SIZE = (112, 112)
+# A fixed tar mtime makes shard bytes, and so the manifest digest, reproducible (webdataset TarWriter docs). It must
+# be an int: tarfile writes a float mtime as an extra PAX header per member, which doubles the size of small files.
+_TAR_MTIME = 0
+_LABEL_RE = re.compile(rb"\s*(\d+)\s*")
+
+
+def _facescale_version() -> str:
+    try:
+        import facescale
+
+        return str(facescale.__version__)
+    except (ImportError, AttributeError):
+        return "0.1.0"
+
+
+class ShardInfo(BaseModel):
+    """One shard of a dataset.
+
+    Attributes:
+        url: Shard file name relative to the manifest's directory (or an absolute path / URL).
+        num_samples: Number of samples in the shard.
+        sha256: Hex sha256 of the shard file, used by ``verify_manifest`` and the dataset digest.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1)
+    num_samples: int = Field(ge=0)
+    sha256: str | None = None
+
+
+class Manifest(BaseModel):
+    """``manifest.json``: what a shard set contains, read by every loader.
+
+    Attributes:
+        shards: Shards in order.
+        num_samples: Total number of samples; equals the sum over shards.
+        num_classes: Number of class ids; every label is in ``[0, num_classes)``.
+        image_size: ``[height, width]`` of every image.
+        digest: Hex sha256 over the shards' raw sha256 digests, concatenated in shard order.
+        creator: ``"facescale <version>"``.
+        created_at: ISO 8601 UTC time of writing.
+        source: Free text saying where the samples came from.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    shards: list[ShardInfo] = Field(min_length=1)
+    num_samples: int = Field(ge=0)
+    num_classes: int = Field(ge=1)
+    image_size: tuple[int, int] = IMAGE_SIZE
+    digest: str
+    creator: str
+    created_at: str
+    source: str = ""
+
+    # Where the manifest was loaded from or written to; relative shard URLs resolve against it. Not serialised.
+    _root: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _counts_add_up(self) -> Manifest:
+        total = sum(s.num_samples for s in self.shards)
+        if total != self.num_samples:
+            raise ValueError(f"num_samples is {self.num_samples} but the shards hold {total}")
+        return self
+
+    @property
+    def root(self) -> str | None:
+        """Directory (or URL prefix) the shard URLs are relative to, when known."""
+        return self._root
+
+    def with_root(self, root: str | os.PathLike[str]) -> Manifest:
+        """Return a copy whose relative shard URLs resolve against ``root``."""
+        copy = self.model_copy()
+        copy._root = str(root)
+        return copy
+
+    def shard_urls(self, root: str | os.PathLike[str] | None = None) -> list[str]:
+        """Resolve every shard URL against ``root`` (default: the manifest's own root).
+
+        Raises:
+            ManifestError: If no root is given and the manifest does not know its own.
+        """
+        base = str(root) if root is not None else self._root
+        if base is None:
+            raise ManifestError("manifest has no root directory: pass root= or load it with load_manifest()")
+        return [resolve_url(base, s.url) for s in self.shards]
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the manifest as JSON, atomically (temporary file, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.model_dump_json(indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+def resolve_url(root: str, url: str) -> str:
+    """Join a shard URL onto a root unless it is already absolute (a path or ``scheme://`` URL)."""
+    if "://" in url or url.startswith("pipe:") or os.path.isabs(url):
+        return url
+    if "://" in root:
+        return root.rstrip("/") + "/" + url
+    return os.path.join(root, url)
+
+
+def load_manifest(path_or_dir: str | os.PathLike[str]) -> Manifest:
+    """Read and validate a manifest.
+
+    Args:
+        path_or_dir: A ``manifest.json`` file, or the directory holding one.
+
+    Returns:
+        The manifest, with its root set to the file's directory.
+
+    Raises:
+        ManifestError: If the directory or file is missing, the JSON is malformed, or fields are wrong.
+    """
+    path = Path(path_or_dir)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        if path.suffix != ".json" or not path.parent.is_dir():
+            missing = path if path.suffix != ".json" else path.parent
+            raise ManifestError(f"dataset directory not found: {missing}", path=str(missing))
+        raise ManifestError(f"manifest file not found: {path}", path=str(path))
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise ManifestError(f"cannot read manifest {path}: {exn}", path=str(path)) from exn
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exn:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exn.errors())
+        raise ManifestError(f"invalid manifest {path}: {problems}", path=str(path)) from exn
+    return manifest.with_root(path.parent)
+
+
+class _HashingFile:
+    """File wrapper that feeds every byte written or read through sha256."""
+
+    def __init__(self, fileobj: BinaryIO) -> None:
+        self._fileobj = fileobj
+        self.hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        return self._fileobj.write(data)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._fileobj.read(size)
+        self.hash.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def digest_of(shard_sha256s: list[str]) -> str:
+    """Dataset digest: sha256 over the shards' raw 32-byte sha256 digests, concatenated in order."""
+    h = hashlib.sha256()
+    for hex_digest in shard_sha256s:
+        h.update(bytes.fromhex(hex_digest))
+    return h.hexdigest()
+
+
+class ShardSetWriter:
+    """Writes samples into ``{prefix}-{i:06d}.tar`` shards and, on ``close``, the manifest.
+
+    Samples are written in the order given. Any stale ``manifest.json`` in ``out_dir`` is removed when writing
+    starts, so an interrupted write never leaves a manifest that describes shards which are not there.
+
+    Args:
+        out_dir: Output directory (created if needed).
+        prefix: Shard file name prefix.
+        samples_per_shard: Samples per shard; the last shard may hold fewer.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], prefix: str = "shard", samples_per_shard: int = 1000) -> None:
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        if not prefix or "/" in prefix:
+            raise ValueError(f"prefix must be a non-empty file name prefix, got {prefix!r}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        self.prefix = prefix
+        self.samples_per_shard = samples_per_shard
+        self._shards: list[ShardInfo] = []
+        self._file: BinaryIO | None = None
+        self._hashing: _HashingFile | None = None
+        self._tar: wds.TarWriter | None = None
+        self._count = 0
+        self._keys: set[str] = set()
+        self._max_label = -1
+        self._max_label_at = ("", "")  # (shard, key) of the largest label, for the error message
+        self._closed = False
+
+    @property
+    def _shard_name(self) -> str:
+        return f"{self.prefix}-{len(self._shards):06d}.tar"
+
+    def write(self, key: str, jpeg: bytes, label: int, meta: dict[str, Any] | None = None) -> None:
+        """Append one sample.
+
+        Args:
+            key: Sample key: unique (checked within a shard); no ``.`` (webdataset splits names at the first
+                dot), no ``/``.
+            jpeg: Encoded JPEG bytes.
+            label: Class id, a non-negative integer.
+            meta: Optional JSON-serialisable metadata, stored as ``key.json``.
+
+        Raises:
+            ShardError: If the key is malformed or repeated within the shard.
+            LabelError: If the label is not a non-negative integer.
+        """
+        if self._closed:
+            raise ShardError(f"{self.out_dir}: write() after close()", shard=str(self.out_dir), key=key)
+        shard = str(self.out_dir / self._shard_name)
+        if not key or "." in key or "/" in key or key.startswith("__"):
+            raise ShardError(f"shard {shard}: invalid sample key {key!r} (no '.', '/', leading '__')", shard, key)
+        if isinstance(label, bool) or not isinstance(label, int | np.integer) or label < 0:
+            raise LabelError(f"shard {shard}: sample {key!r} has label {label!r}, not a non-negative int", shard, key)
+        if key in self._keys:
+            raise ShardError(f"shard {shard}: duplicate sample key {key!r}", shard, key)
+        if self._tar is None:
+            self._open_shard()
+        sample: dict[str, Any] = {"__key__": key, "jpg": bytes(jpeg), "cls": str(int(label)).encode("ascii")}
+        if meta is not None:
+            sample["json"] = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        try:
+            self._tar.write(sample)
+        except ValueError as exn:  # tarfile: name too long for the USTAR header
+            raise ShardError(f"shard {shard}: cannot write sample {key!r}: {exn}", shard, key) from exn
+        self._keys.add(key)
+        self._count += 1
+        if label > self._max_label:
+            self._max_label, self._max_label_at = int(label), (shard, key)
+        if self._count >= self.samples_per_shard:
+            self._close_shard()
+
+    def _open_shard(self) -> None:
+        path = self.out_dir / (self._shard_name + ".tmp")
+        self._file = open(path, "wb")  # closed in _close_shard
+        self._hashing = _HashingFile(self._file)
+        self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=_TAR_MTIME)
+        self._count = 0
+        self._keys = set()
+
+    def _close_shard(self) -> None:
+        assert self._tar is not None and self._file is not None and self._hashing is not None
+        self._tar.close()
+        self._file.close()
+        name = self._shard_name
+        os.replace(self.out_dir / (name + ".tmp"), self.out_dir / name)
+        self._shards.append(ShardInfo(url=name, num_samples=self._count, sha256=self._hashing.hash.hexdigest()))
+        self._tar = self._file = self._hashing = None
+
+    def close(self, num_classes: int, source: str) -> Manifest:
+        """Finish the last shard and write ``manifest.json``.
+
+        Args:
+            num_classes: Number of classes; every label written must be below it.
+            source: Free text describing where the samples came from.
+
+        Returns:
+            The manifest written, with its root set to ``out_dir``.
+
+        Raises:
+            ShardError: If no sample was written.
+            LabelError: If a label written is ``>= num_classes`` (names its shard and key).
+        """
+        if self._tar is not None:
+            self._close_shard()
+        self._closed = True
+        if not self._shards:
+            raise ShardError(f"{self.out_dir}: no samples were written", shard=str(self.out_dir))
+        if self._max_label >= num_classes:
+            shard, key = self._max_label_at
+            raise LabelError(
+                f"shard {shard}: sample {key!r} has label {self._max_label} >= num_classes {num_classes}", shard, key
+            )
+        manifest = Manifest(
+            shards=self._shards,
+            num_samples=sum(s.num_samples for s in self._shards),
+            num_classes=num_classes,
+            digest=digest_of([s.sha256 or "" for s in self._shards]),
+            creator=f"facescale {_facescale_version()}",
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            source=source,
+        ).with_root(self.out_dir)
+        manifest.save(self.out_dir / MANIFEST_NAME)
+        return manifest
+
+
+def iter_shard(
+    url: str, handler: Callable[[Exception], bool] | None = None, stream: BinaryIO | _HashingFile | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yield the samples of one shard as webdataset dicts (``__key__``, ``__url__``, extension -> bytes).
+
+    Args:
+        url: Local path or any URL webdataset's ``gopen`` can open.
+        handler: webdataset error handler for I/O and tar errors (return True to go on). Default: raise a
+            ``ShardError`` naming the shard.
+        stream: An already opened stream of the shard (``url`` then only names it).
+    """
+
+    def fail(exn: Exception) -> bool:
+        raise ShardError(f"shard {url}: cannot read: {exn.args[0] if exn.args else exn!r}", shard=url) from exn
+
+    if stream is None:
+        yield from wds.tarfile_samples([{"url": url}], handler=handler or fail)
+    else:
+        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler or fail)
+        yield from wds.tariterators.group_by_keys(files, handler=handler or fail)
+
+
+def parse_label(sample: dict[str, Any], num_classes: int) -> int:
+    """Return the class id of a sample, checking the shard contract.
+
+    Raises:
+        LabelError: If ``.cls`` is missing, not an ASCII integer, or not below ``num_classes``; names shard and key.
+    """
+    shard, key = sample.get("__url__"), sample.get("__key__")
+    raw = sample.get("cls")
+    if raw is None:
+        files = sorted(k for k in sample if not k.startswith("__"))
+        raise LabelError(f"shard {shard}: sample {key!r} has no .cls (has: {', '.join(files)})", shard, key)
+    match = _LABEL_RE.fullmatch(raw)
+    if match is None:
+        raise LabelError(f"shard {shard}: sample {key!r} has label {raw[:32]!r}, not an integer", shard, key)
+    label = int(match.group(1))
+    if label >= num_classes:
+        raise LabelError(f"shard {shard}: sample {key!r} has label {label} >= num_classes {num_classes}", shard, key)
+    return label
+
+
+def decode_image(sample: dict[str, Any], image_size: tuple[int, int] = IMAGE_SIZE) -> np.ndarray:
+    """Decode a sample's ``.jpg`` to an RGB ``uint8`` array of shape ``[H, W, 3]``.
+
+    Raises:
+        ImageDecodeError: If the JPEG is missing, corrupt, or not ``image_size``; names shard and key.
+    """
+    shard, key = sample.get("__url__"), sample.get("__key__")
+    raw = sample.get("jpg")
+    if raw is None:
+        raise ImageDecodeError(f"shard {shard}: sample {key!r} has no .jpg", shard, key)
+    try:
+        image = simplejpeg.decode_jpeg(raw, colorspace="RGB")
+    except ValueError as exn:  # simplejpeg raises ValueError for every libjpeg-turbo failure
+        raise ImageDecodeError(f"shard {shard}: sample {key!r}: corrupt JPEG: {exn}", shard, key) from exn
+    if image.shape[:2] != tuple(image_size):
+        size = "x".join(map(str, image.shape[:2]))
+        raise ImageDecodeError(f"shard {shard}: sample {key!r} is {size}, expected {image_size}", shard, key)
+    return image
+
+
+def verify_manifest(
+    manifest: Manifest,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    decode_images: bool = False,
+    progress: bool = False,
+) -> None:
+    """Open every shard and check it against the manifest.
+
+    Checks the per-shard sample count, every label (present, integer, below ``num_classes``), the shard sha256
+    where the manifest records one, and with ``decode_images`` that every JPEG decodes to ``image_size``.
+
+    Args:
+        manifest: The manifest to check.
+        root: Directory the shard URLs are relative to (default: the manifest's own root).
+        decode_images: Also decode every image (slower).
+        progress: Show a progress bar over shards.
+
+    Raises:
+        ShardError: A count or checksum mismatch (names the shard and both values) or an unreadable shard.
+        LabelError: A bad label (names shard, key, label and num_classes).
+        ImageDecodeError: With ``decode_images``, a bad image (names shard and key).
+    """
+    urls = manifest.shard_urls(root)
+    for info, url in tqdm(list(zip(manifest.shards, urls)), desc="verify shards", unit="shard", disable=not progress):
+        try:
+            stream = wds.gopen(url, "rb")
+        except Exception as exn:  # gopen: local open() errors or a failed pipe command
+            raise ShardError(f"shard {url}: cannot open: {exn}", shard=url) from exn
+        hashing = _HashingFile(stream)
+        count = 0
+        try:
+            for sample in iter_shard(url, stream=hashing):
+                parse_label(sample, manifest.num_classes)
+                if decode_images:
+                    decode_image(sample, manifest.image_size)
+                count += 1
+            hashing.drain()
+        finally:
+            stream.close()
+        if count != info.num_samples:
+            raise ShardError(f"shard {url}: manifest says {info.num_samples} samples, shard holds {count}", url)
+        if info.sha256 is not None and hashing.hash.hexdigest() != info.sha256:
+            raise ShardError(
+                f"shard {url}: sha256 is {hashing.hash.hexdigest()}, manifest says {info.sha256}", shard=url
+            )
