@@ -123,11 +123,13 @@ def _iresnet(layers: Sequence[int], embedding_size: int, use_se: bool, **kwargs:
 
 @register_backbone
 def iresnet_tiny(embedding_size: int = 512, **kwargs: object) -> IResNet:
-    """Tiny IResNet (one unit per stage, widths 16/32/64/128) for CPU demos and tests.
+    """Tiny IResNet (one unit per stage, widths 8/16/32/128) for CPU demos and tests.
 
     Not a published architecture: it exists so examples and tests can run a real training step on a laptop.
+    The narrow early stages matter most on CPU (they run at 112x112 and 56x56): measured about 3x the
+    throughput of widths 16/32/64/128 with one thread.
     """
-    return IResNet((1, 1, 1, 1), (16, 32, 64, 128), embedding_size=embedding_size, **kwargs)  # type: ignore[arg-type]
+    return IResNet((1, 1, 1, 1), (8, 16, 32, 128), embedding_size=embedding_size, **kwargs)  # type: ignore[arg-type]
 
 
 @register_backbone

@@ -1,0 +1,139 @@
+"""MLflow for training runs: the driver creates the run, rank 0 of the workers logs into it.
+
+Rank checks live here, not in the training loop: every worker holds a :class:`Tracker`, and only rank 0's
+actually talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric, RunStatus
+from mlflow.tracking import MlflowClient
+
+MLFLOW_PARAM_VALUE_MAX = 6000  # MLflow 3 param value length limit
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` → ``{"train.lr": 0.1}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def resolve_local_uri(uri: str) -> str:
+    """Makes a relative sqlite/file tracking URI absolute, so Ray workers (other cwd) hit the same store."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if uri.startswith("file:") or "://" in uri:
+        return uri
+    return Path(uri).resolve().as_uri()
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str) -> str:
+    """Experiment id for ``name``; a new one stores artifacts under ``artifact_root`` (local dir or URI)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    if "://" not in artifact_root:
+        location = Path(artifact_root).resolve().as_uri()
+    else:
+        location = artifact_root
+    # A tracking server with --serve-artifacts picks its own location; only pass ours for local stores.
+    is_server = client.tracking_uri.startswith(("http://", "https://"))
+    return client.create_experiment(name, artifact_location=None if is_server else location)
+
+
+def start_run(tracking_uri: str, experiment: str, artifact_root: str, run_name: str | None,
+              params: Mapping[str, Any], config_yaml: str, tags: Mapping[str, str] | None = None,
+              parent_run_id: str | None = None) -> str:
+    """Creates a RUNNING MLflow run with params and the resolved config; returns its id."""
+    client = MlflowClient(tracking_uri)
+    exp_id = get_or_create_experiment(client, experiment, artifact_root)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    items = list(flatten(params).items())
+    for start in range(0, len(items), 100):  # MLflow's batch limit is 100 params
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:MLFLOW_PARAM_VALUE_MAX])
+                                         for k, v in items[start:start + 100]])
+    client.log_text(run_id, config_yaml, "config.yaml")
+    return run_id
+
+
+def end_run(tracking_uri: str, run_id: str, ok: bool) -> None:
+    """Marks the run FINISHED or FAILED."""
+    status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+
+
+class Tracker:
+    """Per-worker handle on the run; everything is a no-op except on rank 0.
+
+    Args:
+        tracking_uri: Absolute tracking URI.
+        run_id: Run created by the driver.
+        rank: This worker's global rank.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, rank: int) -> None:
+        self.enabled = rank == 0
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self._client = MlflowClient(tracking_uri) if self.enabled else None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        ts = int(1000 * __import__("time").time())
+        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if np.isfinite(v)]
+        for start in range(0, len(batch), 1000):
+            self._client.log_batch(self.run_id, metrics=batch[start:start + 1000])
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        if self.enabled:
+            self._client.log_text(self.run_id, json.dumps(data, indent=2, default=float), artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_model(self, model: Any, name: str = "model", image_size: tuple[int, int] = (112, 112),
+                  registered_model_name: str | None = None) -> str | None:
+        """Logs the backbone as an MLflow 3 LoggedModel linked to this run; returns its model id."""
+        if not self.enabled:
+            return None
+        import mlflow.pytorch
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        example = np.zeros((1, 3, *image_size), dtype=np.float32)
+        was_training = model.training
+        model.eval()
+        try:
+            with mlflow.start_run(run_id=self.run_id), tempfile.TemporaryDirectory():
+                # Pickle format: loads back as the nn.Module (train mode, any batch size) wherever facescale is
+                # installed; MLflow 3's default pt2 export would freeze it to the example's shape and eval mode.
+                # Explicit requirements skip MLflow's slow subprocess-based inference of them.
+                info = mlflow.pytorch.log_model(model, name=name, input_example=example,
+                                                serialization_format="pickle",
+                                                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                                registered_model_name=registered_model_name)
+        finally:
+            model.train(was_training)
+        os.environ.pop("MLFLOW_RUN_ID", None)
+        return info.model_id

@@ -1,0 +1,117 @@
+"""The training checkpoint: everything that must survive a restart, saved and restored through one object.
+
+Layout of one checkpoint directory (all ranks write into the same directory; Ray Train merges the workers'
+files into one checkpoint):
+
+    progress.json          step, epoch, step in epoch, world size at save, format version (rank 0)
+    model.pt               backbone state dict (+ replicated classifier state dict) (rank 0)
+    optimizer.pt           optimizer(s) of replicated parameters (rank 0)
+    rng/rank{r}.pt         torch / numpy / python RNG state of rank r (every rank)
+    classifier/            sharded classifier files, written by the classifier itself (every rank)
+
+A sharded classifier (Partial FC) implements ``save_sharded(directory, rank)`` and ``load_sharded(directory)``;
+everything else is replicated and saved once by rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainProgress:
+    """Where the run is: counts of optimizer steps and the data position."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    world_size: int = 1
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+class TrainCheckpoint:
+    """Saves and restores backbone, classifier, optimizers, progress and RNG as one checkpoint.
+
+    Args:
+        backbone: Backbone (possibly DDP-wrapped).
+        classifier: Classifier (possibly DDP-wrapped, or sharded with ``save_sharded``/``load_sharded``).
+        optimizers: Named optimizers of replicated parameters (saved by rank 0).
+        progress: Mutable progress record of the loop.
+    """
+
+    def __init__(self, backbone: nn.Module, classifier: nn.Module, optimizers: dict[str, Any],
+                 progress: TrainProgress) -> None:
+        self.backbone = backbone
+        self.classifier = classifier
+        self.optimizers = optimizers
+        self.progress = progress
+
+    @property
+    def _sharded(self) -> bool:
+        return hasattr(unwrap(self.classifier), "save_sharded")
+
+    def save(self, directory: str | Path, rank: int) -> Path:
+        """Writes this rank's part of the checkpoint into ``directory``; returns it."""
+        directory = Path(directory)
+        (directory / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), directory / "rng" / f"rank{rank}.pt")
+        if self._sharded:
+            unwrap(self.classifier).save_sharded(directory / "classifier", rank)
+        if rank == 0:
+            model_state = {"backbone": unwrap(self.backbone).state_dict()}
+            if not self._sharded:
+                model_state["classifier"] = unwrap(self.classifier).state_dict()
+            torch.save(model_state, directory / "model.pt")
+            torch.save({k: opt.state_dict() for k, opt in self.optimizers.items()}, directory / "optimizer.pt")
+            (directory / "progress.json").write_text(
+                json.dumps({"format_version": FORMAT_VERSION, **asdict(self.progress)}, indent=2))
+        return directory
+
+    def load(self, directory: str | Path, rank: int) -> TrainProgress:
+        """Restores from ``directory`` (saved on any world size); returns the restored progress."""
+        directory = Path(directory)
+        meta_path = directory / "progress.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"checkpoint {directory} has no progress.json: incomplete or not a checkpoint")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"checkpoint {directory}: format_version {meta.get('format_version')} "
+                             f"!= supported {FORMAT_VERSION}")
+        model_state = torch.load(directory / "model.pt", map_location="cpu", weights_only=False)
+        unwrap(self.backbone).load_state_dict(model_state["backbone"])
+        if self._sharded:
+            unwrap(self.classifier).load_sharded(directory / "classifier")
+        else:
+            unwrap(self.classifier).load_state_dict(model_state["classifier"])
+        opt_state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False)
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(opt_state[name])
+        rng_file = directory / "rng" / f"rank{rank}.pt"
+        if rng_file.is_file():  # a rank that did not exist at save time keeps its fresh seed
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        for key in ("step", "epoch", "step_in_epoch", "world_size"):
+            setattr(self.progress, key, int(meta[key]))
+        return self.progress

@@ -1,0 +1,128 @@
+"""Driver side of a training run: validate inputs, create the MLflow run, start Ray, run the TorchTrainer.
+
+Everything that can be checked before Ray starts is checked here (config, dataset manifest, verification
+files), so a typo costs a second, not a cluster start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from facescale.config import FaceScaleConfig, dump_config
+from facescale.data import load_manifest
+from facescale.tracking.mlflow_run import end_run, resolve_local_uri, start_run
+
+log = logging.getLogger("facescale.launch")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports back to the caller."""
+
+    run_id: str
+    tracking_uri: str
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    wall_time_s: float
+    config: FaceScaleConfig
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def check_inputs(cfg: FaceScaleConfig) -> None:
+    """Fails fast, naming the path, when the dataset or a verification file is missing or malformed."""
+    load_manifest(cfg.data.root)  # raises ManifestError naming the directory/file
+    for path in cfg.data.val_bins:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data.val_bins: verification file not found: {path}")
+
+
+def init_ray(cfg: FaceScaleConfig) -> None:
+    """Connects to ``scaling.address`` or $RAY_ADDRESS, else starts a local Ray on this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # A laptop run: keep Ray on the loopback interface and without the dashboard.
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+
+
+def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None,
+                 parent_run_id: str | None = None) -> TrainResult:
+    """Runs one training job end to end and returns its metrics.
+
+    Args:
+        cfg: Validated config.
+        tags: Extra MLflow tags for the run.
+        parent_run_id: Nest the run under this MLflow run (pipelines).
+
+    Returns:
+        The run's id, final metrics and last checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from facescale.train.loop import train_worker
+
+    check_inputs(cfg)
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.root = str(Path(cfg.data.root).resolve())
+    cfg.data.val_bins = [str(Path(p).resolve()) for p in cfg.data.val_bins]
+    tracking_uri = resolve_local_uri(cfg.tracking_uri())
+    run_id = start_run(tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root, cfg.tracking.run_name,
+                       cfg.model_dump(mode="json"), dump_config(cfg), tags=tags, parent_run_id=parent_run_id)
+    log.info("MLflow run %s at %s", run_id, tracking_uri)
+    init_ray(cfg)
+    storage = cfg.scaling.storage_path
+    storage = storage if "://" in storage else str(Path(storage).resolve())
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking_uri},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(name=f"facescale-{run_id}", storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    t0 = time.perf_counter()
+    ok = False
+    try:
+        result = trainer.fit()
+        ok = result.error is None
+        if result.error is not None:
+            raise result.error
+    finally:
+        end_run(tracking_uri, run_id, ok)
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    return TrainResult(run_id, tracking_uri, dict(result.metrics or {}), ckpt, time.perf_counter() - t0, cfg)
+
+
+def format_results(res: TrainResult) -> str:
+    """A results table and where to look in MLflow."""
+    m = res.metrics
+    rows = [("backbone", res.config.model.backbone), ("workers", str(res.config.scaling.num_workers)),
+            ("optimizer steps", str(m.get("step"))), ("final loss", f"{m.get('train/loss', float('nan')):.4f}"),
+            ("wall time", f"{res.wall_time_s:.0f} s")]
+    for key in sorted(m):
+        if key.startswith("val/") and key.endswith("/accuracy"):
+            name = key.split("/")[1]
+            rows.append((f"{name} accuracy", f"{100 * m[key]:.2f}% ± {100 * m[f'val/{name}/accuracy_std']:.2f}"))
+            rows.append((f"{name} threshold", f"{m[f'val/{name}/threshold']:.2f}"))
+    width = max(len(k) for k, _ in rows)
+    lines = ["", "FaceScale training results", "-" * (width + 30)]
+    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+    lines += ["-" * (width + 30), f"MLflow run:  {res.run_id}  (tracking URI {res.tracking_uri})"]
+    if res.tracking_uri.startswith("sqlite:"):
+        lines.append(f"Open the UI:  .venv/bin/mlflow ui --backend-store-uri {res.tracking_uri} --port 5000")
+    if res.checkpoint_path:
+        lines.append(f"Checkpoint:  {res.checkpoint_path}")
+    return "\n".join(lines)
