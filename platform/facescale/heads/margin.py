@@ -72,7 +72,7 @@ class CombinedMarginLoss(nn.Module):
             return cos_theta_m - self.m3
         theta = torch.acos(cos_theta.clamp(-1.0 + 1e-7, 1.0 - 1e-7))
         angle = self.m1 * theta + self.m2
-        # Past pi, use the monotonic continuation cos(pi) - (angle - pi) * (slope 2/pi) so the loss still pushes theta down.
+        # Past pi: the monotonic continuation -1 - (angle - pi) * 2/pi, so the loss still pushes theta down.
         target = torch.where(angle <= math.pi, torch.cos(angle), -1.0 - (angle - math.pi) * (2.0 / math.pi))
         return target - self.m3
 

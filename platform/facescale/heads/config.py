@@ -1,0 +1,98 @@
+"""Typed config for the margin head and the classifier that applies it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from facescale.heads.curricularface import CurricularFaceLoss
+from facescale.heads.magface import MagFaceLoss
+from facescale.heads.margin import MARGIN_PRESETS, CombinedMarginLoss
+
+# Keys that only some margin types read; a non-default value for another type is an error, not a silent no-op
+# (compared by value, not by "was it set", so a dumped config with every default still loads).
+_TYPE_KEYS = {
+    "m1": {"arcface", "cosface", "combined"},
+    "m3": {"arcface", "cosface", "combined"},
+    "straight_through": {"arcface", "cosface", "combined"},
+    "m2": {"arcface", "cosface", "combined", "curricularface"},
+    "l_a": {"magface"}, "u_a": {"magface"}, "l_m": {"magface"}, "u_m": {"magface"}, "lambda_g": {"magface"},
+    "t_momentum": {"curricularface"},
+}
+
+
+class MarginConfig(BaseModel):
+    """Margin loss on cosine logits. ``type`` picks preset margins; explicit m1/m2/m3 override them.
+
+    ``magface`` (Meng et al., CVPR 2021) reads ``l_a, u_a, l_m, u_m, lambda_g``; ``curricularface`` (Huang et al.,
+    CVPR 2020) reads ``m2`` (its angular margin, default 0.5) and ``t_momentum``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["arcface", "cosface", "combined", "magface", "curricularface"] = "arcface"
+    s: float = Field(64.0, gt=0)
+    m1: float | None = None
+    m2: float | None = None
+    m3: float | None = None
+    straight_through: bool = False
+    l_a: float = Field(10.0, gt=0)
+    u_a: float = Field(110.0, gt=0)
+    l_m: float = Field(0.45, ge=0)
+    u_m: float = Field(0.8, ge=0)
+    lambda_g: float = Field(35.0, ge=0)
+    t_momentum: float = Field(0.01, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _keys_match_type(self) -> MarginConfig:
+        for key in sorted(_TYPE_KEYS):
+            if self.type not in _TYPE_KEYS[key] and getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(f"margin key {key!r} does not apply to margin type {self.type!r}")
+        return self
+
+
+class ClassifierConfig(BaseModel):
+    """Which classifier turns embeddings into a loss.
+
+    ``partial_fc`` shards the class centers over the ranks (``facescale.parallel.PartialFC``); its optimizer state
+    is stored per ``state_dtype`` (``None``: the default, int8 block-quantised momentum / first moment) and
+    ``second_moment`` (AdamW); ``dense_state`` is the arcface_torch v2 baseline (dense gradient, fp32 state).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["linear", "partial_fc"] = "linear"
+    margin: MarginConfig = MarginConfig()
+    sample_rate: float = Field(1.0, gt=0, le=1)
+    # PFC v2 inter-class conflict filter; the paper's threshold is 0.4.
+    inter_class_filter: float | None = Field(None, ge=-1, le=1)
+    state_dtype: Literal["fp32", "bf16", "int8"] | None = None
+    second_moment: Literal["full", "row"] = "row"
+    dense_state: bool = False
+
+    @model_validator(mode="after")
+    def _partial_fc_keys(self) -> ClassifierConfig:
+        pfc_only = ["sample_rate", "inter_class_filter", "state_dtype", "second_moment", "dense_state"]
+        changed = [k for k in pfc_only if getattr(self, k) != type(self).model_fields[k].default]
+        if self.type != "partial_fc" and changed:
+            keys = ", ".join(changed)
+            raise ValueError(f"classifier keys {keys} apply only to classifier type 'partial_fc'")
+        return self
+
+
+def build_margin(cfg: MarginConfig) -> nn.Module:
+    """Builds the margin callable named by ``cfg``."""
+    if cfg.type == "magface":
+        return MagFaceLoss(s=cfg.s, l_a=cfg.l_a, u_a=cfg.u_a, l_m=cfg.l_m, u_m=cfg.u_m, lambda_g=cfg.lambda_g)
+    if cfg.type == "curricularface":
+        return CurricularFaceLoss(s=cfg.s, m=0.5 if cfg.m2 is None else cfg.m2, t_momentum=cfg.t_momentum)
+    m1, m2, m3 = MARGIN_PRESETS.get(cfg.type, (1.0, 0.0, 0.0))
+    return CombinedMarginLoss(
+        s=cfg.s,
+        m1=m1 if cfg.m1 is None else cfg.m1,
+        m2=m2 if cfg.m2 is None else cfg.m2,
+        m3=m3 if cfg.m3 is None else cfg.m3,
+        straight_through=cfg.straight_through,
+    )

@@ -1,0 +1,22 @@
+"""Model-parallel classifier: Partial FC, its sparse optimizers, reshardable checkpoints and memory planner."""
+
+from facescale.parallel.checkpoint import load_partial_fc, read_manifest, save_partial_fc
+from facescale.parallel.optim import (
+    SparseRowAdamW,
+    SparseRowSGD,
+    build_partial_fc_optimizer,
+    state_bytes_per_row,
+)
+from facescale.parallel.partial_fc import PartialFC, filter_inter_class
+
+__all__ = [
+    "PartialFC",
+    "SparseRowAdamW",
+    "SparseRowSGD",
+    "build_partial_fc_optimizer",
+    "filter_inter_class",
+    "load_partial_fc",
+    "read_manifest",
+    "save_partial_fc",
+    "state_bytes_per_row",
+]

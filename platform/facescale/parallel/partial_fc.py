@@ -1,0 +1,371 @@
+"""Partial FC: a model-parallel margin softmax over millions of identities.
+
+An, Zhu, Xiao, Wu, Fu, Zhang, Xu, Zhou, Ma, Deng. "Partial FC: Training 10 Million Identities on a Single
+Machine", ICCVW 2021 (arXiv:2010.05222); and An et al. "Killing Two Birds with One Stone: Efficient and Robust
+Training of Face Recognition CNNs by Partial FC", CVPR 2022 (arXiv:2203.15565), which adds the inter-class
+conflict filter.
+
+Each rank owns a contiguous block of class centers. Per step:
+
+    E = all_gather(local embeddings)              [W*B, D]   every rank scores the whole global batch
+    rows = all positives of E's labels in this block + uniform negatives, int(sample_rate * num_local) in total
+    cos = normalize(E) @ normalize(weight[rows]).T  [W*B, |rows|]
+    logits = margin(cos, labels-in-block)
+    loss = softmax cross-entropy over the union of all ranks' columns   (max and sum all-reduces)
+
+Only the sampled rows receive a gradient, returned as a sparse tensor with exactly those rows, so the optimizer
+(``facescale.parallel.optim``) touches nothing else. Gradient convention: the embedding gradient this module
+returns is ``world_size * d(loss)/d(local_embeddings)``, which is exactly right once DDP averages the backbone's
+gradients over the ``world_size`` ranks. Batches must have the same size on every rank; a mismatch raises
+``ValueError`` on every rank (rather than hanging in a collective).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from facescale.heads.margin import IGNORE_LABEL
+from facescale.parallel.dist import (
+    all_gather_rows,
+    all_reduce_,
+    class_range,
+    rank_and_world_size,
+    reduce_scatter_rows,
+)
+
+MarginCallable = Callable[..., torch.Tensor]
+# Rows of centers handled per chunk when computing logits; bounds the temporary normalised copy (~8 MB at D=512).
+CHUNK_BYTES = 8 << 20
+# Class centers are initialised in blocks of this many classes, each from its own seed, so the initial matrix is
+# the same for every world size.
+INIT_BLOCK = 4096
+
+
+def mix_seed(*values: int) -> int:
+    """Deterministic 63-bit seed from integers (seed, step, rank); stable across processes and versions."""
+    h = 0x243F6A8885A308D3
+    for v in values:
+        h ^= (int(v) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def init_centers(num_classes: int, class_start: int, num_local: int, embedding_size: int, seed: int,
+                 std: float = 0.01, device: torch.device | str | None = None) -> torch.Tensor:
+    """N(0, std) centers for classes ``[class_start, class_start + num_local)``, independent of the world size."""
+    weight = torch.empty((num_local, embedding_size), device=device)
+    class_end = class_start + num_local
+    for block in range(class_start // INIT_BLOCK, -(-class_end // INIT_BLOCK)):
+        block_start = block * INIT_BLOCK
+        block_rows = min(INIT_BLOCK, num_classes - block_start)
+        generator = torch.Generator().manual_seed(mix_seed(seed, block, 0x1517))
+        values = torch.normal(0.0, std, (block_rows, embedding_size), generator=generator)
+        lo, hi = max(class_start, block_start), min(class_end, block_start + block_rows)
+        weight[lo - class_start:hi - class_start] = values[lo - block_start:hi - block_start]
+    return weight
+
+
+class _AllGatherEmbeddings(torch.autograd.Function):
+    """``[B, D]`` per rank -> ``[W*B, D]`` on every rank; backward sums the W partial gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group = group
+        # NOTE: all-gather of embeddings -- every rank scores the whole global batch against its own classes.
+        return all_gather_rows(local, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        world_size = rank_and_world_size(ctx.group)[1]
+        # NOTE: reduce-scatter (sum) of embedding gradients -- each rank's logits see only its own classes, so the
+        # gradient of one embedding is the sum of the W ranks' partial gradients; each rank keeps its own rows.
+        local = reduce_scatter_rows(grad, ctx.group)
+        # DDP will average the backbone gradients over W ranks; pre-multiply so the average is d(loss)/d(theta).
+        return local * world_size, None
+
+
+class _ShardCosine(torch.autograd.Function):
+    """Cosine logits of normalised embeddings against (a subset of) this rank's centers, in row chunks.
+
+    Saves only the normalised embeddings, the row index and per-row norms: the normalised centers are recomputed
+    chunk by chunk in backward, so no ``[rows, D]`` copy of the centers outlives a chunk. The centers' gradient
+    covers exactly ``rows``: a sparse COO tensor (``sparse_grad``) or a dense ``[num_local, D]`` tensor (v2 style).
+    The clamp to [-1, 1] only guards rounding; its gradient is taken as the identity.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, norm_embeddings: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None,
+                sparse_grad: bool) -> torch.Tensor:
+        num_rows = weight.shape[0] if rows is None else rows.numel()
+        chunk = max(1, CHUNK_BYTES // (weight.shape[1] * weight.element_size()))
+        cos = norm_embeddings.new_empty((norm_embeddings.shape[0], num_rows))
+        norms = norm_embeddings.new_empty((num_rows,))
+        for start in range(0, num_rows, chunk):
+            end = min(start + chunk, num_rows)
+            centers = _take_rows(weight, rows, start, end, norm_embeddings.dtype)
+            norms[start:end] = centers.norm(dim=1).clamp_min(1e-12)
+            cos[:, start:end] = norm_embeddings @ (centers / norms[start:end, None]).t()
+        ctx.save_for_backward(norm_embeddings, weight, rows, norms)
+        ctx.sparse_grad = sparse_grad
+        return cos.clamp_(-1.0, 1.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad_cos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        norm_embeddings, weight, rows, norms = ctx.saved_tensors
+        num_rows = norms.numel()
+        chunk = max(1, CHUNK_BYTES // (weight.shape[1] * weight.element_size()))
+        grad_embeddings = torch.zeros_like(norm_embeddings)
+        grad_rows = norm_embeddings.new_empty((num_rows, weight.shape[1]))
+        for start in range(0, num_rows, chunk):
+            end = min(start + chunk, num_rows)
+            normed = _take_rows(weight, rows, start, end, norm_embeddings.dtype) / norms[start:end, None]
+            grad_chunk = grad_cos[:, start:end]
+            grad_embeddings.addmm_(grad_chunk, normed)
+            grad_normed = torch.mm(grad_chunk.t(), norm_embeddings, out=grad_rows[start:end])
+            # d(w/|w|)/dw = (I - n n^T) / |w|: remove the radial component, then divide by the norm.
+            radial = torch.linalg.vecdot(grad_normed, normed).unsqueeze(1)
+            grad_normed.sub_(normed * radial).div_(norms[start:end, None])
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_rows = grad_rows.to(weight.dtype)
+            if rows is None:
+                grad_weight = grad_rows
+            elif ctx.sparse_grad:
+                grad_weight = torch.sparse_coo_tensor(rows.unsqueeze(0), grad_rows, weight.shape, is_coalesced=True,
+                                                      check_invariants=False)
+            else:
+                grad_weight = torch.zeros_like(weight).index_copy_(0, rows, grad_rows)
+        return grad_embeddings, grad_weight, None, None
+
+
+def _take_rows(weight: torch.Tensor, rows: torch.Tensor | None, start: int, end: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``start:end`` of the (sampled) centers as a tensor that is safe to read (never written)."""
+    taken = weight[start:end] if rows is None else weight.index_select(0, rows[start:end])
+    return taken.to(dtype)
+
+
+class _DistSoftmaxCrossEntropy(torch.autograd.Function):
+    """Mean softmax cross-entropy over logits whose class dimension is split across the ranks of ``group``."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, local_target: torch.Tensor,
+                group: dist.ProcessGroup | None) -> torch.Tensor:
+        num_rows = logits.shape[0]
+        max_logit = logits.max(dim=1).values
+        # NOTE: all-reduce (max) of each row's largest logit -- one shift shared by all ranks keeps exp() finite
+        # and makes the per-rank partial sums add up to the true softmax denominator.
+        all_reduce_(max_logit, dist.ReduceOp.MAX, group)
+        probs = logits - max_logit.unsqueeze(1)  # a new tensor: the caller's logits are left untouched
+        rows = torch.nonzero(local_target != IGNORE_LABEL, as_tuple=False).squeeze(1)
+        cols = local_target[rows]
+        row_stats = logits.new_zeros((2, num_rows))
+        row_stats[1, rows] = probs[rows, cols]
+        probs.exp_()
+        row_stats[0] = probs.sum(dim=1)
+        # NOTE: all-reduce (sum) of [sum of exp(logit - max); target logit - max] per row -- the denominator is
+        # spread over every rank's classes, and each row's target logit lives on exactly one rank (zeros elsewhere).
+        all_reduce_(row_stats, dist.ReduceOp.SUM, group)
+        sum_exp, target_shifted = row_stats
+        probs.div_(sum_exp.unsqueeze(1))
+        ctx.save_for_backward(probs, rows, cols)
+        return (sum_exp.log() - target_shifted).mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        probs, rows, cols = ctx.saved_tensors
+        # The softmax buffer becomes the gradient in place (a second backward then fails loudly, as it should).
+        grad = probs
+        grad[rows, cols] -= 1.0
+        grad.mul_(grad_loss / grad.shape[0])
+        return grad, None, None
+
+
+def filter_inter_class(cos_logits: torch.Tensor, local_target: torch.Tensor, threshold: float) -> torch.Tensor:
+    """PFC v2 inter-class conflict filter: negatives with cosine above ``threshold`` are set to 0 (no gradient).
+
+    A negative that close to a sample is more likely the same person under another label than a hard negative;
+    zeroing it (as arcface_torch's ``interclass_filtering_threshold`` does) stops it pushing the sample away.
+    """
+    with torch.no_grad():
+        conflict = cos_logits > threshold
+        rows = torch.nonzero(local_target != IGNORE_LABEL, as_tuple=False).squeeze(1)
+        conflict[rows, local_target[rows]] = False
+    return cos_logits.masked_fill(conflict, 0.0)
+
+
+class PartialFC(nn.Module):
+    """Sharded class centers + sampled negatives + distributed margin softmax; ``forward(emb, labels) -> loss``.
+
+    Args:
+        margin_loss: Callable ``(cos_logits [N, C], labels [N], **extras) -> scaled logits``; labels are columns in
+            this rank's block or ``-1``. Extras are passed when the margin declares them: ``needs_norms``
+            (``norms=`` un-normalised embedding norms; with a ``regularizer(norms)`` added to the loss, MagFace) and
+            ``needs_global_sum`` (``global_sum=`` a sum over ranks, CurricularFace).
+        embedding_size: Embedding dimension ``D``.
+        num_classes: Number of identities over all ranks.
+        sample_rate: Fraction of this rank's centers used per step (positives always kept).
+        process_group: Group the classes are sharded over; ``None`` is the default group, or a single process
+            when ``torch.distributed`` is not initialised.
+        seed: Seeds the center initialisation and the negative sampling (with step and rank).
+        inter_class_filter: PFC v2 conflict threshold (the paper uses 0.4); ``None`` disables it.
+        sparse_grad: Gradient of ``weight`` as a sparse tensor with only the sampled rows; ``False`` gives the
+            dense arcface_torch v2 behaviour (for the dense baseline optimizer).
+        device: Where the centers live; move later with ``.to()`` like any module.
+    """
+
+    def __init__(self, margin_loss: MarginCallable, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
+                 process_group: dist.ProcessGroup | None = None, seed: int = 0,
+                 inter_class_filter: float | None = None, sparse_grad: bool = True,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.rank, self.world_size = rank_and_world_size(process_group)
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if num_classes < self.world_size:
+            raise ValueError(f"num_classes={num_classes} is smaller than the world size {self.world_size}")
+        if embedding_size <= 0:
+            raise ValueError(f"embedding_size must be positive, got {embedding_size}")
+        self.margin_loss = margin_loss
+        self.process_group = process_group
+        self.embedding_size, self.num_classes = embedding_size, num_classes
+        self.sample_rate, self.seed = float(sample_rate), int(seed)
+        self.inter_class_filter, self.sparse_grad = inter_class_filter, sparse_grad
+        self.class_start, class_end = class_range(num_classes, self.rank, self.world_size)
+        self.num_local = class_end - self.class_start
+        self.num_sample = int(self.sample_rate * self.num_local)
+        self.weight = nn.Parameter(init_centers(num_classes, self.class_start, self.num_local, embedding_size, seed,
+                                                device=device))
+        # Counts training forwards; seeds the sampler, saved with the module so a resumed run samples the same.
+        self.sampler_step = 0
+        # Local rows used by the last forward (``None`` = all); for inspection and tests.
+        self.last_sampled_rows: torch.Tensor | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, rank={self.rank}/"
+                f"{self.world_size}, class_start={self.class_start}, num_local={self.num_local}, "
+                f"sample_rate={self.sample_rate}, inter_class_filter={self.inter_class_filter}")
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"sampler_step": self.sampler_step}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.sampler_step = int(state["sampler_step"])
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """The optimizer of ``weight``: its sharded state is saved by :meth:`save_sharded`, and a lazy optimizer
+        (``SparseRowSGD``) brings sampled rows up to date before they are scored."""
+        self._optimizer = optimizer
+
+    def save_sharded(self, directory: str | os.PathLike, rank: int) -> None:
+        """Saves centers + attached optimizer state by class range (the training checkpoint calls this)."""
+        from facescale.parallel.checkpoint import save_partial_fc
+
+        save_partial_fc(self, self._optimizer, directory, rank)
+
+    def load_sharded(self, directory: str | os.PathLike) -> None:
+        """Loads centers + attached optimizer state saved on any world size."""
+        from facescale.parallel.checkpoint import load_partial_fc
+
+        load_partial_fc(self, self._optimizer, directory)
+
+    def sample_rows(self, positive_rows: torch.Tensor, step: int) -> torch.Tensor | None:
+        """Sorted local rows to score: every positive plus uniform negatives; ``None`` means all rows.
+
+        The count is ``max(int(sample_rate * num_local), number of positives)``.
+        """
+        if self.num_sample >= self.num_local:
+            return None
+        generator = torch.Generator(device=self.weight.device)
+        generator.manual_seed(mix_seed(self.seed, step, self.rank))
+        scores = torch.rand(self.num_local, generator=generator, device=self.weight.device)
+        scores[positive_rows] = 2.0  # above any uniform draw: positives always win a place
+        count = max(self.num_sample, positive_rows.numel())
+        return torch.topk(scores, count, sorted=False).indices.sort().values
+
+    def _check_batch(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> None:
+        """Same batch size on every rank and every label in range -- checked collectively, so all ranks raise."""
+        if local_embeddings.dim() != 2 or local_embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must be [batch, {self.embedding_size}], got {tuple(local_embeddings.shape)}")
+        if local_labels.numel() != local_embeddings.shape[0]:
+            raise ValueError(f"{local_labels.numel()} labels for {local_embeddings.shape[0]} embeddings")
+        info = torch.tensor([local_labels.numel(), 0, 0], dtype=torch.int64, device=local_labels.device)
+        if local_labels.numel():
+            info[1], info[2] = local_labels.min(), local_labels.max()
+        # NOTE: all-gather of [batch size, min label, max label] per rank -- the collectives below need equal
+        # batch sizes, and a bad label must stop every rank, not leave the others waiting in a collective.
+        info = all_gather_rows(info.unsqueeze(0), self.process_group).cpu()
+        sizes = info[:, 0].tolist()
+        if len(set(sizes)) > 1:
+            raise ValueError(f"Partial FC needs the same batch size on every rank; got per-rank sizes {sizes}")
+        for rank, (size, low, high) in enumerate(info.tolist()):
+            if size and (low < 0 or high >= self.num_classes):
+                label = low if low < 0 else high
+                raise ValueError(f"label {label} (on rank {rank}) is outside [0, num_classes={self.num_classes})")
+
+    def _global_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        # NOTE: all-reduce (sum) for a margin's row statistics (CurricularFace: target cos(theta + m) and target
+        # cosine per row) -- each row's target lives on one rank; the sum gives every rank every row.
+        return all_reduce_(tensor.clone(), dist.ReduceOp.SUM, self.process_group)
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """Mean margin softmax loss of the global batch (identical on every rank).
+
+        Args:
+            local_embeddings: This rank's embeddings ``[B, D]`` (un-normalised; any float dtype). Not modified.
+            local_labels: This rank's integer class ids ``[B]`` in ``[0, num_classes)``. Not modified.
+
+        Returns:
+            Scalar loss; see the module docstring for the gradient convention under DDP.
+        """
+        local_labels = local_labels.reshape(-1).long()
+        self._check_batch(local_embeddings, local_labels)
+        # NOTE: all-gather of labels -- every rank needs every row's class to find its positives.
+        labels = all_gather_rows(local_labels, self.process_group)
+        embeddings = local_embeddings
+        if self.world_size > 1:
+            embeddings = _AllGatherEmbeddings.apply(local_embeddings, self.process_group)
+        compute_dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        embeddings = embeddings.to(compute_dtype)
+
+        in_block = (labels >= self.class_start) & (labels < self.class_start + self.num_local)
+        local_target = torch.where(in_block, labels - self.class_start, IGNORE_LABEL)
+        positive_rows = torch.unique(local_target[in_block])
+        rows = self.sample_rows(positive_rows, self.sampler_step)
+        if rows is not None:
+            local_target = torch.where(in_block, torch.searchsorted(rows, local_target.clamp_min(0)), IGNORE_LABEL)
+        self.last_sampled_rows = rows
+        catch_up = getattr(self._optimizer, "catch_up_rows", None)
+        if catch_up is not None and rows is not None and torch.is_grad_enabled():
+            # Lazy momentum: let the rows about to be scored coast as dense SGD would have (see SparseRowSGD).
+            catch_up(self.weight, rows)
+
+        cos = _ShardCosine.apply(F.normalize(embeddings), self.weight, rows, self.sparse_grad)
+        if self.inter_class_filter is not None:
+            cos = filter_inter_class(cos, local_target, self.inter_class_filter)
+        extras: dict[str, Any] = {}
+        norms = None
+        if getattr(self.margin_loss, "needs_norms", False):
+            norms = extras["norms"] = embeddings.norm(dim=1)
+        if getattr(self.margin_loss, "needs_global_sum", False):
+            extras["global_sum"] = self._global_sum
+        logits = self.margin_loss(cos, local_target, **extras)
+        del cos
+        loss = _DistSoftmaxCrossEntropy.apply(logits, local_target, self.process_group)
+        regularizer = getattr(self.margin_loss, "regularizer", None)
+        if norms is not None and regularizer is not None:
+            # Every rank computes the full-batch regulariser; its gradient is summed over W ranks by the all-gather's
+            # backward, so take 1/W of it in the graph and keep the reported value exact.
+            reg = regularizer(norms).mean()
+            loss = loss + reg / self.world_size + (reg - reg / self.world_size).detach()
+        if self.training:
+            self.sampler_step += 1
+        return loss
