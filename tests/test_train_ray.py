@@ -83,7 +83,37 @@ def test_two_worker_run_logs_to_mlflow(tiny_data, local_ray, tmp_path):
     ckpt = Path(result.checkpoint_path)
     assert json.loads((ckpt / "progress.json").read_text())["step"] == 24
     assert {"model.pt", "optimizer.pt"} <= {p.name for p in ckpt.iterdir()}
-    assert {p.name for p in (ckpt / "rng").iterdir()} == {"rank0.pt", "rank1.pt"}
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in ckpt.iterdir()}
+
+
+def tiny_overrides(data, tmp_path, *extra):
+    return [f"data.root={data}", f"data.val_bins=[{data / 'verification.bin'}]", "data.num_workers=0",
+            "model.backbone=iresnet_tiny", "model.embedding_size=32", "train.batch_size=16", "train.lr=0.05",
+            "train.warmup_steps=2", "train.log_every=4", "train.eval_batch_size=40", "tracking.log_model=false",
+            f"scaling.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}",
+            f"tracking.artifact_root={tmp_path / 'artifacts'}", *extra]
+
+
+def test_partial_fc_run_resumes_on_another_world_size(tiny_data, local_ray, tmp_path):
+    """Partial FC through the real loop: 2 workers save class-range shards, 1 worker resumes from them."""
+    pfc = ["classifier.type=partial_fc", "classifier.sample_rate=0.5", "classifier.margin.type=cosface",
+           "classifier.margin.s=16", "classifier.margin.m3=0.2"]
+    first = run_training(load_config(None, tiny_overrides(tiny_data, tmp_path, *pfc, "train.max_steps=12",
+                                                           "scaling.num_workers=2")))
+    ckpt = Path(first.checkpoint_path)
+    manifest = json.loads((ckpt / "partial_fc.json").read_text())
+    assert manifest["num_classes"] == 12 and manifest["embedding_size"] == 32
+    assert len(list(ckpt.glob("partial_fc_classes_*.pt"))) == 2, "one class-range file per rank"
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in ckpt.iterdir()}
+
+    second = run_training(load_config(None, tiny_overrides(tiny_data, tmp_path, *pfc, "train.max_steps=16",
+                                                            "scaling.num_workers=1", f"train.resume_from={ckpt}")))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    steps = [m.step for m in client.get_metric_history(second.run_id, "train/loss")]
+    assert steps == [16], "the resumed run continues at step 13 and logs its first report at 16"
+    assert json.loads((Path(second.checkpoint_path) / "progress.json").read_text())["step"] == 16
+    resumed_loss = second.metrics["train/loss"]
+    assert np.isfinite(resumed_loss) and resumed_loss < 1.5 * first.metrics["train/loss"]
 
 
 def test_missing_dataset_fails_before_ray(tmp_path):

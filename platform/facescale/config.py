@@ -61,6 +61,7 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(None, gt=0, description="steps between verification runs; null: at the end only")
     checkpoint_every: int | None = Field(None, gt=0, description="steps between checkpoints; null: at the end only")
     eval_batch_size: int = Field(128, gt=0)
+    resume_from: str | None = Field(None, description="checkpoint directory to continue from (any world size)")
 
 
 class ScalingConfig(_Strict):

@@ -6,8 +6,11 @@ files into one checkpoint):
     progress.json          step, epoch, step in epoch, world size at save, format version (rank 0)
     model.pt               backbone state dict (+ replicated classifier state dict) (rank 0)
     optimizer.pt           optimizer(s) of replicated parameters (rank 0)
-    rng/rank{r}.pt         torch / numpy / python RNG state of rank r (every rank)
-    classifier/            sharded classifier files, written by the classifier itself (every rank)
+    rng_rank{r}.pt         torch / numpy / python RNG state of rank r (every rank)
+    partial_fc*            sharded classifier files, written by the classifier itself (every rank)
+
+Files sit flat in the directory: ranks upload concurrently, and a sub-directory that several ranks create at
+the same moment was seen to lose one rank's file.
 
 A sharded classifier (Partial FC) implements ``save_sharded(directory, rank)`` and ``load_sharded(directory)``;
 everything else is replicated and saved once by rank 0.
@@ -76,10 +79,10 @@ class TrainCheckpoint:
     def save(self, directory: str | Path, rank: int) -> Path:
         """Writes this rank's part of the checkpoint into ``directory``; returns it."""
         directory = Path(directory)
-        (directory / "rng").mkdir(parents=True, exist_ok=True)
-        torch.save(_rng_state(), directory / "rng" / f"rank{rank}.pt")
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
         if self._sharded:
-            unwrap(self.classifier).save_sharded(directory / "classifier", rank)
+            unwrap(self.classifier).save_sharded(directory, rank)
         if rank == 0:
             model_state = {"backbone": unwrap(self.backbone).state_dict()}
             if not self._sharded:
@@ -103,13 +106,13 @@ class TrainCheckpoint:
         model_state = torch.load(directory / "model.pt", map_location="cpu", weights_only=False)
         unwrap(self.backbone).load_state_dict(model_state["backbone"])
         if self._sharded:
-            unwrap(self.classifier).load_sharded(directory / "classifier")
+            unwrap(self.classifier).load_sharded(directory)
         else:
             unwrap(self.classifier).load_state_dict(model_state["classifier"])
         opt_state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False)
         for name, opt in self.optimizers.items():
             opt.load_state_dict(opt_state[name])
-        rng_file = directory / "rng" / f"rank{rank}.pt"
+        rng_file = directory / f"rng_rank{rank}.pt"
         if rng_file.is_file():  # a rank that did not exist at save time keeps its fresh seed
             _set_rng_state(torch.load(rng_file, weights_only=False))
         for key in ("step", "epoch", "step_in_epoch", "world_size"):

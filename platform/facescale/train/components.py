@@ -12,6 +12,7 @@ from facescale.config import FaceScaleConfig
 from facescale.heads import NormalizedLinearClassifier
 from facescale.heads.config import build_margin
 from facescale.models import build_backbone
+from facescale.parallel import PartialFC, build_partial_fc_optimizer
 
 
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
@@ -36,16 +37,40 @@ def build_model(cfg: FaceScaleConfig, device: torch.device) -> nn.Module:
 def build_classifier(cfg: FaceScaleConfig, num_classes: int, device: torch.device) -> nn.Module:
     """The classifier named by ``classifier.type`` (replicated ones are DDP-wrapped)."""
     margin = build_margin(cfg.classifier.margin)
-    if cfg.classifier.type == "linear":
+    c = cfg.classifier
+    if c.type == "linear":
         head = NormalizedLinearClassifier(margin, cfg.model.embedding_size, num_classes).to(device)
         return wrap_ddp(head, device)
-    raise ValueError(f"classifier.type {cfg.classifier.type!r} is not supported")
+    if c.type == "partial_fc":
+        # Sharded, not replicated: never inside DDP. Seeded like the rest of the run.
+        return PartialFC(margin, cfg.model.embedding_size, num_classes, sample_rate=c.sample_rate,
+                         seed=cfg.train.seed, inter_class_filter=c.inter_class_filter,
+                         sparse_grad=not c.dense_state, device=device)
+    raise ValueError(f"classifier.type {c.type!r} is not supported")
 
 
 def build_optimizers(cfg: FaceScaleConfig, backbone: nn.Module, classifier: nn.Module) -> dict[str, Any]:
-    """SGD (momentum, weight decay) over backbone and replicated classifier parameters."""
+    """Backbone SGD (momentum, weight decay); a replicated classifier joins it, Partial FC gets its own.
+
+    Returns:
+        ``{"sgd": ...}`` and, for Partial FC, ``{"partial_fc": ...}`` -- the latter's state is sharded and saved
+        by the classifier itself (``attach_optimizer``), not with the replicated optimizers.
+    """
+    t = cfg.train
+    if isinstance(classifier, PartialFC):
+        sgd = torch.optim.SGD(backbone.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        c = cfg.classifier
+        pfc_opt = build_partial_fc_optimizer(classifier.parameters(), "sgd", lr=t.lr, momentum=t.momentum,
+                                             weight_decay=t.weight_decay, state_dtype=c.state_dtype,
+                                             dense=c.dense_state)
+        classifier.attach_optimizer(pfc_opt)
+        return {"sgd": sgd, "partial_fc": pfc_opt}
     params = [{"params": list(backbone.parameters()), "name": "backbone"},
               {"params": list(classifier.parameters()), "name": "classifier"}]
-    sgd = torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
-                          weight_decay=cfg.train.weight_decay)
+    sgd = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     return {"sgd": sgd}
+
+
+def replicated_optimizers(optimizers: dict[str, Any]) -> dict[str, Any]:
+    """The optimizers whose state is the same on every rank (saved once, by rank 0)."""
+    return {k: v for k, v in optimizers.items() if k != "partial_fc"}

@@ -39,6 +39,9 @@ def check_inputs(cfg: FaceScaleConfig) -> None:
     for path in cfg.data.val_bins:
         if not Path(path).is_file():
             raise FileNotFoundError(f"data.val_bins: verification file not found: {path}")
+    resume = cfg.train.resume_from
+    if resume and "://" not in resume and not (Path(resume) / "progress.json").is_file():
+        raise FileNotFoundError(f"train.resume_from: {resume} is not a complete checkpoint (no progress.json)")
 
 
 def init_ray(cfg: FaceScaleConfig) -> None:
@@ -76,6 +79,8 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None,
     cfg = cfg.model_copy(deep=True)
     cfg.data.root = str(Path(cfg.data.root).resolve())
     cfg.data.val_bins = [str(Path(p).resolve()) for p in cfg.data.val_bins]
+    if cfg.train.resume_from and "://" not in cfg.train.resume_from:
+        cfg.train.resume_from = str(Path(cfg.train.resume_from).resolve())
     tracking_uri = resolve_local_uri(cfg.tracking_uri())
     run_id = start_run(tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root, cfg.tracking.run_name,
                        cfg.model_dump(mode="json"), dump_config(cfg), tags=tags, parent_run_id=parent_run_id)

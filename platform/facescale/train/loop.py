@@ -25,7 +25,7 @@ from facescale.eval.plots import plot_roc
 from facescale.eval.verification import verify_model
 from facescale.tracking.mlflow_run import Tracker
 from facescale.train.checkpoint import TrainCheckpoint, TrainProgress, unwrap
-from facescale.train.components import build_classifier, build_model, build_optimizers
+from facescale.train.components import build_classifier, build_model, build_optimizers, replicated_optimizers
 from facescale.train.schedule import lr_at
 
 log = logging.getLogger("facescale.train")
@@ -147,8 +147,11 @@ def train_worker(payload: dict[str, Any]) -> None:
     classifier = build_classifier(cfg, loader.manifest.num_classes, device)
     optimizers = build_optimizers(cfg, backbone, classifier)
     progress = TrainProgress(world_size=world_size)
-    ckpt = TrainCheckpoint(backbone, classifier, optimizers, progress)
+    ckpt = TrainCheckpoint(backbone, classifier, replicated_optimizers(optimizers), progress)
+    # Ray's own checkpoint (a restart after a failure) wins over the configured starting point.
     resume = ray.train.get_checkpoint()
+    if resume is None and cfg.train.resume_from:
+        resume = ray.train.Checkpoint(cfg.train.resume_from)
     if resume is not None:
         with resume.as_directory() as d:
             ckpt.load(d, rank)
