@@ -1,0 +1,318 @@
+"""Partial FC on 2 gloo ranks: step time, peak memory and bytes per identity; dense v2 baseline; accuracy of
+compact optimizer state against dense fp32 on a synthetic task.
+
+    python benchmarks/partial_fc.py                 # everything (about 10 minutes on 2 cores)
+    python benchmarks/partial_fc.py --quick         # 100k identities only, short accuracy run
+
+Writes benchmarks/results/partial_fc.json and the ``partial_fc`` section of BENCHMARKS.md. Every configuration
+runs in fresh processes (one per rank, one thread each); memory is the peak resident set (VmHWM) of each rank
+minus its resident set before the classifier was built. Configurations whose planned memory for both ranks
+exceeds the budget (--budget-gib, default 14 GiB for the whole machine) are skipped and listed as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "platform"))
+from _report import machine, table, update_section, write_json  # noqa: E402
+
+from facescale.heads.config import MarginConfig, build_margin  # noqa: E402
+from facescale.parallel import PartialFC, build_partial_fc_optimizer  # noqa: E402
+from facescale.parallel.plan import estimate  # noqa: E402
+
+GIB = 1 << 30
+PROCESS_BASELINE_BYTES = 240 << 20  # resident set of a rank after importing torch + facescale (measured)
+
+
+def _status() -> dict[str, int]:
+    out = {}
+    for line in open("/proc/self/status"):
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            key, value = line.split(":")
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _build(cfg: dict[str, Any], identities: int) -> tuple[PartialFC, torch.optim.Optimizer]:
+    pfc = PartialFC(build_margin(MarginConfig(type=cfg["margin"])), cfg["embedding"], identities,
+                    sample_rate=cfg["sample_rate"], seed=0, sparse_grad=not cfg["dense"])
+    opt = build_partial_fc_optimizer(pfc.parameters(), cfg["optimizer"], lr=0.1, momentum=0.9, weight_decay=5e-4,
+                                     state_dtype=cfg["state_dtype"], dense=cfg["dense"])
+    pfc.attach_optimizer(opt)
+    return pfc, opt
+
+
+def _steps(pfc: PartialFC, opt: torch.optim.Optimizer, cfg: dict[str, Any], identities: int, count: int,
+           seed: int) -> tuple[list[float], float]:
+    """``count`` training steps (zero_grad -> forward -> backward -> step) on random embeddings; step times."""
+    g = torch.Generator().manual_seed(seed)
+    times, loss = [], float("nan")
+    for _ in range(count):
+        embeddings = torch.randn(cfg["batch_size"], cfg["embedding"], generator=g).requires_grad_()
+        labels = torch.randint(0, identities, (cfg["batch_size"],), generator=g)
+        dist.barrier()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        out = pfc(embeddings, labels)
+        out.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        loss = float(out.detach())
+    opt.zero_grad(set_to_none=True)
+    return times, loss
+
+
+def _worker(rank: int, world_size: int, port: int, cfg: dict[str, Any], out_path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(minutes=10))
+    # A tiny run first: library code pages and runtime buffers touched on first use are not the classifier's.
+    tiny = _build(cfg, 4096)
+    _steps(*tiny, cfg, 4096, 2, seed=99)
+    del tiny
+    base = _status()["VmRSS"]
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    t0 = time.perf_counter()
+    pfc, opt = _build(cfg, cfg["identities"])
+    init_s = time.perf_counter() - t0
+    times, loss = _steps(pfc, opt, cfg, cfg["identities"], cfg["warmup"] + cfg["steps"], seed=rank)
+    status = _status()
+    state_bytes = sum(v.nbytes for v in opt.state[pfc.weight].values() if torch.is_tensor(v))
+    mine = {
+        "rank": rank, "num_local": pfc.num_local, "init_s": init_s,
+        "step_s": sorted(times[cfg["warmup"]:])[len(times[cfg["warmup"]:]) // 2],
+        "peak_bytes": status["VmHWM"] - base, "persistent_rss_bytes": status["VmRSS"] - base,
+        "process_peak_bytes": status["VmHWM"], "baseline_bytes": base,
+        "tensor_bytes_per_identity": (pfc.weight.nbytes + state_bytes) / pfc.num_local,
+        "loss": loss,
+    }
+    results = [None] * world_size
+    dist.all_gather_object(results, mine)
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_config(cfg: dict[str, Any], world_size: int = 2) -> list[dict[str, Any]]:
+    """Runs one configuration on ``world_size`` fresh gloo ranks; returns per-rank measurements."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        mp.spawn(_worker, args=(world_size, _free_port(), cfg, out), nprocs=world_size, join=True)
+        return json.loads(Path(out).read_text())
+
+
+def plan_for(cfg: dict[str, Any], world_size: int = 2):
+    return estimate(cfg["identities"], world_size, cfg["batch_size"], cfg["sample_rate"], cfg["embedding"],
+                    optimizer=cfg["optimizer"], state_dtype=cfg["state_dtype"], dense=cfg["dense"],
+                    margin=cfg["margin"])
+
+
+def _config(identities: int, rate: float, dense: bool = False, optimizer: str = "sgd", state_dtype: str | None = None,
+            batch_size: int = 128, steps: int = 3) -> dict[str, Any]:
+    return {"identities": identities, "sample_rate": rate, "dense": dense, "optimizer": optimizer,
+            "state_dtype": state_dtype, "batch_size": batch_size, "embedding": 512, "margin": "arcface",
+            "warmup": 1, "steps": steps}
+
+
+def _label(cfg: dict[str, Any]) -> str:
+    if cfg["dense"]:
+        return f"dense v2 ({cfg['optimizer']}, fp32)"
+    return f"sparse {cfg['optimizer']} {cfg['state_dtype'] or 'int8 (default)'}"
+
+
+def speed_and_memory(quick: bool, budget_bytes: float) -> list[dict[str, Any]]:
+    sizes = [100_000] if quick else [100_000, 1_000_000, 5_000_000]
+    configs = []
+    for identities in sizes:
+        for rate in (0.1, 1.0):
+            configs += [_config(identities, rate), _config(identities, rate, dense=True)]
+    if not quick:  # the other optimizer designs, for bytes per identity
+        configs += [_config(1_000_000, 0.1, state_dtype="bf16"), _config(1_000_000, 0.1, optimizer="adamw")]
+    rows = []
+    for cfg in configs:
+        planned = None
+        for batch in (128, 64):  # fall back to a smaller batch only if 128 does not fit the budget
+            cfg = {**cfg, "batch_size": batch}
+            planned = plan_for(cfg)
+            machine_bytes = 2 * (planned.peak_bytes + PROCESS_BASELINE_BYTES)
+            if machine_bytes <= budget_bytes:
+                break
+        entry = {"config": cfg, "label": _label(cfg), "plan_peak_bytes": planned.peak_bytes,
+                 "plan_machine_bytes": machine_bytes, "plan_bytes_per_identity": planned.bytes_per_identity}
+        if machine_bytes > budget_bytes:
+            entry["skipped"] = f"plan: {machine_bytes / GIB:.1f} GiB for 2 ranks > {budget_bytes / GIB:.0f} GiB budget"
+            print(f"skip {cfg['identities']:,} @ {cfg['sample_rate']} {entry['label']}: {entry['skipped']}",
+                  flush=True)
+        else:
+            print(f"run  {cfg['identities']:,} @ {cfg['sample_rate']} {entry['label']} batch {cfg['batch_size']}",
+                  flush=True)
+            entry["ranks"] = run_config(cfg)
+            worst = max(entry["ranks"], key=lambda r: r["peak_bytes"])
+            print(f"     step {worst['step_s']:.2f}s  peak/rank {worst['peak_bytes'] / GIB:.2f} GiB "
+                  f"(plan {planned.peak_bytes / GIB:.2f})", flush=True)
+        rows.append(entry)
+    return rows
+
+
+# --------------------------------------------------------------------------------- accuracy on a synthetic task
+ACCURACY_VARIANTS = [
+    ("dense v2 SGD (fp32 momentum)", dict(optimizer="sgd", dense=True)),
+    ("sparse SGD fp32, lazy (no catch-up)", dict(optimizer="sgd", state_dtype="fp32", catch_up=False)),
+    ("sparse SGD fp32, catch-up", dict(optimizer="sgd", state_dtype="fp32")),
+    ("sparse SGD bf16, catch-up", dict(optimizer="sgd", state_dtype="bf16")),
+    ("sparse SGD int8, catch-up (default)", dict(optimizer="sgd", state_dtype="int8")),
+    ("dense AdamW (fp32)", dict(optimizer="adamw", dense=True)),
+    ("sparse AdamW fp32 full, lazy", dict(optimizer="adamw", state_dtype="fp32", second_moment="full")),
+    ("sparse AdamW int8 + row-wise v (default)", dict(optimizer="adamw", state_dtype="int8")),
+]
+
+
+def train_synthetic(options: dict[str, Any], schedule: str, identities: int, steps: int, batch: int = 256,
+                    noise: float = 1.0, sample_rate: float = 0.1) -> tuple[float, float]:
+    """Trains an MLP backbone + Partial FC on Gaussian clusters; returns (mean loss of the last 50 steps, top-1)."""
+    in_dim, dim = 64, 512
+    prototypes = torch.randn(identities, in_dim, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    backbone = torch.nn.Sequential(torch.nn.Linear(in_dim, 512), torch.nn.BatchNorm1d(512), torch.nn.PReLU(512),
+                                   torch.nn.Linear(512, dim), torch.nn.BatchNorm1d(dim))
+    dense = options.get("dense", False)
+    pfc = PartialFC(build_margin(MarginConfig(type="arcface")), dim, identities, sample_rate=sample_rate, seed=2,
+                    sparse_grad=not dense)
+    base_lr = 0.1 if options["optimizer"] == "sgd" else 1e-3
+    opt = build_partial_fc_optimizer(pfc.parameters(), options["optimizer"], lr=base_lr, momentum=0.9,
+                                     weight_decay=5e-4 if options["optimizer"] == "sgd" else 0.05,
+                                     state_dtype=options.get("state_dtype"),
+                                     second_moment=options.get("second_moment", "row"), dense=dense,
+                                     catch_up=options.get("catch_up", True))
+    pfc.attach_optimizer(opt)
+    backbone_opt = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    def factor(step: int) -> float:
+        if schedule == "poly":
+            return (1 - step / steps) ** 2
+        return 1.0 if step < 0.6 * steps else 0.1 if step < 0.85 * steps else 0.01
+
+    catch_up = getattr(opt, "catch_up_rows", None)
+    data = torch.Generator().manual_seed(3)
+    losses = []
+    for step in range(steps):
+        if schedule == "step" and step and factor(step) != factor(step - 1) and catch_up is not None:
+            catch_up(pfc.weight)  # exact replay across a step change of the lr (see SparseRowSGD)
+        for o, lr in ((opt, base_lr), (backbone_opt, 0.1)):
+            for group in o.param_groups:
+                group["lr"] = lr * factor(step)
+        labels = torch.randint(0, identities, (batch,), generator=data)
+        x = prototypes[labels] + noise * torch.randn(batch, in_dim, generator=data)
+        opt.zero_grad()
+        backbone_opt.zero_grad()
+        loss = pfc(backbone(x), labels)
+        loss.backward()
+        opt.step()
+        backbone_opt.step()
+        losses.append(loss.item())
+    if catch_up is not None:
+        catch_up(pfc.weight)
+    backbone.eval()
+    test = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, identities, (4096,), generator=test)
+    x = prototypes[labels] + noise * torch.randn(4096, in_dim, generator=test)
+    with torch.no_grad():
+        scores = F.normalize(backbone(x)) @ F.normalize(pfc.weight).t()
+    return sum(losses[-50:]) / 50, float((scores.argmax(1) == labels).float().mean())
+
+
+def accuracy(quick: bool) -> dict[str, Any]:
+    identities, steps = (2000, 150) if quick else (5000, 400)
+    torch.set_num_threads(2)
+    results = []
+    for schedule in ("step", "poly"):
+        for name, options in ACCURACY_VARIANTS:
+            loss, top1 = train_synthetic(options, schedule, identities, steps)
+            print(f"accuracy {schedule:4s} {name:45s} loss {loss:.3f} top-1 {top1:.4f}", flush=True)
+            results.append({"schedule": schedule, "variant": name, "final_loss": loss, "top1": top1})
+    return {"identities": identities, "steps": steps, "batch": 256, "sample_rate": 0.1, "embedding": 512,
+            "results": results}
+
+
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / GIB:.2f}"
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    m = payload["machine"]
+    lines = ["## Partial FC (`benchmarks/partial_fc.py`)", "",
+             f"2 gloo ranks on 127.0.0.1, one thread each, {m['cores']} cores, torch {m['torch']}, {m['date']}. "
+             "Batch 128 per rank unless noted, embedding 512, ArcFace, SGD momentum 0.9. Step = forward + backward "
+             "+ optimizer (median of 3 after 1 warm-up). Peak = VmHWM minus the rank's resident set before the "
+             "classifier was built (includes center init). B/id = persistent bytes per identity between steps, "
+             "from tensor sizes (centers + optimizer state); peak B/id = peak / classes per rank.", ""]
+    rows = []
+    for entry in payload["speed"]:
+        cfg = entry["config"]
+        head = [f"{cfg['identities']:,}", cfg["sample_rate"], entry["label"] + (
+            f", batch {cfg['batch_size']}" if cfg["batch_size"] != 128 else "")]
+        if "skipped" in entry:
+            rows.append(head + ["skipped", "-", _gib(entry["plan_peak_bytes"]), "-", "-", entry["skipped"]])
+            continue
+        worst = max(entry["ranks"], key=lambda r: r["peak_bytes"])
+        total = sum(r["process_peak_bytes"] for r in entry["ranks"])
+        rows.append(head + [f"{worst['step_s']:.2f}", _gib(worst["peak_bytes"]), _gib(entry["plan_peak_bytes"]),
+                            f"{worst['tensor_bytes_per_identity']:,.0f}",
+                            f"{worst['peak_bytes'] / worst['num_local']:,.0f}",
+                            f"both ranks {_gib(total)} GiB resident at peak"])
+    lines.append(table(["identities", "sample rate", "classifier", "step s", "peak GiB/rank", "plan GiB/rank",
+                        "B/id", "peak B/id", "note"], rows))
+    acc = payload["accuracy"]
+    lines += ["", f"**Accuracy of compact state** (synthetic: {acc['identities']:,} identities as Gaussian clusters "
+              f"in 64-d, an MLP backbone to 512-d, Partial FC sample rate {acc['sample_rate']}, batch {acc['batch']}, "
+              f"{acc['steps']} steps, one process; top-1 = held-out samples classified by nearest center after "
+              "training; loss = mean of the last 50 steps). Two lr schedules: step (x0.1 at 60 % and 85 %; the "
+              "catch-up variants call `catch_up_rows` at each drop) and poly (power 2).", ""]
+    by_variant: dict[str, dict[str, Any]] = {}
+    for r in acc["results"]:
+        by_variant.setdefault(r["variant"], {})[r["schedule"]] = r
+    lines.append(table(["optimizer state", "step: loss", "step: top-1", "poly: loss", "poly: top-1"],
+                       [[name, f"{v['step']['final_loss']:.3f}", f"{v['step']['top1']:.4f}",
+                         f"{v['poly']['final_loss']:.3f}", f"{v['poly']['top1']:.4f}"]
+                        for name, v in by_variant.items()]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="100k identities, short accuracy run")
+    parser.add_argument("--budget-gib", type=float, default=14.0, help="memory budget for both ranks together")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    args = parser.parse_args()
+    payload = {"machine": machine(), "speed": speed_and_memory(args.quick, args.budget_gib * GIB)}
+    payload["accuracy"] = None if args.skip_accuracy else accuracy(args.quick)
+    write_json("partial_fc", payload)
+    if payload["accuracy"] is not None:
+        update_section("partial_fc", markdown(payload))
+
+
+if __name__ == "__main__":
+    main()
