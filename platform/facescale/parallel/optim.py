@@ -34,6 +34,7 @@ The measured effect on accuracy (a synthetic task, against dense fp32) is in BEN
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -51,33 +52,36 @@ def _block_size(width: int) -> int:
     return QUANT_BLOCK if width % QUANT_BLOCK == 0 else width
 
 
-def state_bytes_per_row(optimizer: str, embedding_size: int, state_dtype: StateDtype | None = None,
-                        second_moment: SecondMoment = "row", dense: bool = False, catch_up: bool = True) -> int:
-    """Bytes of optimizer state per class center (the planner's and the benchmark's shared truth)."""
-    d = embedding_size
-    if dense:
-        return 4 * d * (1 if optimizer == "sgd" else 2)
-    dtype = state_dtype or default_state_dtype(optimizer)
-    first = {"fp32": 4 * d, "bf16": 2 * d, "int8": d + 4 * (d // _block_size(d))}[dtype]
-    if optimizer == "sgd":
-        return first + (4 if catch_up else 0)
-    second = 4 if second_moment == "row" else d * (4 if dtype == "fp32" else 2)
-    return first + second + 4
-
-
 def default_state_dtype(optimizer: str) -> StateDtype:
     """int8 block-quantised momentum / first moment: the most compact, and as accurate as fp32 here (BENCHMARKS)."""
     return "int8"
 
 
-def _alloc(shape: tuple[int, int], dtype: StateDtype, like: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
-    """Zero state ``name`` for ``shape`` rows in the storage ``dtype``."""
-    rows, width = shape
-    if dtype == "int8":
-        blocks = width // _block_size(width)
-        return {f"{name}_q": torch.zeros(shape, dtype=torch.int8, device=like.device),
-                f"{name}_scale": torch.zeros((rows, blocks), dtype=torch.float32, device=like.device)}
-    return {name: torch.zeros(shape, dtype=_FLOAT_DTYPES[dtype], device=like.device)}
+def row_state_layout(optimizer: str, rows: int, width: int, state_dtype: StateDtype,
+                     second_moment: SecondMoment = "row") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``{key: (shape, dtype)}`` of the sparse optimizers' state for a ``[rows, width]`` parameter."""
+    first = "momentum" if optimizer == "sgd" else "exp_avg"
+    if state_dtype == "int8":
+        layout = {f"{first}_q": ((rows, width), torch.int8),
+                  f"{first}_scale": ((rows, width // _block_size(width)), torch.float32)}
+    else:
+        layout = {first: ((rows, width), _FLOAT_DTYPES[state_dtype])}
+    if optimizer == "adamw":
+        full_dtype = torch.float32 if state_dtype == "fp32" else torch.bfloat16
+        layout["exp_avg_sq"] = ((rows,), torch.float32) if second_moment == "row" else ((rows, width), full_dtype)
+    layout["last_step"] = ((rows,), torch.int32)
+    layout["step"] = ((), torch.int64)
+    return layout
+
+
+def state_bytes_per_row(optimizer: str, embedding_size: int, state_dtype: StateDtype | None = None,
+                        second_moment: SecondMoment = "row", dense: bool = False) -> int:
+    """Bytes of optimizer state per class center (the planner's and the benchmark's shared truth)."""
+    if dense:  # torch.optim.SGD momentum, or AdamW's two moments, in fp32
+        return 4 * embedding_size * (1 if optimizer == "sgd" else 2)
+    layout = row_state_layout(optimizer, 1, embedding_size, state_dtype or default_state_dtype(optimizer),
+                              second_moment)
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values() if shape)
 
 
 def _read(state: dict[str, torch.Tensor], name: str, rows: torch.Tensor | slice) -> torch.Tensor:
@@ -115,7 +119,13 @@ def _sampled_rows(grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor
 
 
 class _SparseRowOptimizer(torch.optim.Optimizer):
-    """Shared machinery: chunked row iteration, compact state, dtype-preserving ``load_state_dict``."""
+    """Shared machinery: chunked rows, compact state, catch-up of skipped rows, dtype-preserving state loading.
+
+    Subclasses keep ``step`` (optimizer steps taken) and ``last_step`` (per row: the step its weight and state
+    are current at) and implement ``_read_rows``/``_write_rows``/``_coast``.
+    """
+
+    catch_up = True
 
     @staticmethod
     def _chunks(p: torch.Tensor, rows: torch.Tensor | None) -> Iterable[tuple[torch.Tensor | slice, slice]]:
@@ -125,6 +135,52 @@ class _SparseRowOptimizer(torch.optim.Optimizer):
         for start in range(0, count, chunk):
             part = slice(start, min(start + chunk, count))
             yield (part if rows is None else rows[part]), part
+
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+
+    def _read_rows(self, state: dict[str, torch.Tensor], index: Any) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _write_rows(self, state: dict[str, torch.Tensor], index: Any, rows: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _coast(self, weight: torch.Tensor, rows: list[torch.Tensor], skipped: torch.Tensor, last: torch.Tensor,
+               group: dict[str, Any]) -> None:
+        """Applies in place the ``skipped`` zero-gradient dense steps after step ``last`` (per row)."""
+        raise NotImplementedError
+
+    def _bring_up_to_date(self, state: dict[str, torch.Tensor], index: Any, weight: torch.Tensor,
+                          rows: list[torch.Tensor], group: dict[str, Any]) -> bool:
+        """Replays missed steps on the fp32 rows; False when every row was already current."""
+        step = int(state["step"])
+        last = state["last_step"][index].long()
+        skipped = step - last
+        if not bool((skipped > 0).any()):
+            return False
+        state["last_step"][index] = step
+        self._coast(weight, rows, skipped, last, group)
+        return True
+
+    @torch.no_grad()
+    def catch_up_rows(self, p: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Brings ``rows`` of ``p`` (all when ``None``) up to date with the dense steps they missed.
+
+        ``PartialFC`` calls this for the rows it is about to score, so their logits see what dense training would
+        have; call it with ``rows=None`` before reading every center (evaluate, export) or before a step change
+        of the lr (the missed steps are replayed at the current lr).
+        """
+        state = self.state.get(p)
+        group = self._group_of(p)
+        if not state or "step" not in state or not self.catch_up or not group.get("momentum", True):
+            return
+        flat = p.view(p.shape[0], -1)
+        for index, _ in self._chunks(p, rows):
+            weight, state_rows = flat[index].float(), self._read_rows(state, index)
+            if self._bring_up_to_date(state, index, weight, state_rows, group):
+                # Writes only when something changed: a current row keeps its version (autograd checks it).
+                self._write_rows(state, index, state_rows)
+                flat[index] = weight.to(p.dtype)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads hyperparameters and state, keeping the state's storage dtype (torch would cast it to fp32)."""
@@ -163,26 +219,25 @@ class SparseRowSGD(_SparseRowOptimizer):
 
     With ``catch_up`` (default) a row skipped for k steps is brought up to date before it is next used: it gets
     in closed form the k steps dense SGD would have taken with a zero gradient (momentum coasting and weight
-    decay), at the current lr. ``PartialFC`` does this for the rows it samples, before scoring them (attach the
-    optimizer with ``pfc.attach_optimizer``); ``catch_up_rows(p)`` does it for every row, e.g. before exporting
-    centers. At a constant lr the result equals ``torch.optim.SGD`` (dampening 0, no Nesterov) on dense
-    gradients that are zero outside the sampled rows, up to the rounding of the stored momentum; under a
-    schedule the missed steps use the lr of the step that catches them up. Costs an int32 per row.
-    With ``catch_up=False`` skipped rows simply wait (lazy momentum), as TF's LazyAdam does.
+    decay: ``[w; m] <- A^k [w; m]`` with ``A = [[1 - lr wd, -lr mu], [wd, mu]]``), at the current lr.
+    ``PartialFC`` does this for the rows it samples, before scoring them (``pfc.attach_optimizer(opt)``). At a
+    constant lr the result equals ``torch.optim.SGD`` (dampening 0, no Nesterov) on dense gradients that are zero
+    outside the sampled rows, up to the rounding of the stored momentum. With ``catch_up=False`` skipped rows
+    wait (lazy momentum; weight decay only on sampled rows).
 
     Args:
         params: Parameters (the Partial FC centers) or parameter groups.
         lr: Learning rate (the trainer's scheduler sets ``param_groups[i]["lr"]``).
-        momentum: Momentum factor.
-        weight_decay: L2 penalty added to the gradient of sampled rows only.
+        momentum: Momentum factor (> 0).
+        weight_decay: L2 penalty added to the gradient.
         state_dtype: Storage of the momentum: ``"int8"`` (block-quantised, default), ``"bf16"`` or ``"fp32"``.
-        catch_up: Replay skipped momentum steps when a row is sampled again.
+        catch_up: Replay the dense steps a row missed before it is used again.
     """
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  state_dtype: StateDtype = "int8", catch_up: bool = True) -> None:
-        if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0:
-            raise ValueError(f"need lr >= 0, 0 <= momentum < 1, weight_decay >= 0; got {lr}, {momentum}, "
+        if lr < 0 or not 0 < momentum < 1 or weight_decay < 0:
+            raise ValueError(f"need lr >= 0, 0 < momentum < 1, weight_decay >= 0; got {lr}, {momentum}, "
                              f"{weight_decay}")
         if state_dtype not in ("fp32", "bf16", "int8"):
             raise ValueError(f"state_dtype must be fp32, bf16 or int8, got {state_dtype!r}")
@@ -190,59 +245,27 @@ class SparseRowSGD(_SparseRowOptimizer):
         self.state_dtype, self.catch_up = state_dtype, catch_up
 
     def state_layout(self, p: torch.Tensor) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        if not any(g["momentum"] for g in self.param_groups if any(q is p for q in g["params"])):
-            return {}
-        zeros = _alloc((1, p[0].numel()), self.state_dtype, p, "momentum")
-        layout = {k: ((p.shape[0], *v.shape[1:]), v.dtype) for k, v in zeros.items()}
-        if self.catch_up:
-            layout["last_step"] = ((p.shape[0],), torch.int32)
-            layout["step"] = ((), torch.int64)
-        return layout
+        return row_state_layout("sgd", p.shape[0], p[0].numel(), self.state_dtype)
 
-    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
-        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+    def _read_rows(self, state: dict[str, torch.Tensor], index: Any) -> list[torch.Tensor]:
+        return [_read(state, "momentum", index)]
 
-    @staticmethod
-    def _coast(state: dict[str, torch.Tensor], index: torch.Tensor | slice, weight: torch.Tensor, buf: torch.Tensor,
-               step: int, group: dict[str, Any]) -> None:
-        """Applies to fp32 rows ``weight``/``buf`` the dense SGD steps with zero gradient missed since ``last_step``.
+    def _write_rows(self, state: dict[str, torch.Tensor], index: Any, rows: list[torch.Tensor]) -> None:
+        _write(state, "momentum", index, rows[0])
 
-        One such step is linear in (w, m): ``m' = mu m + wd w``, ``w' = w - lr m'``, i.e. ``[w; m] <- A [w; m]``
-        with ``A = [[1 - lr wd, -lr mu], [wd, mu]]``; k missed steps apply ``A^k`` (by repeated squaring).
-        """
+    def _coast(self, weight: torch.Tensor, rows: list[torch.Tensor], skipped: torch.Tensor, last: torch.Tensor,
+               group: dict[str, Any]) -> None:
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        skipped = step - state["last_step"][index].long()
-        state["last_step"][index] = step
-        if not bool((skipped > 0).any()):
-            return
+        buf = rows[0]
         power = torch.eye(2, dtype=torch.float64).repeat(skipped.numel(), 1, 1)
         base = torch.tensor([[1.0 - lr * wd, -lr * mu], [wd, mu]], dtype=torch.float64)
-        while bool((skipped > 0).any()):
+        while bool((skipped > 0).any()):  # A^k by repeated squaring, k per row
             power = torch.where((skipped & 1).bool()[:, None, None], power @ base, power)
             base, skipped = base @ base, skipped >> 1
         power = power.float()
         old_weight = weight.clone()
         weight.mul_(power[:, 0, 0, None]).add_(buf * power[:, 0, 1, None])
         buf.mul_(power[:, 1, 1, None]).add_(old_weight * power[:, 1, 0, None])
-
-    @torch.no_grad()
-    def catch_up_rows(self, p: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """Brings ``rows`` of ``p`` (all when ``None``) up to date with the momentum steps they missed.
-
-        ``PartialFC`` calls this for the rows it is about to score (so logits see what dense SGD would have);
-        call it with ``rows=None`` before reading every center, e.g. to evaluate or export them.
-        """
-        state = self.state.get(p)
-        group = self._group_of(p)
-        if not state or "step" not in state or not group["momentum"]:
-            return
-        step, flat = int(state["step"]), p.view(p.shape[0], -1)
-        for index, _ in self._chunks(p, rows):
-            weight = flat[index].float()
-            buf = _read(state, "momentum", index)
-            self._coast(state, index, weight, buf, step, group)
-            _write(state, "momentum", index, buf)
-            flat[index] = weight.to(p.dtype)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -254,63 +277,91 @@ class SparseRowSGD(_SparseRowOptimizer):
                 if p.grad is None:
                     continue
                 rows, values = _sampled_rows(p.grad)
+                values = values.view(values.shape[0], -1)
                 flat = p.view(p.shape[0], -1)
                 state = self._state_for(p)
-                catch_up = momentum and "step" in state
-                values = values.view(values.shape[0], -1)
                 for index, part in self._chunks(p, rows):
                     grad = values[part].float()  # may be a view of p.grad: never written
                     weight = flat[index].float()
+                    (buf,) = self._read_rows(state, index)
+                    if self.catch_up:  # a no-op for rows PartialFC already brought up to date
+                        self._bring_up_to_date(state, index, weight, [buf], group)
+                    state["last_step"][index] = int(state["step"]) + 1
                     if weight_decay:
                         grad = grad.add(weight, alpha=weight_decay)  # out of place: p.grad stays as it was
-                    if momentum:
-                        buf = _read(state, "momentum", index)
-                        if catch_up:  # a no-op for rows PartialFC already caught up before scoring them
-                            self._coast(state, index, weight, buf, int(state["step"]), group)
-                            state["last_step"][index] = int(state["step"]) + 1
-                        grad = buf.mul_(momentum).add_(grad)
-                        _write(state, "momentum", index, grad)
-                    flat[index] = weight.add_(grad, alpha=-lr).to(p.dtype)
-                if catch_up:
-                    state["step"] += 1
+                    buf.mul_(momentum).add_(grad)
+                    self._write_rows(state, index, [buf])
+                    flat[index] = weight.add_(buf, alpha=-lr).to(p.dtype)
+                state["step"] += 1
         return loss
 
 
 class SparseRowAdamW(_SparseRowOptimizer):
-    """Lazy AdamW (decoupled weight decay) over the rows present in a sparse gradient.
+    """AdamW (decoupled weight decay) over the rows present in a sparse gradient.
+
+    With ``catch_up`` (default) a skipped row first gets the k zero-gradient steps dense AdamW would have taken
+    (moments decaying, the normalised first moment still moving the row, weight decay), as a closed-form sum over
+    at most 200 steps (later terms are below (beta1/sqrt(beta2))^200, about 1e-9), at the current lr. Exact for
+    ``second_moment="row"``; ``"full"`` neglects ``eps`` against sqrt(v) in the replayed steps. Bias correction
+    uses the global step, as ``torch.optim.AdamW`` does. ``catch_up=False`` is lazy (TF LazyAdam).
 
     Args:
         params: Parameters (the Partial FC centers) or parameter groups.
         lr: Learning rate.
         betas: Moment decay rates.
         eps: Denominator term.
-        weight_decay: Decoupled decay, applied to sampled rows only.
+        weight_decay: Decoupled decay.
         state_dtype: Storage of the first moment: ``"int8"`` (default), ``"bf16"`` or ``"fp32"``.
         second_moment: ``"row"`` (one fp32 mean-square per row, default) or ``"full"`` (per coordinate; bf16,
             or fp32 when ``state_dtype="fp32"``).
+        catch_up: Replay the dense steps a row missed before it is used again.
     """
 
+    REPLAY_LIMIT = 200
+
     def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, state_dtype: StateDtype = "int8",
-                 second_moment: SecondMoment = "row") -> None:
+                 weight_decay: float = 0.01, state_dtype: StateDtype = "int8", second_moment: SecondMoment = "row",
+                 catch_up: bool = True) -> None:
         if lr < 0 or not all(0 <= b < 1 for b in betas) or eps <= 0 or weight_decay < 0:
             raise ValueError(f"need lr >= 0, 0 <= betas < 1, eps > 0, weight_decay >= 0; got {lr}, {betas}, {eps}, "
                              f"{weight_decay}")
         if state_dtype not in ("fp32", "bf16", "int8") or second_moment not in ("full", "row"):
             raise ValueError(f"bad state_dtype {state_dtype!r} or second_moment {second_moment!r}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
-        self.state_dtype, self.second_moment = state_dtype, second_moment
+        self.state_dtype, self.second_moment, self.catch_up = state_dtype, second_moment, catch_up
 
     def state_layout(self, p: torch.Tensor) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        rows, width = p.shape[0], p[0].numel()
-        layout = {k: ((rows, *v.shape[1:]), v.dtype)
-                  for k, v in _alloc((1, width), self.state_dtype, p, "exp_avg").items()}
-        if self.second_moment == "row":
-            layout["exp_avg_sq"] = ((rows,), torch.float32)
-        else:
-            layout["exp_avg_sq"] = ((rows, width), torch.float32 if self.state_dtype == "fp32" else torch.bfloat16)
-        layout["row_step"] = ((rows,), torch.int32)
-        return layout
+        return row_state_layout("adamw", p.shape[0], p[0].numel(), self.state_dtype, self.second_moment)
+
+    def _read_rows(self, state: dict[str, torch.Tensor], index: Any) -> list[torch.Tensor]:
+        return [_read(state, "exp_avg", index), state["exp_avg_sq"][index].float()]
+
+    def _write_rows(self, state: dict[str, torch.Tensor], index: Any, rows: list[torch.Tensor]) -> None:
+        _write(state, "exp_avg", index, rows[0])
+        state["exp_avg_sq"][index] = rows[1].to(state["exp_avg_sq"].dtype)
+
+    def _coast(self, weight: torch.Tensor, rows: list[torch.Tensor], skipped: torch.Tensor, last: torch.Tensor,
+               group: dict[str, Any]) -> None:
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        exp_avg, exp_avg_sq = rows
+        decay = 1.0 - lr * wd
+        replayed = skipped.clamp(max=self.REPLAY_LIMIT)
+        row_scale = exp_avg_sq.double().sqrt() if exp_avg_sq.dim() == 1 else None
+        total = torch.zeros(skipped.numel(), dtype=torch.float64)  # sum_j decay^(k-j) * step size of missed step j
+        for j in range(1, int(replayed.max()) + 1):
+            t = (last + j).double()
+            bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
+            if row_scale is not None:
+                size = lr * beta1 ** j / bias1 / (beta2 ** (j / 2) * row_scale / bias2.sqrt() + eps)
+            else:
+                size = lr * beta1 ** j * bias2.sqrt() / (bias1 * beta2 ** (j / 2))
+            total = torch.where(j <= replayed, decay * total + size, total)
+        total = (total * decay ** (skipped - replayed).double()).float().unsqueeze(1)
+        direction = exp_avg if row_scale is not None else exp_avg / exp_avg_sq.sqrt().clamp_min(1e-30)
+        weight.mul_((decay ** skipped.double()).float().unsqueeze(1)).sub_(direction * total)
+        exp_avg.mul_((beta1 ** skipped.double()).float().unsqueeze(1))
+        shape = (-1,) if exp_avg_sq.dim() == 1 else (-1, 1)
+        exp_avg_sq.mul_((beta2 ** skipped.double()).float().view(shape))
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -322,28 +373,29 @@ class SparseRowAdamW(_SparseRowOptimizer):
                 if p.grad is None:
                     continue
                 rows, values = _sampled_rows(p.grad)
+                values = values.view(values.shape[0], -1)
                 flat = p.view(p.shape[0], -1)
                 state = self._state_for(p)
-                values = values.view(values.shape[0], -1)
+                t = int(state["step"]) + 1
+                bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
                 for index, part in self._chunks(p, rows):
                     grad = values[part].float()  # may be a view of p.grad: never written
-                    steps = state["row_step"][index] + 1
-                    state["row_step"][index] = steps
-                    steps = steps.double().unsqueeze(1)
-                    exp_avg = _read(state, "exp_avg", index).mul_(beta1).add_(grad, alpha=1 - beta1)
-                    _write(state, "exp_avg", index, exp_avg)
-                    if self.second_moment == "row":
-                        sq = state["exp_avg_sq"][index].mul(beta2).add_(grad.square().mean(1), alpha=1 - beta2)
-                        state["exp_avg_sq"][index] = sq
-                        sq = sq.unsqueeze(1)
+                    weight = flat[index].float()
+                    exp_avg, exp_avg_sq = self._read_rows(state, index)
+                    if self.catch_up:
+                        self._bring_up_to_date(state, index, weight, [exp_avg, exp_avg_sq], group)
+                    state["last_step"][index] = t
+                    weight.mul_(1 - lr * weight_decay)
+                    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+                    if exp_avg_sq.dim() == 1:
+                        exp_avg_sq.mul_(beta2).add_(grad.square().mean(1), alpha=1 - beta2)
+                        denom = (exp_avg_sq / bias2).sqrt_().add_(eps).unsqueeze(1)
                     else:
-                        sq = state["exp_avg_sq"][index].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                        state["exp_avg_sq"][index] = sq.to(state["exp_avg_sq"].dtype)
-                    bias1 = (1 - beta1 ** steps).float()
-                    bias2 = (1 - beta2 ** steps).float()
-                    denom = (sq / bias2).sqrt_().add_(eps)
-                    weight = flat[index].float().mul_(1 - lr * weight_decay)
-                    flat[index] = weight.addcdiv_(exp_avg / bias1, denom, value=-lr).to(p.dtype)
+                        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                        denom = (exp_avg_sq.sqrt() / bias2 ** 0.5).add_(eps)
+                    self._write_rows(state, index, [exp_avg, exp_avg_sq])
+                    flat[index] = weight.addcdiv_(exp_avg, denom, value=-lr / bias1).to(p.dtype)
+                state["step"] += 1
         return loss
 
 
@@ -364,7 +416,7 @@ def build_partial_fc_optimizer(params: Iterable[Any], name: str, lr: float, mome
         second_moment: AdamW second moment, ``"row"`` or ``"full"``.
         dense: The arcface_torch v2 baseline: ``torch.optim.SGD``/``AdamW`` with dense fp32 state (pair it with
             ``PartialFC(sparse_grad=False)``).
-        catch_up: SGD: replay the momentum steps a row missed when it is sampled again.
+        catch_up: Replay the dense steps a row missed before it is used again (see the optimizers).
 
     Returns:
         The optimizer.
@@ -380,4 +432,4 @@ def build_partial_fc_optimizer(params: Iterable[Any], name: str, lr: float, mome
         return SparseRowSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, state_dtype=dtype,
                             catch_up=catch_up)
     return SparseRowAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, state_dtype=dtype,
-                          second_moment=second_moment)
+                          second_moment=second_moment, catch_up=catch_up)

@@ -8,7 +8,9 @@ conflict filter.
 Each rank owns a contiguous block of class centers. Per step:
 
     E = all_gather(local embeddings)              [W*B, D]   every rank scores the whole global batch
-    rows = all positives of E's labels in this block + uniform negatives, int(sample_rate * num_local) in total
+    rows = all positives of E's labels in this block + uniform negatives: max(int(sample_rate * num_local),
+           positives) rows, seeded from (seed, sampler step, rank)
+    weight[rows] brought up to date by the attached optimizer (the steps dense training would have taken)
     cos = normalize(E) @ normalize(weight[rows]).T  [W*B, |rows|]
     logits = margin(cos, labels-in-block)
     loss = softmax cross-entropy over the union of all ranks' columns   (max and sum all-reduces)
@@ -293,20 +295,27 @@ class PartialFC(nn.Module):
 
     def _check_batch(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> None:
         """Same batch size on every rank and every label in range -- checked collectively, so all ranks raise."""
+        problem = ""
         if local_embeddings.dim() != 2 or local_embeddings.shape[1] != self.embedding_size:
-            raise ValueError(f"embeddings must be [batch, {self.embedding_size}], got {tuple(local_embeddings.shape)}")
-        if local_labels.numel() != local_embeddings.shape[0]:
-            raise ValueError(f"{local_labels.numel()} labels for {local_embeddings.shape[0]} embeddings")
-        info = torch.tensor([local_labels.numel(), 0, 0], dtype=torch.int64, device=local_labels.device)
-        if local_labels.numel():
+            problem = f"embeddings must be [batch, {self.embedding_size}], got {tuple(local_embeddings.shape)}"
+        elif local_labels.numel() != local_embeddings.shape[0]:
+            problem = f"{local_labels.numel()} labels for {local_embeddings.shape[0]} embeddings"
+        batch = local_embeddings.shape[0] if local_embeddings.dim() else 0
+        info = torch.tensor([batch, 0, 0, bool(problem)], dtype=torch.int64,
+                            device=local_labels.device)
+        if local_labels.numel() and not problem:
             info[1], info[2] = local_labels.min(), local_labels.max()
-        # NOTE: all-gather of [batch size, min label, max label] per rank -- the collectives below need equal
-        # batch sizes, and a bad label must stop every rank, not leave the others waiting in a collective.
+        # NOTE: all-gather of [batch size, min label, max label, bad shape] per rank -- the collectives below need
+        # equal batch sizes, and bad input must stop every rank, not leave the others waiting in a collective.
         info = all_gather_rows(info.unsqueeze(0), self.process_group).cpu()
+        if problem:
+            raise ValueError(problem)
+        if info[:, 3].any():
+            raise ValueError(f"rank {int(info[:, 3].nonzero()[0])} passed badly shaped embeddings or labels")
         sizes = info[:, 0].tolist()
         if len(set(sizes)) > 1:
             raise ValueError(f"Partial FC needs the same batch size on every rank; got per-rank sizes {sizes}")
-        for rank, (size, low, high) in enumerate(info.tolist()):
+        for rank, (size, low, high, _) in enumerate(info.tolist()):
             if size and (low < 0 or high >= self.num_classes):
                 label = low if low < 0 else high
                 raise ValueError(f"label {label} (on rank {rank}) is outside [0, num_classes={self.num_classes})")
@@ -344,8 +353,8 @@ class PartialFC(nn.Module):
             local_target = torch.where(in_block, torch.searchsorted(rows, local_target.clamp_min(0)), IGNORE_LABEL)
         self.last_sampled_rows = rows
         catch_up = getattr(self._optimizer, "catch_up_rows", None)
-        if catch_up is not None and rows is not None and torch.is_grad_enabled():
-            # Lazy momentum: let the rows about to be scored coast as dense SGD would have (see SparseRowSGD).
+        if catch_up is not None and rows is not None and self.training and torch.is_grad_enabled():
+            # Rows about to be scored first get the steps dense training would have given them (see optim.py).
             catch_up(self.weight, rows)
 
         cos = _ShardCosine.apply(F.normalize(embeddings), self.weight, rows, self.sparse_grad)

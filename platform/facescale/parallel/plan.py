@@ -80,8 +80,7 @@ class PlanReport:
 
 def estimate(identities: int, world_size: int, batch_size: int, sample_rate: float, embedding_size: int = 512,
              optimizer: str = "sgd", state_dtype: str | None = None, second_moment: str = "row", dense: bool = False,
-             margin: str = "arcface", inter_class_filter: bool = False, embedding_bytes: int = 4,
-             catch_up: bool = True) -> PlanReport:
+             margin: str = "arcface", inter_class_filter: bool = False, embedding_bytes: int = 4) -> PlanReport:
     """Predicts Partial FC memory per rank and communication per step.
 
     Args:
@@ -97,7 +96,6 @@ def estimate(identities: int, world_size: int, batch_size: int, sample_rate: flo
         margin: Margin type (CurricularFace keeps more logit-sized buffers).
         inter_class_filter: Whether the PFC v2 filter is on.
         embedding_bytes: Bytes per embedding element on the wire (4 fp32, 2 bf16).
-        catch_up: SGD momentum catch-up (an int32 per row).
 
     Returns:
         The report; ``format_plan`` renders it.
@@ -113,7 +111,7 @@ def estimate(identities: int, world_size: int, batch_size: int, sample_rate: flo
     # Positives are always kept; with labels spread evenly a rank sees about N / W of them.
     num_sampled = num_local if num_sample >= num_local else min(num_local, max(num_sample, -(-n // w)))
     centers = num_local * d * 4
-    state = num_local * state_bytes_per_row(optimizer, d, state_dtype, second_moment, dense, catch_up)
+    state = num_local * state_bytes_per_row(optimizer, d, state_dtype, second_moment, dense)
     sampled_grad = num_sampled * d * 4
     center_grad = sampled_grad + (num_local * d * 4 if dense and num_sampled < num_local else 0)
     logits = n * num_sampled * 4
@@ -131,7 +129,7 @@ def estimate(identities: int, world_size: int, batch_size: int, sample_rate: flo
     peak = persistent + embeddings + max(forward, backward, optimizer_step)
     ring = (w - 1) / w
     comm = {
-        "all_gather batch sizes + label range": (w - 1) * 3 * 8,
+        "all_gather batch check (size, label range)": (w - 1) * 4 * 8,
         "all_gather labels": (w - 1) * batch_size * 8,
         "all_gather embeddings": (w - 1) * batch_size * d * embedding_bytes,
         "all_reduce max logit": int(2 * ring * n * 4),
@@ -194,7 +192,6 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dtype", choices=["fp32", "bf16", "int8"], default=None)
     parser.add_argument("--second-moment", choices=["full", "row"], default="row")
     parser.add_argument("--dense", action="store_true", help="the arcface_torch v2 baseline (dense fp32 state)")
-    parser.add_argument("--no-catch-up", dest="catch_up", action="store_false", help="lazy SGD momentum")
     parser.add_argument("--margin", default="arcface",
                         choices=["arcface", "cosface", "combined", "magface", "curricularface"])
     parser.add_argument("--inter-class-filter", action="store_true", help="PFC v2 inter-class filter on")
@@ -206,8 +203,7 @@ def run_plan(args: argparse.Namespace) -> int:
     """Prints the plan for parsed ``facescale plan`` arguments; returns the exit code."""
     report = estimate(args.identities, args.world_size, args.batch_size, args.sample_rate, args.embedding,
                       optimizer=args.optimizer, state_dtype=args.state_dtype, second_moment=args.second_moment,
-                      dense=args.dense, margin=args.margin, inter_class_filter=args.inter_class_filter,
-                      catch_up=args.catch_up)
+                      dense=args.dense, margin=args.margin, inter_class_filter=args.inter_class_filter)
     if args.json:
         print(json.dumps({**asdict(report), "comm_total_bytes": report.comm_total_bytes}, indent=1))
     else:
