@@ -76,3 +76,22 @@ def test_repo_configs_validate():
     assert files, "configs/ should hold at least the demo config"
     for f in files:
         assert isinstance(load_config(f), FaceScaleConfig)
+
+
+def test_classifier_combinations_checked_before_ray(tmp_path):
+    p = write(tmp_path, "classifier:\n  margin:\n    type: magface\n")
+    with pytest.raises(ConfigError, match="needs classifier.type: partial_fc"):
+        load_config(p)
+    assert load_config(p, ["classifier.type=partial_fc"]).classifier.margin.type == "magface"
+    with pytest.raises(ConfigError, match="train.momentum must be > 0"):
+        load_config(None, ["classifier.type=partial_fc", "train.momentum=0"])
+
+
+def test_plan_command_prints_per_rank_memory(capsys):
+    code = cli_main(["plan", "--identities", "10M", "--world-size", "64", "--batch-size", "128",
+                     "--sample-rate", "0.1", "--embedding", "512"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "156,250" in out or "156250" in out, out  # 10M classes / 64 ranks
+    assert cli_main(["plan", "--identities", "10M", "--world-size", "2", "--batch-size", "128",
+                     "--memory-gib", "1"]) == 1

@@ -52,6 +52,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from facescale.parallel.plan import run_plan
+
+    return run_plan(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``facescale`` command."""
     parser = argparse.ArgumentParser(prog="facescale", description=__doc__.splitlines()[0])
@@ -73,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a backbone with Ray Train")
     _add_config_args(train)
     train.set_defaults(func=_cmd_train)
+
+    from facescale.parallel.plan import add_plan_arguments
+
+    plan = sub.add_parser("plan", help="per-rank memory and communication of a Partial FC classifier")
+    add_plan_arguments(plan)
+    plan.set_defaults(func=_cmd_plan)
     return parser
 
 

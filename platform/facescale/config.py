@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from facescale.heads.config import ClassifierConfig
 
@@ -107,6 +107,16 @@ class FaceScaleConfig(_Strict):
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _classifier_fits_training(self) -> FaceScaleConfig:
+        c = self.classifier
+        if c.type == "linear" and c.margin.type in ("magface", "curricularface"):
+            raise ValueError(f"classifier.margin.type {c.margin.type!r} needs classifier.type: partial_fc "
+                             "(the linear classifier passes no embedding norms or cross-rank sums)")
+        if c.type == "partial_fc" and not c.dense_state and self.train.momentum == 0:
+            raise ValueError("train.momentum must be > 0 with classifier.type: partial_fc (sparse SGD state)")
+        return self
 
     def tracking_uri(self) -> str:
         """The MLflow tracking URI this run uses (config, then environment, then embedded sqlite)."""

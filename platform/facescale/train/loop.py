@@ -98,11 +98,13 @@ def _batches(loader: Any, progress: TrainProgress) -> Iterator[tuple[torch.Tenso
 def train_step(backbone: nn.Module, classifier: nn.Module, optimizers: dict[str, Any], images: torch.Tensor,
                labels: torch.Tensor, cfg: FaceScaleConfig) -> float:
     """One optimizer step: forward → classifier loss → backward → clip → step. Returns the local loss."""
+    # Gradients are dropped before the forward, so the previous step's (at sample rate 1.0 a dense center
+    # gradient) are not alive during this one -- the peak the `facescale plan` estimate assumes.
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
     with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
         embeddings = backbone(images)
     loss = classifier(embeddings.float(), labels)
-    for opt in optimizers.values():
-        opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.train.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.train.grad_clip)
