@@ -60,7 +60,8 @@ def main() -> None:
     update_section("backbones", f"## Backbone forward+backward throughput (batch {args.batch_size}, CPU)\n\n"
                    f"`python benchmarks/backbones.py` — {info['cores']} cores, torch {info['torch']}, "
                    f"{info['threads']} threads, {info['date']}, 1-min load average at the end "
-                   f"{os.getloadavg()[0]:.1f} (other jobs running slow these numbers down). SGD step included; "
+                   f"{os.getloadavg()[0]:.1f} (about the benchmark's own threads on an idle machine). SGD step "
+                   f"included; "
                    f"fp32.\n\n"
                    + table(["backbone", "params (M)", "s / step", "images / s"], rows))
 
