@@ -150,6 +150,37 @@ class _SparseRowOptimizer(torch.optim.Optimizer):
         """Applies in place the ``skipped`` zero-gradient dense steps after step ``last`` (per row)."""
         raise NotImplementedError
 
+    def _update_rows(self, weight: torch.Tensor, grad: torch.Tensor, rows: list[torch.Tensor],
+                     group: dict[str, Any], t: int) -> torch.Tensor:
+        """The update rule on fp32 rows: changes ``rows`` (state) in place, returns the new weight rows."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Updates the rows present in each parameter's gradient with the subclass's ``_update_rows``."""
+        loss = torch.enable_grad()(closure)() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                rows, values = _sampled_rows(p.grad)
+                values = values.view(values.shape[0], -1)
+                flat = p.view(p.shape[0], -1)
+                state = self._state_for(p)
+                t = int(state["step"]) + 1
+                for index, part in self._chunks(p, rows):
+                    grad = values[part].float()  # may be a view of p.grad: never written
+                    weight = flat[index].float()
+                    state_rows = list(self._read_rows(state, index))
+                    if self.catch_up:  # a no-op for rows PartialFC already brought up to date
+                        self._bring_up_to_date(state, index, weight, state_rows, group)
+                    state["last_step"][index] = t
+                    weight = self._update_rows(weight, grad, state_rows, group, t)
+                    self._write_rows(state, index, state_rows)
+                    flat[index] = weight.to(p.dtype)
+                state["step"] += 1
+        return loss
+
     def _bring_up_to_date(self, state: dict[str, torch.Tensor], index: Any, weight: torch.Tensor,
                           rows: list[torch.Tensor], group: dict[str, Any]) -> bool:
         """Replays missed steps on the fp32 rows; False when every row was already current."""
@@ -267,33 +298,13 @@ class SparseRowSGD(_SparseRowOptimizer):
         weight.mul_(power[:, 0, 0, None]).add_(buf * power[:, 0, 1, None])
         buf.mul_(power[:, 1, 1, None]).add_(old_weight * power[:, 1, 0, None])
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """Updates the rows present in each parameter's gradient."""
-        loss = torch.enable_grad()(closure)() if closure is not None else None
-        for group in self.param_groups:
-            lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                rows, values = _sampled_rows(p.grad)
-                values = values.view(values.shape[0], -1)
-                flat = p.view(p.shape[0], -1)
-                state = self._state_for(p)
-                for index, part in self._chunks(p, rows):
-                    grad = values[part].float()  # may be a view of p.grad: never written
-                    weight = flat[index].float()
-                    (buf,) = self._read_rows(state, index)
-                    if self.catch_up:  # a no-op for rows PartialFC already brought up to date
-                        self._bring_up_to_date(state, index, weight, [buf], group)
-                    state["last_step"][index] = int(state["step"]) + 1
-                    if weight_decay:
-                        grad = grad.add(weight, alpha=weight_decay)  # out of place: p.grad stays as it was
-                    buf.mul_(momentum).add_(grad)
-                    self._write_rows(state, index, [buf])
-                    flat[index] = weight.add_(buf, alpha=-lr).to(p.dtype)
-                state["step"] += 1
-        return loss
+    def _update_rows(self, weight: torch.Tensor, grad: torch.Tensor, rows: list[torch.Tensor],
+                     group: dict[str, Any], t: int) -> torch.Tensor:
+        (buf,) = rows
+        if group["weight_decay"]:
+            grad = grad.add(weight, alpha=group["weight_decay"])  # out of place: p.grad stays as it was
+        buf.mul_(group["momentum"]).add_(grad)
+        return weight.add_(buf, alpha=-group["lr"])
 
 
 class SparseRowAdamW(_SparseRowOptimizer):
@@ -363,40 +374,20 @@ class SparseRowAdamW(_SparseRowOptimizer):
         shape = (-1,) if exp_avg_sq.dim() == 1 else (-1, 1)
         exp_avg_sq.mul_((beta2 ** skipped.double()).float().view(shape))
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """Updates the rows present in each parameter's gradient."""
-        loss = torch.enable_grad()(closure)() if closure is not None else None
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                rows, values = _sampled_rows(p.grad)
-                values = values.view(values.shape[0], -1)
-                flat = p.view(p.shape[0], -1)
-                state = self._state_for(p)
-                t = int(state["step"]) + 1
-                bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
-                for index, part in self._chunks(p, rows):
-                    grad = values[part].float()  # may be a view of p.grad: never written
-                    weight = flat[index].float()
-                    exp_avg, exp_avg_sq = self._read_rows(state, index)
-                    if self.catch_up:
-                        self._bring_up_to_date(state, index, weight, [exp_avg, exp_avg_sq], group)
-                    state["last_step"][index] = t
-                    weight.mul_(1 - lr * weight_decay)
-                    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                    if exp_avg_sq.dim() == 1:
-                        exp_avg_sq.mul_(beta2).add_(grad.square().mean(1), alpha=1 - beta2)
-                        denom = (exp_avg_sq / bias2).sqrt_().add_(eps).unsqueeze(1)
-                    else:
-                        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                        denom = (exp_avg_sq.sqrt() / bias2 ** 0.5).add_(eps)
-                    self._write_rows(state, index, [exp_avg, exp_avg_sq])
-                    flat[index] = weight.addcdiv_(exp_avg, denom, value=-lr / bias1).to(p.dtype)
-                state["step"] += 1
-        return loss
+    def _update_rows(self, weight: torch.Tensor, grad: torch.Tensor, rows: list[torch.Tensor],
+                     group: dict[str, Any], t: int) -> torch.Tensor:
+        lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
+        exp_avg, exp_avg_sq = rows
+        weight.mul_(1 - lr * weight_decay)
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        if exp_avg_sq.dim() == 1:
+            exp_avg_sq.mul_(beta2).add_(grad.square().mean(1), alpha=1 - beta2)
+            denom = (exp_avg_sq / bias2).sqrt_().add_(eps).unsqueeze(1)
+        else:
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / bias2 ** 0.5).add_(eps)
+        return weight.addcdiv_(exp_avg, denom, value=-lr / bias1)
 
 
 def build_partial_fc_optimizer(params: Iterable[Any], name: str, lr: float, momentum: float = 0.9,
