@@ -7,8 +7,7 @@ actually talks to MLflow.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -100,7 +99,7 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.enabled:
             return
-        ts = int(1000 * __import__("time").time())
+        ts = int(1000 * time.time())
         batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if np.isfinite(v)]
         for start in range(0, len(batch), 1000):
             self._client.log_batch(self.run_id, metrics=batch[start:start + 1000])
@@ -125,7 +124,7 @@ class Tracker:
         was_training = model.training
         model.eval()
         try:
-            with mlflow.start_run(run_id=self.run_id), tempfile.TemporaryDirectory():
+            with mlflow.start_run(run_id=self.run_id):
                 # Pickle format: loads back as the nn.Module (train mode, any batch size) wherever facescale is
                 # installed; MLflow 3's default pt2 export would freeze it to the example's shape and eval mode.
                 # Explicit requirements skip MLflow's slow subprocess-based inference of them.
@@ -135,5 +134,4 @@ class Tracker:
                                                 registered_model_name=registered_model_name)
         finally:
             model.train(was_training)
-        os.environ.pop("MLFLOW_RUN_ID", None)
         return info.model_id

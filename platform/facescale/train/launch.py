@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ class TrainResult:
     checkpoint_path: str | None
     wall_time_s: float
     config: FaceScaleConfig
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def check_inputs(cfg: FaceScaleConfig) -> None:
