@@ -113,8 +113,12 @@ class Tracker:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_model(self, model: Any, name: str = "model", image_size: tuple[int, int] = (112, 112),
-                  registered_model_name: str | None = None) -> str | None:
-        """Logs the backbone as an MLflow 3 LoggedModel linked to this run; returns its model id."""
+                  registered_model_name: str | None = None, metadata: Mapping[str, Any] | None = None) -> str | None:
+        """Logs the backbone as an MLflow 3 LoggedModel linked to this run; returns its model id.
+
+        ``metadata`` (``{"backbone": name, "embedding_size": n}``) goes into the MLmodel file, so a loader knows
+        the architecture without running the model.
+        """
         if not self.enabled:
             return None
         import mlflow.pytorch
@@ -131,7 +135,8 @@ class Tracker:
                 info = mlflow.pytorch.log_model(model, name=name, input_example=example,
                                                 serialization_format="pickle",
                                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                                                registered_model_name=registered_model_name)
+                                                registered_model_name=registered_model_name,
+                                                metadata=dict(metadata or {}))
         finally:
             model.train(was_training)
         return info.model_id

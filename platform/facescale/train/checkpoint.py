@@ -4,7 +4,8 @@ Layout of one checkpoint directory (all ranks write into the same directory; Ray
 files into one checkpoint):
 
     progress.json          step, epoch, step in epoch, world size at save, format version (rank 0)
-    model.pt               backbone state dict (+ replicated classifier state dict) (rank 0)
+    model.pt               backbone state dict (+ replicated classifier state dict, + ``arch``: backbone name and
+                           embedding size, so a checkpoint path alone can rebuild the backbone) (rank 0)
     optimizer.pt           optimizer(s) of replicated parameters (rank 0)
     rng_rank{r}.pt         torch / numpy / python RNG state of rank r (every rank)
     partial_fc*            sharded classifier files, written by the classifier itself (every rank)
@@ -55,6 +56,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+def load_backbone_state(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The backbone state dict and ``arch`` record (empty for checkpoints that predate it) of a checkpoint."""
+    path = Path(directory) / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a training checkpoint: no model.pt")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state["backbone"], dict(state.get("arch") or {})
+
+
 class TrainCheckpoint:
     """Saves and restores backbone, classifier, optimizers, progress and RNG as one checkpoint.
 
@@ -63,10 +73,12 @@ class TrainCheckpoint:
         classifier: Classifier (possibly DDP-wrapped, or sharded with ``save_sharded``/``load_sharded``).
         optimizers: Named optimizers of replicated parameters (saved by rank 0).
         progress: Mutable progress record of the loop.
+        arch: ``{"backbone": name, "embedding_size": n}`` written beside the weights (read by ``load_arch``).
     """
 
     def __init__(self, backbone: nn.Module, classifier: nn.Module, optimizers: dict[str, Any],
-                 progress: TrainProgress) -> None:
+                 progress: TrainProgress, arch: dict[str, Any] | None = None) -> None:
+        self.arch = dict(arch or {})
         self.backbone = backbone
         self.classifier = classifier
         self.optimizers = optimizers
@@ -84,7 +96,7 @@ class TrainCheckpoint:
         if self._sharded:
             unwrap(self.classifier).save_sharded(directory, rank)
         if rank == 0:
-            model_state = {"backbone": unwrap(self.backbone).state_dict()}
+            model_state: dict[str, Any] = {"backbone": unwrap(self.backbone).state_dict(), "arch": self.arch}
             if not self._sharded:
                 model_state["classifier"] = unwrap(self.classifier).state_dict()
             torch.save(model_state, directory / "model.pt")

@@ -149,7 +149,8 @@ def train_worker(payload: dict[str, Any]) -> None:
     classifier = build_classifier(cfg, loader.manifest.num_classes, device)
     optimizers = build_optimizers(cfg, backbone, classifier)
     progress = TrainProgress(world_size=world_size)
-    ckpt = TrainCheckpoint(backbone, classifier, replicated_optimizers(optimizers), progress)
+    arch = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size}
+    ckpt = TrainCheckpoint(backbone, classifier, replicated_optimizers(optimizers), progress, arch=arch)
     # Ray's own checkpoint (a restart after a failure) wins over the configured starting point.
     resume = ray.train.get_checkpoint()
     if resume is None and cfg.train.resume_from:
@@ -198,7 +199,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     metrics.update({f"data/{k}": v for k, v in getattr(loader, "stats", {}).items()})
     tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("data/")}, progress.step)
     if cfg.tracking.log_model:
-        model_id = tracker.log_model(unwrap(backbone))
+        model_id = tracker.log_model(unwrap(backbone), metadata=arch)
         if model_id:
             metrics["model_id"] = model_id
     metrics["step"] = progress.step
