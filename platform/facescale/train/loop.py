@@ -90,9 +90,9 @@ class Verifier:
         return metrics
 
 
-def _batches(loader: Any, progress: TrainProgress) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of the current epoch from the saved position on (already-seen batches are skipped)."""
-    return islice(loader.epoch_batches(progress.epoch), progress.step_in_epoch, None)
+def _batches(loader: Any, progress: TrainProgress) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """``(images, labels, keys)`` of the current epoch from the saved position on (seen batches are skipped)."""
+    return islice(loader.epoch_samples(progress.epoch), progress.step_in_epoch, None)
 
 
 def train_step(backbone: nn.Module, classifier: nn.Module, optimizers: dict[str, Any], images: torch.Tensor,
@@ -169,7 +169,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     classifier.train()
     metrics: dict[str, Any] = {}
     while progress.step < total_steps:
-        for images, labels in _batches(loader, progress):  # load batch
+        for images, labels, _keys in _batches(loader, progress):  # load batch
             lr = lr_at(progress.step, total_steps, cfg.train.lr, cfg.train.warmup_steps, cfg.train.lr_power)
             _set_lr(optimizers, lr)
             loss = train_step(backbone, classifier, optimizers, images.to(device), labels.to(device), cfg)
