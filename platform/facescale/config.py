@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from facescale.distill.config import DistillConfig
 from facescale.heads.config import ClassifierConfig
 
 
@@ -62,6 +63,8 @@ class TrainConfig(_Strict):
     checkpoint_every: int | None = Field(None, gt=0, description="steps between checkpoints; null: at the end only")
     eval_batch_size: int = Field(128, gt=0)
     resume_from: str | None = Field(None, description="checkpoint directory to continue from (any world size)")
+    init_from: str | None = Field(None, description="checkpoint directory whose backbone weights start this run "
+                                  "(optimizer, schedule and classifier start fresh); ignored when resuming")
 
 
 class ScalingConfig(_Strict):
@@ -104,6 +107,7 @@ class FaceScaleConfig(_Strict):
     synth: SynthConfig = SynthConfig()
     model: ModelConfig = ModelConfig()
     classifier: ClassifierConfig = ClassifierConfig()
+    distill: DistillConfig = DistillConfig()
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -145,7 +149,7 @@ def _set_dotted(tree: dict[str, Any], parts: list[str], value: Any, item: str) -
     node[parts[-1]] = value
 
 
-def _format_validation(err: ValidationError, source: str) -> str:
+def format_validation(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
@@ -191,7 +195,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         return model.model_validate(tree)
     except ValidationError as exc:
         where = source + (f" with overrides {overrides}" if overrides else "")
-        raise ConfigError(_format_validation(exc, where)) from exc
+        raise ConfigError(format_validation(exc, where)) from exc
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -75,6 +75,11 @@ def start_run(tracking_uri: str, experiment: str, artifact_root: str, run_name: 
     return run_id
 
 
+def reopen_run(tracking_uri: str, run_id: str) -> None:
+    """Marks an existing run RUNNING again (a resumed pipeline stage logs into the run it started)."""
+    MlflowClient(tracking_uri).update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+
+
 def end_run(tracking_uri: str, run_id: str, ok: bool) -> None:
     """Marks the run FINISHED or FAILED."""
     status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)

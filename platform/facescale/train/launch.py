@@ -15,7 +15,7 @@ from typing import Any
 
 from facescale.config import FaceScaleConfig, dump_config
 from facescale.data import load_manifest
-from facescale.tracking.mlflow_run import end_run, resolve_local_uri, start_run
+from facescale.tracking.mlflow_run import end_run, reopen_run, resolve_local_uri, start_run
 
 log = logging.getLogger("facescale.launch")
 
@@ -41,6 +41,12 @@ def check_inputs(cfg: FaceScaleConfig) -> None:
     resume = cfg.train.resume_from
     if resume and "://" not in resume and not (Path(resume) / "progress.json").is_file():
         raise FileNotFoundError(f"train.resume_from: {resume} is not a complete checkpoint (no progress.json)")
+    init = cfg.train.init_from
+    if init and "://" not in init and not (Path(init) / "model.pt").is_file():
+        raise FileNotFoundError(f"train.init_from: {init} is not a training checkpoint (no model.pt)")
+    cache = cfg.distill.teacher_cache
+    if cache and not (Path(cache) / "cache.json").is_file():
+        raise FileNotFoundError(f"distill.teacher_cache: {cache} is not a complete teacher cache (no cache.json)")
 
 
 def init_ray(cfg: FaceScaleConfig) -> None:
@@ -57,14 +63,23 @@ def init_ray(cfg: FaceScaleConfig) -> None:
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
-def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None,
-                 parent_run_id: str | None = None) -> TrainResult:
+def _absolute(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path and "://" not in path else path
+
+
+def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+                 run_id: str | None = None, ray_run_name: str | None = None) -> TrainResult:
     """Runs one training job end to end and returns its metrics.
 
     Args:
         cfg: Validated config.
         tags: Extra MLflow tags for the run.
         parent_run_id: Nest the run under this MLflow run (pipelines).
+        run_id: Continue logging into this existing MLflow run (a pipeline stage that is resumed) instead of
+            creating one.
+        ray_run_name: Ray Train run name (default ``facescale-<run id>``). Ray Train restores the latest
+            checkpoint of a run whose name and storage path it has seen before, so a stable name makes an
+            interrupted run resumable by simply running it again.
 
     Returns:
         The run's id, final metrics and last checkpoint.
@@ -78,11 +93,15 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None,
     cfg = cfg.model_copy(deep=True)
     cfg.data.root = str(Path(cfg.data.root).resolve())
     cfg.data.val_bins = [str(Path(p).resolve()) for p in cfg.data.val_bins]
-    if cfg.train.resume_from and "://" not in cfg.train.resume_from:
-        cfg.train.resume_from = str(Path(cfg.train.resume_from).resolve())
+    cfg.train.resume_from = _absolute(cfg.train.resume_from)
+    cfg.train.init_from = _absolute(cfg.train.init_from)
+    cfg.distill.teacher_cache = _absolute(cfg.distill.teacher_cache)
     tracking_uri = resolve_local_uri(cfg.tracking_uri())
-    run_id = start_run(tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root, cfg.tracking.run_name,
-                       cfg.model_dump(mode="json"), dump_config(cfg), tags=tags, parent_run_id=parent_run_id)
+    if run_id is None:
+        run_id = start_run(tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root, cfg.tracking.run_name,
+                           cfg.model_dump(mode="json"), dump_config(cfg), tags=tags, parent_run_id=parent_run_id)
+    else:
+        reopen_run(tracking_uri, run_id)
     log.info("MLflow run %s at %s", run_id, tracking_uri)
     init_ray(cfg)
     storage = cfg.scaling.storage_path
@@ -93,7 +112,7 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None,
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=RunConfig(name=f"facescale-{run_id}", storage_path=storage,
+        run_config=RunConfig(name=ray_run_name or f"facescale-{run_id}", storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

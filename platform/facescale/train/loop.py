@@ -21,23 +21,26 @@ from torch import nn
 
 from facescale.config import FaceScaleConfig
 from facescale.data import build_loader
+from facescale.distill.cache import TeacherCache
+from facescale.distill.loss import angular_distillation_loss
 from facescale.eval.plots import plot_roc
 from facescale.eval.verification import verify_model
 from facescale.tracking.mlflow_run import Tracker
-from facescale.train.checkpoint import TrainCheckpoint, TrainProgress, unwrap
+from facescale.train.checkpoint import TrainCheckpoint, TrainProgress, load_backbone_state, unwrap
 from facescale.train.components import build_classifier, build_model, build_optimizers, replicated_optimizers
 from facescale.train.schedule import lr_at
 
 log = logging.getLogger("facescale.train")
 
 
-def _mean_over_ranks(value: float) -> float:
+def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    # NOTE: all-reduce SUM of each rank's scalar loss, divided by world size: the logged loss is the global mean.
+        return values
+    names = sorted(values)
+    t = torch.tensor([values[n] for n in names], dtype=torch.float64)
+    # NOTE: all-reduce SUM of each rank's scalar losses, divided by world size: the logged losses are global means.
     dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
+    return {n: float(v) / dist.get_world_size() for n, v in zip(names, t.tolist())}
 
 
 class StepLogger:
@@ -50,14 +53,16 @@ class StepLogger:
     def step_done(self) -> None:
         self._steps += 1
 
-    def flush(self, step: int, loss: float, lr: float) -> dict[str, float]:
+    def flush(self, step: int, losses: dict[str, float], lr: float) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        metrics = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": self._steps * self.global_batch / elapsed}
+        metrics = {f"train/{name}": value for name, value in losses.items()}
+        metrics.update({"train/lr": lr, "train/samples_per_s": self._steps * self.global_batch / elapsed})
         self._t0, self._steps = time.perf_counter(), 0
         self.tracker.log_metrics(metrics, step)
         if self.rank == 0:
-            log.info("step %d/%d  loss %.4f  lr %.5f  %.1f samples/s", step, self.total_steps, loss, lr,
-                     metrics["train/samples_per_s"])
+            parts = "".join(f"  {name} {value:.4f}" for name, value in losses.items() if name != "loss")
+            log.info("step %d/%d  loss %.4f%s  lr %.5f  %.1f samples/s", step, self.total_steps, losses["loss"],
+                     parts, lr, metrics["train/samples_per_s"])
         return metrics
 
 
@@ -87,7 +92,26 @@ class Verifier:
         if plot_dir is not None:
             png = plot_roc(curves, plot_dir / "roc.png", title=f"Verification ROC at step {step}")
             self.tracker.log_artifact(png, "plots")
+            for name, res in curves.items():  # the curve itself, so pipelines can overlay generations
+                self.tracker.log_dict({"step": step, **{k: _plain(res[k]) for k in _CURVE_KEYS}},
+                                      f"verification/{name}.json")
         return metrics
+
+
+_CURVE_KEYS = ("accuracy_mean", "accuracy_std", "best_threshold", "fpr", "tpr")
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def _init_backbone(backbone: nn.Module, cfg: FaceScaleConfig) -> None:
+    """Starts from another run's backbone weights (``train.init_from``), refusing a different architecture."""
+    state, arch = load_backbone_state(cfg.train.init_from)
+    want = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size}
+    if arch and arch != want:
+        raise ValueError(f"train.init_from: {cfg.train.init_from} holds {arch}, this run trains {want}")
+    unwrap(backbone).load_state_dict(state)
 
 
 def _batches(loader: Any, progress: TrainProgress) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
@@ -96,21 +120,33 @@ def _batches(loader: Any, progress: TrainProgress) -> Iterator[tuple[torch.Tenso
 
 
 def train_step(backbone: nn.Module, classifier: nn.Module, optimizers: dict[str, Any], images: torch.Tensor,
-               labels: torch.Tensor, cfg: FaceScaleConfig) -> float:
-    """One optimizer step: forward → classifier loss → backward → clip → step. Returns the local loss."""
+               labels: torch.Tensor, cfg: FaceScaleConfig, teacher: torch.Tensor | None = None) -> dict[str, float]:
+    """One optimizer step: forward → classifier loss (+ distillation) → backward → clip → step.
+
+    Returns:
+        This rank's ``loss`` and, when distilling, its parts ``cls_loss`` and ``distill_loss``.
+    """
     # Gradients are dropped before the forward, so the previous step's (at sample rate 1.0 a dense center
     # gradient) are not alive during this one -- the peak the `facescale plan` estimate assumes.
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
         embeddings = backbone(images)
-    loss = classifier(embeddings.float(), labels)
+    cls_loss = classifier(embeddings.float(), labels)
+    losses = {"cls_loss": cls_loss}
+    loss = cls_loss
+    if teacher is not None:  # L = L_margin + alpha * L_distill (VarGFaceNet, section 3.3)
+        losses["distill_loss"] = angular_distillation_loss(embeddings.float(), teacher, cfg.distill.form)
+        loss = cls_loss + cfg.distill.alpha * losses["distill_loss"]
     loss.backward()
     if cfg.train.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.train.grad_clip)
     for opt in optimizers.values():
         opt.step()
-    return float(loss.detach())
+    out = {"loss": float(loss.detach())}
+    if teacher is not None:
+        out.update({name: float(value.detach()) for name, value in losses.items()})
+    return out
 
 
 def _set_lr(optimizers: dict[str, Any], lr: float) -> None:
@@ -160,7 +196,13 @@ def train_worker(payload: dict[str, Any]) -> None:
             ckpt.load(d, rank)
         log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, progress.step, progress.epoch,
                  progress.step_in_epoch)
+    elif cfg.train.init_from:
+        _init_backbone(backbone, cfg)
     progress.world_size = world_size
+    teacher = TeacherCache(cfg.distill.teacher_cache, cfg.data.root) if cfg.distill.teacher_cache else None
+    if teacher is not None and teacher.embedding_size != cfg.model.embedding_size:
+        raise ValueError(f"distill.teacher_cache: teacher embeddings are {teacher.embedding_size}-d, "
+                         f"model.embedding_size is {cfg.model.embedding_size}")
 
     tracker = Tracker(payload["tracking_uri"], payload["run_id"], rank)
     logger = StepLogger(tracker, rank, cfg.train.batch_size * world_size, total_steps)
@@ -169,11 +211,12 @@ def train_worker(payload: dict[str, Any]) -> None:
     classifier.train()
     metrics: dict[str, Any] = {}
     while progress.step < total_steps:
-        for images, labels, _keys in _batches(loader, progress):  # load batch
+        for images, labels, keys in _batches(loader, progress):  # load batch (+ cached teacher embeddings)
+            targets = teacher.lookup(keys).to(device) if teacher is not None else None
             lr = lr_at(progress.step, total_steps, cfg.train.lr, cfg.train.warmup_steps, cfg.train.lr_power)
             _set_lr(optimizers, lr)
-            loss = train_step(backbone, classifier, optimizers, images.to(device), labels.to(device), cfg)
-            if not np.isfinite(loss):
+            loss = train_step(backbone, classifier, optimizers, images.to(device), labels.to(device), cfg, targets)
+            if not np.isfinite(loss["loss"]):
                 raise FloatingPointError(f"non-finite loss {loss} at step {progress.step + 1} (rank {rank})")
             progress.step += 1
             progress.step_in_epoch += 1

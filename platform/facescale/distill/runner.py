@@ -1,0 +1,239 @@
+"""Runs a recursive-distillation pipeline: stage after stage on Ray Train, each a nested MLflow run.
+
+Re-running with the same pipeline run id resumes: a stage whose child run is marked complete is skipped (its model
+and checkpoint are reused), an interrupted stage continues in its own MLflow run from its latest Ray Train checkpoint
+(the stage's Ray run name is stable, and Ray Train restores the latest checkpoint of a run it has seen), and the
+teacher-embedding cache is reused when it was made by the same teacher for the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from facescale.config import ConfigError, FaceScaleConfig
+from facescale.data import load_manifest
+from facescale.distill.pipeline import SCRATCH, TEACHER, PipelineSpec, dump_spec, generation_name, generation_of
+from facescale.distill.pipeline import stage_configs as build_stage_configs
+from facescale.distill.report import format_summary, plot_accuracy, stage_table
+from facescale.eval.plots import plot_roc
+from facescale.tracking.lineage import PipelineLineage, StageRecord
+from facescale.tracking.mlflow_run import resolve_local_uri
+from facescale.tracking.models import LoadedBackbone, ModelResolveError, load_backbone
+from facescale.train.launch import check_inputs, init_ray, run_training
+from facescale.train.teacher_cache import build_teacher_cache
+
+log = logging.getLogger("facescale.distill")
+
+
+@dataclass
+class PipelineResult:
+    """What a pipeline run reports: per-stage records, which stages were skipped, the champion."""
+
+    pipeline_run_id: str
+    parent_run_id: str
+    tracking_uri: str
+    registered_model: str
+    records: dict[str, StageRecord]
+    skipped: list[str]
+    champion: str | None
+    teacher_cache_built: bool | None
+    wall_time_s: float
+    stage_times_s: dict[str, float] = field(default_factory=dict)
+    plots: list[Path] = field(default_factory=list)
+
+
+def default_run_id(spec: PipelineSpec) -> str:
+    return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _checkpoint_identity(directory: str) -> str:
+    digest = hashlib.sha256((Path(directory) / "model.pt").read_bytes()).hexdigest()
+    return f"checkpoint-{digest[:16]}"
+
+
+def _resolve(uri: str, what: str, tracking_uri: str) -> LoadedBackbone:
+    try:
+        return load_backbone(uri, tracking_uri=tracking_uri)
+    except ModelResolveError as exc:
+        raise ConfigError(f"{what}: {exc}") from exc
+
+
+def _save_init(loaded: LoadedBackbone, directory: Path) -> str:
+    """Writes a given model's weights as a checkpoint directory that ``train.init_from`` reads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    arch = {"backbone": loaded.backbone, "embedding_size": loaded.embedding_size}
+    torch.save({"backbone": loaded.module.state_dict(), "arch": arch}, directory / "model.pt")
+    return str(directory)
+
+
+class PipelineRunner:
+    """Validates a pipeline up front, then runs (or resumes) its stages.
+
+    Args:
+        spec: The validated pipeline spec.
+        pipeline_run_id: Id of this pipeline run; the same id resumes it.
+        source: Where the spec came from (named in errors).
+    """
+
+    def __init__(self, spec: PipelineSpec, pipeline_run_id: str | None = None, source: str = "<pipeline>") -> None:
+        self.spec = spec
+        self.pipeline_run_id = pipeline_run_id or default_run_id(spec)
+        self.configs = build_stage_configs(spec, source)
+        first = next(iter(self.configs.values()))
+        self.base: FaceScaleConfig = first
+        self.tracking_uri = resolve_local_uri(first.tracking_uri())
+        self.registered_model = spec.registered_model or spec.name
+        storage = first.scaling.storage_path
+        self.storage = Path(storage).resolve() if "://" not in storage else None
+        if spec.cache_dir is None and self.storage is None:
+            raise ConfigError(f"{source}: cache_dir must be set to a shared filesystem path when "
+                              f"scaling.storage_path is a URL ({storage})")  # fmt: skip
+        self.cache_root = Path(spec.cache_dir).resolve() if spec.cache_dir else self.storage / "teacher_cache"
+        for cfg in self.configs.values():
+            check_inputs(cfg)  # dataset manifest and verification files, before anything starts
+        self.manifest = load_manifest(first.data.root)
+        # Models given by URI resolve now: a typo costs a second, not a teacher training.
+        self.teacher: LoadedBackbone | None = None
+        if spec.teacher.model_uri:
+            self.teacher = _resolve(spec.teacher.model_uri, "teacher.model_uri", self.tracking_uri)
+            self._check_student_size(self.teacher.embedding_size, "the teacher's")
+        self._cache: tuple[str, str] | None = None
+        self.init: LoadedBackbone | None = None
+        if spec.init != "scratch":
+            self.init = _resolve(spec.init, "init", self.tracking_uri)
+            student = self.configs[generation_name(1)].model
+            if (self.init.backbone, self.init.embedding_size) != (student.backbone, student.embedding_size):
+                raise ConfigError(f"init: {spec.init} is {self.init.backbone} with embedding "
+                                  f"{self.init.embedding_size}; the student is {student.backbone} with embedding "
+                                  f"{student.embedding_size}")  # fmt: skip
+
+    def _check_student_size(self, teacher_size: int, what: str) -> None:
+        for stage, cfg in self.configs.items():
+            if stage.startswith("gen-") and cfg.model.embedding_size != teacher_size:
+                raise ConfigError(f"stage {stage!r}: model.embedding_size {cfg.model.embedding_size} differs from "
+                                  f"{what} embedding size {teacher_size}; distillation compares embeddings directly")
+
+    def run(self) -> PipelineResult:
+        """Runs every stage that is not already complete; returns the per-stage records."""
+        t0 = time.perf_counter()
+        cfg = self.base
+        lineage = PipelineLineage(self.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root,
+                                  self.pipeline_run_id, self.spec.name, self.registered_model)
+        lineage.open_parent({"facescale.pipeline": self.spec.name, "facescale.dataset_digest": self.manifest.digest,
+                             "facescale.registered_model": self.registered_model}, dump_spec(self.spec))
+        log.info("pipeline %s: run id %s, stages %s", self.spec.name, self.pipeline_run_id, self.spec.stage_names())
+        init_ray(cfg)
+        result = PipelineResult(self.pipeline_run_id, lineage.parent_run_id, self.tracking_uri, self.registered_model,
+                                {}, [], None, None, 0.0)
+        ok = False
+        try:
+            for stage in self.spec.stage_names():
+                done = lineage.finished_stage(stage)
+                if done is not None:
+                    log.info("stage %s: already complete (run %s), skipped", stage, done.run_id)
+                    result.records[stage], result.skipped = done, [*result.skipped, stage]
+                    continue
+                s0 = time.perf_counter()
+                result.records[stage] = self._run_stage(stage, lineage, result)
+                result.stage_times_s[stage] = time.perf_counter() - s0
+                lineage.set_champion(list(result.records.values()), self.spec.student_stages())
+            champion = lineage.set_champion(list(result.records.values()), self.spec.student_stages())
+            result.champion = champion.stage if champion else None
+            self._compare(lineage, result)
+            ok = True
+        finally:
+            lineage.end(ok)
+        result.wall_time_s = time.perf_counter() - t0
+        return result
+
+    def _teacher_identity(self, records: dict[str, StageRecord]) -> tuple[str, LoadedBackbone | None, str]:
+        """(model id, loaded teacher if already loaded, where to load it from)."""
+        if self.teacher is not None:
+            model_id = self.teacher.model_id or _checkpoint_identity(self.spec.teacher.model_uri or "")
+            return model_id, self.teacher, self.spec.teacher.model_uri or ""
+        rec = records[TEACHER]
+        return rec.model_id, None, rec.checkpoint
+
+    def _ensure_cache(self, records: dict[str, StageRecord], result: PipelineResult) -> tuple[str, str]:
+        """(teacher model id, cache directory); built or checked once per pipeline run."""
+        if self._cache is not None:
+            return self._cache
+        model_id, loaded, where = self._teacher_identity(records)
+        cache_dir = self.cache_root / f"{model_id}-{self.manifest.digest[:12]}"
+        if loaded is None:
+            loaded = _resolve(where, "teacher checkpoint", self.tracking_uri)
+        cfg = self.configs[generation_name(1)]
+        _, built = build_teacher_cache(loaded.module, model_id, self.manifest, cache_dir, loaded.embedding_size,
+                                       cfg.scaling, cfg.train.eval_batch_size, cfg.data.on_error)
+        result.teacher_cache_built = built
+        self._cache = (model_id, str(cache_dir))
+        return self._cache
+
+    def _init_for(self, stage: str, records: dict[str, StageRecord]) -> tuple[str | None, str]:
+        """(``train.init_from`` directory, init model id tag) of a student stage."""
+        if stage == SCRATCH:
+            return None, "none"
+        generation = int(generation_of(stage))
+        if generation > 1:
+            prev = records[generation_name(generation - 1)]
+            return prev.checkpoint, prev.model_id
+        if self.init is None:
+            return None, "none"
+        assert self.storage is not None or self.spec.cache_dir
+        directory = (self.storage or self.cache_root) / self.pipeline_run_id / "init"
+        identity = self.init.model_id or _checkpoint_identity(self.spec.init)
+        return _save_init(self.init, directory), identity
+
+    def _run_stage(self, stage: str, lineage: PipelineLineage, result: PipelineResult) -> StageRecord:
+        cfg = self.configs[stage].model_copy(deep=True)
+        teacher_id = "none"
+        if stage not in (TEACHER, SCRATCH):
+            teacher_id, cfg.distill.teacher_cache = self._ensure_cache(result.records, result)
+        init_from, init_id = (None, "none") if stage == TEACHER else self._init_for(stage, result.records)
+        cfg.train.init_from = init_from
+        tags = {"facescale.stage": stage, "facescale.generation": generation_of(stage), "facescale.backbone":
+                cfg.model.backbone,
+                "facescale.teacher_model_id": teacher_id, "facescale.init_model_id": init_id,
+                "facescale.dataset_digest": self.manifest.digest, "facescale.pipeline_run_id": self.pipeline_run_id}
+        resume_run = lineage.interrupted_stage(stage)
+        if resume_run:
+            log.info("stage %s: resuming interrupted run %s", stage, resume_run)
+        log.info("stage %s: %s, init %s, teacher %s", stage, cfg.model.backbone, init_id, teacher_id)
+        res = run_training(cfg, tags=tags, parent_run_id=lineage.parent_run_id, run_id=resume_run,
+                           ray_run_name=f"{self.pipeline_run_id}-{stage}")
+        model_id = res.metrics.get("model_id")
+        if not model_id or not res.checkpoint_path:
+            raise RuntimeError(f"stage {stage}: the run logged no model or checkpoint (tracking.log_model must be on)")
+        return lineage.complete_stage(stage, res.run_id, str(model_id), res.checkpoint_path, res.metrics)
+
+    def _compare(self, lineage: PipelineLineage, result: PipelineResult) -> None:
+        """The parent run's comparison: table, per-stage metrics, accuracy bars and overlaid ROC curves."""
+        records = [result.records[s] for s in self.spec.stage_names()]
+        out_dir = (self.storage or self.cache_root) / self.pipeline_run_id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plots = [plot_accuracy(records, out_dir / "accuracy_by_stage.png", title=f"{self.spec.name}: held-out "
+                               "verification by stage")]
+        curves: dict[str, Any] = {}
+        for rec in records:
+            for name, curve in lineage.curves(rec).items():
+                curves[f"{rec.stage} · {name}"] = curve
+        if curves:
+            plots.append(plot_roc(curves, out_dir / "roc_by_stage.png", title=f"{self.spec.name}: ROC by stage"))
+        metrics = {f"{r.stage}/accuracy": r.accuracy for r in records if r.accuracy == r.accuracy}
+        lineage.log_comparison(stage_table(records, result.champion), metrics, plots)
+        result.plots = plots
+
+
+def run_pipeline(spec: PipelineSpec, pipeline_run_id: str | None = None, source: str = "<pipeline>") -> PipelineResult:
+    """Validates and runs (or resumes) a pipeline; see :class:`PipelineRunner`."""
+    return PipelineRunner(spec, pipeline_run_id, source).run()
+
+
+__all__ = ["PipelineResult", "PipelineRunner", "default_run_id", "format_summary", "run_pipeline"]

@@ -1,0 +1,180 @@
+"""MLflow lineage of a distillation pipeline: a parent run, one nested child run per stage, registered versions.
+
+What the MLflow UI then shows:
+
+- the parent run (tag ``facescale.pipeline_run_id``) with the pipeline spec, a comparison table
+  (``comparison.json``), per-stage metrics and plots (held-out accuracy per stage, ROC curves overlaid);
+- one child run per stage (teacher, scratch, gen-1, gen-2, ...) tagged with ``facescale.generation``,
+  ``facescale.stage``, ``facescale.teacher_model_id``, ``facescale.init_model_id``, ``facescale.dataset_digest``,
+  ``facescale.pipeline_run_id``, each with its LoggedModel (source run = the child);
+- one registered model whose versions are the stages, with aliases named after the stages (``teacher``,
+  ``scratch``, ``gen-1``, ...) and ``champion`` (best held-out accuracy among the students).
+
+A stage counts as done when its child run carries ``facescale.stage_complete=true``: that tag is set after the model
+is registered, so a crash anywhere before it re-runs (and resumes) the stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from facescale.tracking.mlflow_run import get_or_create_experiment, reopen_run
+
+log = logging.getLogger("facescale.lineage")
+
+TAG_PREFIX = "facescale."
+TAG_PIPELINE_RUN_ID = "facescale.pipeline_run_id"
+TAG_STAGE = "facescale.stage"
+TAG_COMPLETE = "facescale.stage_complete"
+TAG_MODEL_ID = "facescale.model_id"
+TAG_CHECKPOINT = "facescale.checkpoint"
+CHAMPION = "champion"
+
+
+@dataclass
+class StageRecord:
+    """A finished stage as the pipeline needs it for the next stages and the comparison."""
+
+    stage: str
+    run_id: str
+    model_id: str
+    checkpoint: str
+    version: str
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+    @property
+    def accuracy(self) -> float:
+        """Held-out accuracy averaged over the verification sets (NaN when there are none)."""
+        values = [v for k, v in self.metrics.items() if k.startswith("val/") and k.endswith("/accuracy")]
+        return sum(values) / len(values) if values else float("nan")
+
+
+class PipelineLineage:
+    """The MLflow side of one pipeline run: finds or creates its parent run, records and registers stages.
+
+    Args:
+        tracking_uri: Absolute tracking URI.
+        experiment: Experiment name.
+        artifact_root: Artifact location for a new experiment in a local store.
+        pipeline_run_id: The user-visible id of the pipeline run; re-using it resumes the pipeline.
+        pipeline_name: Name of the pipeline (the parent run's name).
+        registered_model: Registered model that receives one version per stage.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: str, pipeline_run_id: str,
+                 pipeline_name: str, registered_model: str) -> None:
+        self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
+        self.experiment_id = get_or_create_experiment(self.client, experiment, artifact_root)
+        self.pipeline_run_id = pipeline_run_id
+        self.pipeline_name = pipeline_name
+        self.registered_model = registered_model
+        self.parent_run_id = ""
+
+    def open_parent(self, tags: Mapping[str, str], spec_yaml: str) -> bool:
+        """Finds the parent run of this pipeline run id (resumed: True) or creates it (False)."""
+        runs = self.client.search_runs([self.experiment_id],
+                                       f"tags.`{TAG_PIPELINE_RUN_ID}` = '{self.pipeline_run_id}' "
+                                       f"AND tags.`{TAG_STAGE}` = 'pipeline'")  # fmt: skip
+        if runs:
+            self.parent_run_id = runs[0].info.run_id
+            reopen_run(self.tracking_uri, self.parent_run_id)
+            log.info("resuming pipeline run %s (MLflow run %s)", self.pipeline_run_id, self.parent_run_id)
+            return True
+        all_tags = {**tags, TAG_PIPELINE_RUN_ID: self.pipeline_run_id, TAG_STAGE: "pipeline"}
+        run = self.client.create_run(self.experiment_id, run_name=self.pipeline_name, tags=all_tags)
+        self.parent_run_id = run.info.run_id
+        self.client.log_text(self.parent_run_id, spec_yaml, "pipeline.yaml")
+        return False
+
+    def stage_runs(self) -> dict[str, Any]:
+        """The latest child run of each stage of this pipeline run."""
+        runs = self.client.search_runs([self.experiment_id],
+                                       f"tags.`{TAG_PIPELINE_RUN_ID}` = '{self.pipeline_run_id}' "
+                                       f"AND tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+                                       order_by=["attributes.start_time ASC"])  # fmt: skip
+        return {run.data.tags[TAG_STAGE]: run for run in runs if TAG_STAGE in run.data.tags}
+
+    def finished_stage(self, stage: str) -> StageRecord | None:
+        """The record of ``stage`` when an earlier submission completed it, else None."""
+        run = self.stage_runs().get(stage)
+        if run is None or run.data.tags.get(TAG_COMPLETE) != "true":
+            return None
+        tags = run.data.tags
+        return StageRecord(stage, run.info.run_id, tags[TAG_MODEL_ID], tags[TAG_CHECKPOINT],
+                           tags.get("facescale.model_version", ""), dict(run.data.metrics), dict(tags))
+
+    def interrupted_stage(self, stage: str) -> str | None:
+        """The MLflow run id of an earlier, unfinished attempt at ``stage`` (to resume into), else None."""
+        run = self.stage_runs().get(stage)
+        if run is None or run.data.tags.get(TAG_COMPLETE) == "true":
+            return None
+        return run.info.run_id
+
+    def complete_stage(self, stage: str, run_id: str, model_id: str, checkpoint: str,
+                       metrics: Mapping[str, Any]) -> StageRecord:
+        """Registers the stage's model as a new version with the stage's alias, then marks the stage complete."""
+        try:
+            self.client.get_registered_model(self.registered_model)
+        except MlflowException:
+            self.client.create_registered_model(self.registered_model,
+                                                description=f"FaceScale pipeline {self.pipeline_name}")
+        logged = self.client.get_logged_model(model_id)
+        run_tags = self.client.get_run(run_id).data.tags
+        version_tags = {k: v for k, v in run_tags.items() if k.startswith(TAG_PREFIX)}
+        mv = self.client.create_model_version(self.registered_model, source=logged.artifact_location,
+                                              run_id=run_id, model_id=model_id, tags=version_tags)
+        self.client.set_registered_model_alias(self.registered_model, stage, mv.version)
+        for key, value in {TAG_MODEL_ID: model_id, TAG_CHECKPOINT: checkpoint, "facescale.model_version": mv.version,
+                           TAG_COMPLETE: "true"}.items():
+            self.client.set_tag(run_id, key, value)
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        record = StageRecord(stage, run_id, model_id, checkpoint, str(mv.version), numeric, dict(run_tags))
+        log.info("stage %s: model %s registered as %s version %s (alias %s)", stage, model_id,
+                 self.registered_model, mv.version, stage)
+        return record
+
+    def set_champion(self, records: list[StageRecord], students: set[str]) -> StageRecord | None:
+        """Points the ``champion`` alias at the student stage with the best held-out accuracy."""
+        candidates = [r for r in records if r.stage in students and r.accuracy == r.accuracy]
+        if not candidates:
+            return None
+        best = max(candidates, key=lambda r: r.accuracy)
+        self.client.set_registered_model_alias(self.registered_model, CHAMPION, best.version)
+        return best
+
+    def curves(self, record: StageRecord) -> dict[str, dict[str, Any]]:
+        """The verification curves (``verification/<set>.json``) that the stage's run logged."""
+        out: dict[str, dict[str, Any]] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = self.client.download_artifacts(record.run_id, "verification", tmp)
+            except MlflowException:
+                return out
+            for path in sorted(Path(local).glob("*.json")):
+                out[path.stem] = json.loads(path.read_text())
+        return out
+
+    def log_comparison(self, table: dict[str, list[Any]], metrics: Mapping[str, float],
+                       plots: list[Path]) -> None:
+        """Logs the stage comparison into the parent run: table, per-stage metrics, plots."""
+        self.client.log_table(self.parent_run_id, data=table, artifact_file="comparison.json")
+        for key, value in metrics.items():
+            self.client.log_metric(self.parent_run_id, key, float(value))
+        for png in plots:
+            self.client.log_artifact(self.parent_run_id, str(png), "plots")
+
+    def end(self, ok: bool) -> None:
+        status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+        self.client.set_terminated(self.parent_run_id, status=status)
