@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--difficulty", type=float, help="0 (easy) .. 1 (hard)")
     synth.add_argument("--samples-per-shard", type=int)
     synth.set_defaults(func=_cmd_synth)
+    from facescale.data.cli import add_data_commands
+
+    add_data_commands(data)  # from-rec, from-folder, push, pull
 
     train = sub.add_parser("train", help="train a backbone with Ray Train")
     _add_config_args(train)

@@ -1,7 +1,12 @@
-"""Data layer: the shard contract and manifest, synthetic identities, and training loaders."""
+"""Data layer: the shard contract and manifest, converters, synthetic identities, and training loaders.
 
+``facescale.data.storage`` (S3 through boto3) is not imported here: it loads only when an ``s3://`` URL is used.
+"""
+
+from facescale.data.convert import ConvertError, ConvertReport, from_folder, from_rec
 from facescale.data.errors import DataError, ImageDecodeError, LabelError, ManifestError, ShardError
 from facescale.data.loader import FaceLoader, TorchFaceLoader, build_loader
+from facescale.data.recordio import InsightFaceRec, RecordIOError
 from facescale.data.shards import (
     MANIFEST_NAME,
     Manifest,
@@ -18,18 +23,24 @@ from facescale.data.synth import VERIFICATION_NAME, synthesize
 __all__ = [
     "MANIFEST_NAME",
     "VERIFICATION_NAME",
+    "ConvertError",
+    "ConvertReport",
     "DataError",
     "FaceLoader",
     "ImageDecodeError",
+    "InsightFaceRec",
     "LabelError",
     "Manifest",
     "ManifestError",
+    "RecordIOError",
     "ShardError",
     "ShardInfo",
     "ShardSetWriter",
     "TorchFaceLoader",
     "build_loader",
     "decode_image",
+    "from_folder",
+    "from_rec",
     "iter_shard",
     "load_manifest",
     "parse_label",

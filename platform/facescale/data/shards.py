@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from tqdm import tqdm
 
 from facescale.data.errors import ImageDecodeError, LabelError, ManifestError, ShardError
+from facescale.data.tar_reader import iter_tar_samples
 
 logger = logging.getLogger(__name__)
 
@@ -143,14 +144,19 @@ def load_manifest(path_or_dir: str | os.PathLike[str]) -> Manifest:
     """Read and validate a manifest.
 
     Args:
-        path_or_dir: A ``manifest.json`` file, or the directory holding one.
+        path_or_dir: A ``manifest.json`` file, or the directory holding one; either may be an ``s3://`` URL.
 
     Returns:
-        The manifest, with its root set to the file's directory.
+        The manifest, with its root set to the file's directory (or URL prefix).
 
     Raises:
         ManifestError: If the directory or file is missing, the JSON is malformed, or fields are wrong.
     """
+    if str(path_or_dir).startswith("s3://"):
+        from facescale.data import storage  # lazy: only data/storage imports boto3 (DESIGN.md)
+
+        url, text = storage.read_manifest_text(str(path_or_dir))
+        return parse_manifest(text, url).with_root(url.rsplit("/", 1)[0])
     path = Path(path_or_dir)
     if path.is_dir():
         path = path / MANIFEST_NAME
@@ -160,15 +166,31 @@ def load_manifest(path_or_dir: str | os.PathLike[str]) -> Manifest:
             raise ManifestError(f"dataset directory not found: {missing}", path=str(missing))
         raise ManifestError(f"manifest file not found: {path}", path=str(path))
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exn:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exn:
         raise ManifestError(f"cannot read manifest {path}: {exn}", path=str(path)) from exn
+    return parse_manifest(text, str(path)).with_root(path.parent)
+
+
+def parse_manifest(text: str, where: str) -> Manifest:
+    """Parse and validate manifest JSON (no root set).
+
+    Args:
+        text: The JSON text.
+        where: The manifest's path or URL, named in errors.
+
+    Raises:
+        ManifestError: If the JSON is malformed or fields are wrong.
+    """
     try:
-        manifest = Manifest.model_validate(data)
+        data = json.loads(text)
+    except json.JSONDecodeError as exn:
+        raise ManifestError(f"cannot read manifest {where}: {exn}", path=where) from exn
+    try:
+        return Manifest.model_validate(data)
     except ValidationError as exn:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exn.errors())
-        raise ManifestError(f"invalid manifest {path}: {problems}", path=str(path)) from exn
-    return manifest.with_root(path.parent)
+        raise ManifestError(f"invalid manifest {where}: {problems}", path=where) from exn
 
 
 class _HashingFile:
@@ -292,6 +314,20 @@ class ShardSetWriter:
         self._shards.append(ShardInfo(url=name, num_samples=self._count, sha256=self._hashing.hash.hexdigest()))
         self._tar = self._file = self._hashing = None
 
+    def abort(self) -> None:
+        """Stop after an error: discard the shard being written (its ``.tmp`` file) and write no manifest.
+
+        Finished shards stay on disk, but with no manifest nothing reads them as a dataset.
+        """
+        if self._tar is not None and self._file is not None:
+            try:
+                self._tar.close()
+            finally:
+                self._file.close()
+                (self.out_dir / (self._shard_name + ".tmp")).unlink(missing_ok=True)
+        self._tar = self._file = self._hashing = None
+        self._closed = True
+
     def close(self, num_classes: int, source: str) -> Manifest:
         """Finish the last shard and write ``manifest.json``.
 
@@ -335,20 +371,41 @@ def iter_shard(
     """Yield the samples of one shard as webdataset dicts (``__key__``, ``__url__``, extension -> bytes).
 
     Args:
-        url: Local path or any URL webdataset's ``gopen`` can open.
-        handler: webdataset error handler for I/O and tar errors (return True to go on). Default: raise a
-            ``ShardError`` naming the shard.
-        stream: An already opened stream of the shard (``url`` then only names it).
+        url: Local path, ``s3://`` URL (streamed through boto3), or any URL webdataset's ``gopen`` can open.
+        handler: Called with the ``ShardError`` when the shard cannot be opened or breaks (truncated or corrupt
+            tar); it may raise, or return to end this shard quietly (a tar stream cannot be resumed past damage).
+            Default: raise the ``ShardError``, which names the shard and, for a broken tar, the byte offset.
+        stream: An already opened stream of the shard (``url`` then only names it; the caller closes it).
     """
+    opened = None
+    try:
+        if stream is None:
+            try:
+                stream = opened = open_shard(url)
+            except Exception as exn:  # any opener error (local OSError, boto3/botocore, pipe) ends up here
+                raise ShardError(f"shard {url}: cannot open: {exn}", shard=url) from exn
+        yield from iter_tar_samples(stream, url)
+    except ShardError as exn:
+        if handler is None:
+            raise
+        handler(exn)
+    finally:
+        if opened is not None:
+            opened.close()
 
-    def fail(exn: Exception) -> bool:
-        raise ShardError(f"shard {url}: cannot read: {exn.args[0] if exn.args else exn!r}", shard=url) from exn
 
-    if stream is None:
-        yield from wds.tarfile_samples([{"url": url}], handler=handler or fail)
-    else:
-        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler or fail)
-        yield from wds.tariterators.group_by_keys(files, handler=handler or fail)
+def open_shard(url: str) -> BinaryIO:
+    """Open a shard for streaming reads: ``s3://`` through boto3 (``data/storage.py``), anything else with ``gopen``.
+
+    Raises:
+        StorageError: For an ``s3://`` object that is missing or unreadable (names the URL).
+        OSError: For a local file that cannot be opened.
+    """
+    if url.startswith("s3://"):
+        from facescale.data import storage  # lazy: only data/storage imports boto3 (DESIGN.md)
+
+        return storage.open_read(url)
+    return wds.gopen(url, "rb")
 
 
 def parse_label(sample: dict[str, Any], num_classes: int) -> int:
@@ -417,8 +474,8 @@ def verify_manifest(
     urls = manifest.shard_urls(root)
     for info, url in tqdm(list(zip(manifest.shards, urls)), desc="verify shards", unit="shard", disable=not progress):
         try:
-            stream = wds.gopen(url, "rb")
-        except Exception as exn:  # gopen: local open() errors or a failed pipe command
+            stream = open_shard(url)
+        except Exception as exn:  # local open() errors, a failed pipe command, or an unreadable s3:// object
             raise ShardError(f"shard {url}: cannot open: {exn}", shard=url) from exn
         hashing = _HashingFile(stream)
         count = 0
