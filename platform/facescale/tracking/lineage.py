@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -130,11 +131,15 @@ class PipelineLineage:
         except MlflowException:
             self.client.create_registered_model(self.registered_model,
                                                 description=f"FaceScale pipeline {self.pipeline_name}")
-        logged = self.client.get_logged_model(model_id)
         run_tags = self.client.get_run(run_id).data.tags
-        version_tags = {k: v for k, v in run_tags.items() if k.startswith(TAG_PREFIX)}
-        mv = self.client.create_model_version(self.registered_model, source=logged.artifact_location,
-                                              run_id=run_id, model_id=model_id, tags=version_tags)
+        version_tags = {k: v for k, v in run_tags.items() if k.startswith(TAG_PREFIX)} | {TAG_MODEL_ID: model_id}
+        # Source `models:/<model id>` is how MLflow 3 registers a LoggedModel (as `mlflow.register_model` does).
+        # NOTE: a local (sqlite) registry looks the LoggedModel up through the *global* tracking URI, hence
+        # set_tracking_uri; and MLflow 3.17's OSS stores do not keep ModelVersion.model_id, so the model id is
+        # also a version tag (and is in the source URI).
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mv = self.client.create_model_version(self.registered_model, source=f"models:/{model_id}", run_id=run_id,
+                                              model_id=model_id, tags=version_tags)
         self.client.set_registered_model_alias(self.registered_model, stage, mv.version)
         for key, value in {TAG_MODEL_ID: model_id, TAG_CHECKPOINT: checkpoint, "facescale.model_version": mv.version,
                            TAG_COMPLETE: "true"}.items():

@@ -91,7 +91,7 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, paren
 
     check_inputs(cfg)
     cfg = cfg.model_copy(deep=True)
-    cfg.data.root = str(Path(cfg.data.root).resolve())
+    cfg.data.root = _absolute(cfg.data.root) or cfg.data.root  # s3:// roots stay URLs
     cfg.data.val_bins = [str(Path(p).resolve()) for p in cfg.data.val_bins]
     cfg.train.resume_from = _absolute(cfg.train.resume_from)
     cfg.train.init_from = _absolute(cfg.train.init_from)
