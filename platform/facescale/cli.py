@@ -52,6 +52,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from facescale.distill.pipeline import load_pipeline
+    from facescale.distill.report import format_summary
+    from facescale.distill.runner import PipelineRunner
+
+    spec = load_pipeline(args.pipeline, args.overrides)
+    runner = PipelineRunner(spec, args.run_id, source=args.pipeline)  # validates every stage before Ray starts
+    print(f"pipeline {spec.name}: run id {runner.pipeline_run_id} (re-submit with --run-id "
+          f"{runner.pipeline_run_id} to resume)", flush=True)
+    res = runner.run()
+    records = [res.records[s] for s in spec.stage_names()]
+    print(f"\nFaceScale recursive distillation: {spec.name}, run id {res.pipeline_run_id}")
+    print(format_summary(records, res.skipped, res.champion, res.stage_times_s))
+    print(f"registered model {res.registered_model}: aliases {', '.join(spec.stage_names())}, champion -> "
+          f"{res.champion}")
+    print(f"MLflow parent run {res.parent_run_id} at {res.tracking_uri}; plots: {', '.join(map(str, res.plots))}")
+    print(f"wall time {res.wall_time_s:.0f} s")
+    return 0
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from facescale.parallel.plan import run_plan
 
@@ -82,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a backbone with Ray Train")
     _add_config_args(train)
     train.set_defaults(func=_cmd_train)
+
+    distill = sub.add_parser("distill", help="run a recursive-distillation pipeline (teacher → generations)")
+    distill.add_argument("--pipeline", required=True, help="pipeline spec YAML (pipelines/*.yaml)")
+    distill.add_argument("--run-id", help="pipeline run id; re-using one resumes that run (default: new)")
+    distill.add_argument("overrides", nargs="*", help="dotted overrides of the spec, e.g. generations=3 "
+                         "config.train.lr=0.1")
+    distill.set_defaults(func=_cmd_distill)
 
     from facescale.parallel.plan import add_plan_arguments
 
