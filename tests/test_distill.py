@@ -224,3 +224,16 @@ def test_teacher_uri_that_does_not_resolve_fails_before_training(tiny_data: Path
         """))
     with pytest.raises(ConfigError, match="teacher.model_uri.*no-such-teacher"):
         PipelineRunner(spec)
+
+
+def test_shipped_pipelines_are_valid() -> None:
+    repo = Path(__file__).resolve().parents[1]
+    demo = stage_configs(load_pipeline(repo / "pipelines" / "demo.yaml"))
+    assert list(demo) == ["teacher", "scratch", "gen-1", "gen-2"]
+    assert demo["teacher"].model.backbone == "iresnet_tiny" and demo["gen-2"].model.backbone == "iresnet_nano"
+    # The paper setting, for a GPU cluster: IResNet-100 teacher, VarGFaceNet students, Partial FC, alpha 7.
+    paper = stage_configs(load_pipeline(repo / "pipelines" / "vargfacenet_rkd.yaml"))
+    assert paper["teacher"].model.backbone == "iresnet100"
+    assert {paper[s].model.backbone for s in ("scratch", "gen-1", "gen-2")} == {"vargfacenet"}
+    assert all(c.classifier.type == "partial_fc" and c.scaling.use_gpu for c in paper.values())
+    assert paper["gen-2"].distill.alpha == 7.0 and paper["gen-2"].distill.form == "eq5"

@@ -159,7 +159,8 @@ class PipelineRunner:
             model_id = self.teacher.model_id or _checkpoint_identity(self.spec.teacher.model_uri or "")
             return model_id, self.teacher, self.spec.teacher.model_uri or ""
         rec = records[TEACHER]
-        return rec.model_id, None, rec.checkpoint
+        # A local checkpoint loads without a download; one in remote storage comes through MLflow.
+        return rec.model_id, None, rec.checkpoint if "://" not in rec.checkpoint else f"models:/{rec.model_id}"
 
     def _ensure_cache(self, records: dict[str, StageRecord], result: PipelineResult) -> tuple[str, str]:
         """(teacher model id, cache directory); built or checked once per pipeline run."""

