@@ -126,6 +126,8 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, paren
     finally:
         end_run(tracking_uri, run_id, ok)
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    if ckpt and "://" in storage and "://" not in ckpt:  # pyarrow paths drop the scheme: keep it a URI
+        ckpt = f"{storage.split('://', 1)[0]}://{ckpt}"
     return TrainResult(run_id, tracking_uri, dict(result.metrics or {}), ckpt, time.perf_counter() - t0, cfg)
 
 

@@ -107,10 +107,14 @@ def _plain(value: Any) -> Any:
 
 def _init_backbone(backbone: nn.Module, cfg: FaceScaleConfig) -> None:
     """Starts from another run's backbone weights (``train.init_from``), refusing a different architecture."""
-    state, arch = load_backbone_state(cfg.train.init_from)
+    import ray.train
+
+    source = cfg.train.init_from
+    with ray.train.Checkpoint(source).as_directory() as local:  # a local directory, or a URI (s3://) fetched here
+        state, arch = load_backbone_state(local)
     want = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size}
     if arch and arch != want:
-        raise ValueError(f"train.init_from: {cfg.train.init_from} holds {arch}, this run trains {want}")
+        raise ValueError(f"train.init_from: {source} holds {arch}, this run trains {want}")
     unwrap(backbone).load_state_dict(state)
 
 
