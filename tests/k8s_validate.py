@@ -9,13 +9,16 @@ Policy, beyond what the schemas and KubeRay check:
 - security: the Pod Security Standard "restricted" profile (non-root, no privilege escalation, ALL capabilities
   dropped, RuntimeDefault seccomp, no host namespaces or hostPath), secrets only through ``secretKeyRef``, no
   credential in a ConfigMap, an env ``value`` or a container argument;
-- Ray pods mount a memory-backed ``/dev/shm``; GPU pods tolerate the ``nvidia.com/gpu`` taint.
+- Ray pods mount a memory-backed ``/dev/shm``; GPU pods tolerate the ``nvidia.com/gpu`` taint;
+- the job's config, loaded by the library exactly as the job loads it, validates; its Ray Train workers fit the
+  cluster's CPUs/GPUs; every absolute local path it names is a volume mounted in every Ray pod.
 
 Usage: ``python tests/k8s_validate.py [OVERLAY ...]`` (default: every overlay); exits 1 on any finding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
 import sys
@@ -133,9 +136,10 @@ def _check_env(res: str, where: str, c: dict[str, Any]) -> list[Finding]:
 
 
 def check_references(docs: list[dict[str, Any]]) -> list[Finding]:
-    """ConfigMap (and keys), ServiceAccount and Service-selector references resolve within the rendered set."""
+    """ConfigMap (and keys), PVC, ServiceAccount and Service-selector references resolve within the rendered set."""
     config_maps = {d["metadata"]["name"]: d.get("data") or {} for d in docs if d.get("kind") == "ConfigMap"}
     accounts = {d["metadata"]["name"] for d in docs if d.get("kind") == "ServiceAccount"}
+    claims = {d["metadata"]["name"] for d in docs if d.get("kind") == "PersistentVolumeClaim"}
     pod_labels = [d["spec"]["template"].get("metadata", {}).get("labels", {}) for d in docs
                   if d.get("kind") == "Deployment"]
     out = []
@@ -149,6 +153,10 @@ def check_references(docs: list[dict[str, Any]]) -> list[Finding]:
             account = pod.get("serviceAccountName")
             if account is not None and account not in accounts:
                 out.append(Finding(res, f"{pod_path}.serviceAccountName", f"no ServiceAccount {account!r}"))
+            for i, vol in enumerate(pod.get("volumes") or []):
+                claim = (vol.get("persistentVolumeClaim") or {}).get("claimName")
+                if claim is not None and claim not in claims:
+                    out.append(Finding(res, f"{pod_path}.volumes[{i}]", f"no PersistentVolumeClaim {claim!r}"))
             refs = [(f"volumes[{i}]", v["configMap"].get("name"), None, v["configMap"].get("optional"))
                     for i, v in enumerate(pod.get("volumes") or []) if "configMap" in v]
             for c_path, c in containers(pod):
@@ -217,6 +225,8 @@ def _check_ray_pod(res: str, pod_path: str, pod: dict[str, Any]) -> list[Finding
         gpu |= any(k.endswith("/gpu") for k in ((c.get("resources") or {}).get("limits") or {}))
         if c.get("workingDir") != IMAGE_WORKDIR:
             out.append(Finding(res, f"{where}.workingDir", f"must be the image WORKDIR {IMAGE_WORKDIR}"))
+        if c_path.startswith("initContainers"):
+            continue
         shm = [m for m in c.get("volumeMounts") or [] if m.get("mountPath") == "/dev/shm"]
         if not shm or (volumes.get(shm[0].get("name"), {}).get("emptyDir") or {}).get("medium") != "Memory":
             out.append(Finding(res, where, "mount an emptyDir with medium: Memory at /dev/shm (64 MiB by default)"))
@@ -259,10 +269,80 @@ def _check_entrypoint(res: str, spec: dict[str, Any], config_maps: dict[str, dic
     return out
 
 
+def _quantity(value: Any) -> float:
+    """A CPU or count quantity ("72", "500m", 8) as a number."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _pod_capacity(group: dict[str, Any]) -> tuple[float, float]:
+    """(CPUs, GPUs) Ray advertises for one pod of a group: rayStartParams first, else the container limits."""
+    params = group.get("rayStartParams") or {}
+    limits = (group["template"]["spec"]["containers"][0].get("resources") or {}).get("limits") or {}
+    cpus = _quantity(params.get("num-cpus", limits.get("cpu", 0)))
+    gpus = _quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))
+    return cpus, gpus
+
+
+def _stage_configs(argv: list[str], repo: Path) -> dict[str, Any]:
+    """The training configs the entrypoint will run, parsed and validated by the library as the job does."""
+    from facescale.cli import build_parser
+    from facescale.config import load_config
+    from facescale.distill.pipeline import load_pipeline, stage_configs
+
+    args = build_parser().parse_args([Path(argv[1]).stem, *argv[2:]])  # jobs/<x>.py runs `facescale <x>`
+    with contextlib.chdir(repo):  # the job's relative paths (base_config) resolve in the image's WORKDIR
+        if args.command == "distill":
+            spec = load_pipeline(args.pipeline, args.overrides)
+            configs = stage_configs(spec, source=args.pipeline)
+            return {"cache_dir": spec.cache_dir, **configs}
+        return {"train": load_config(args.config, args.overrides)}
+
+
+def check_pipeline_fits(docs: list[dict[str, Any]], repo: Path = REPO) -> list[Finding]:
+    """The RayJob's pipeline loads and validates; its Ray Train workers fit the cluster; its local paths are mounted.
+
+    Every stage needs ``scaling.num_workers`` workers of ``cpus_per_worker`` CPUs (and one GPU with ``use_gpu``);
+    every absolute local path it names (data, verification sets, storage, caches) must be a volume mounted in
+    every Ray pod, since the driver checks them on the head and the workers read them.
+    """
+    out = []
+    for doc in docs:
+        if doc.get("kind") != "RayJob":
+            continue
+        res, argv = resource_name(doc), shlex.split(doc["spec"].get("entrypoint", ""))
+        try:
+            configs = _stage_configs(argv, repo)
+        except (SystemExit, Exception) as e:  # noqa: BLE001 -- any failure to load is the finding
+            out.append(Finding(res, "spec.entrypoint", f"the job's config does not load: {type(e).__name__}: {e}"))
+            continue
+        cluster = doc["spec"]["rayClusterSpec"]
+        groups = [(cluster["headGroupSpec"], 1)] + [(g, g.get("replicas", g.get("minReplicas", 0)))
+                                                    for g in cluster.get("workerGroupSpecs", [])]
+        paths = {configs.pop("cache_dir", None)}
+        for stage, cfg in configs.items():
+            sc, need_gpu = cfg.scaling, 1 if cfg.scaling.use_gpu else 0
+            fits = sum(n * int(min(cpus // sc.cpus_per_worker, gpus if need_gpu else float("inf")))
+                       for (cpus, gpus), n in ((_pod_capacity(g), n) for g, n in groups))
+            if fits < sc.num_workers:
+                out.append(Finding(res, "spec.rayClusterSpec", f"stage {stage}: {sc.num_workers} workers of "
+                                   f"{sc.cpus_per_worker} CPU{' + 1 GPU' if need_gpu else ''} do not fit; "
+                                   f"the cluster holds {fits}"))
+            paths |= {cfg.data.root, *cfg.data.val_bins, sc.storage_path, cfg.train.resume_from,
+                      cfg.train.init_from, cfg.distill.teacher_cache}
+        local = sorted(p for p in paths if p and p.startswith("/"))
+        for pod_path, pod in _ray_pods(doc):
+            mounts = [m["mountPath"].rstrip("/") for m in pod["containers"][0].get("volumeMounts") or []]
+            for path in local:
+                if not any(path == m or path.startswith(m + "/") for m in mounts):
+                    out.append(Finding(res, pod_path, f"the pipeline reads {path}, which no volume mounts here"))
+    return out
+
+
 def validate_manifests(docs: list[dict[str, Any]], repo: Path = REPO) -> list[Finding]:
     """Every check (schemas, KubeRay rules, policy) over one overlay's rendered resources."""
     return (validate_core(docs) + validate_kuberay(docs) + check_gpus(docs) + check_security(docs)
-            + check_references(docs) + check_images(docs) + check_rayjobs(docs, repo))
+            + check_references(docs) + check_images(docs) + check_rayjobs(docs, repo) + check_pipeline_fits(docs, repo))
 
 
 def validate_overlay(overlay: str | Path) -> list[Finding]:

@@ -8,6 +8,7 @@ import copy
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,10 +20,12 @@ from typing import Any
 import pytest
 import yaml
 
+from facescale.cli import build_parser
 from k8s_schema import KUBERAY_SCHEMAS, check_gpus, render_overlay, validate_core, validate_kuberay
 from k8s_validate import (
     REPO,
     check_images,
+    check_pipeline_fits,
     check_rayjobs,
     check_references,
     check_security,
@@ -66,10 +69,13 @@ def test_overlay_is_valid(rendered: dict[str, list[dict[str, Any]]], overlay: st
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_has_every_part(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
-    kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in rendered[overlay])
-    names = {k.split("-")[0] + "-" if k.startswith("ConfigMap/") else k for k in kinds}
-    assert names == {"ConfigMap/facescale-", "Deployment/facescale-mlflow", "RayCluster/facescale-interactive",
-                     "RayJob/facescale-distill", "Service/facescale-mlflow", "ServiceAccount/facescale"}
+    # Generated ConfigMaps carry a content hash suffix (so a change rolls the MLflow Deployment).
+    names = {re.sub(r"-[a-z0-9]{10}$", "", f"{d['kind']}/{d['metadata']['name']}") if d["kind"] == "ConfigMap"
+             else f"{d['kind']}/{d['metadata']['name']}" for d in rendered[overlay]}
+    assert names == {"ConfigMap/facescale-env", "ConfigMap/facescale-pipeline", "Deployment/facescale-mlflow",
+                     "PersistentVolumeClaim/facescale-shared", "PersistentVolumeClaim/facescale-val",
+                     "RayCluster/facescale-interactive", "RayJob/facescale-distill", "Service/facescale-mlflow",
+                     "ServiceAccount/facescale"}
 
 
 def test_gpu_cluster_shape(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -78,7 +84,7 @@ def test_gpu_cluster_shape(rendered: dict[str, list[dict[str, Any]]]) -> None:
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
                for g in workers)
-    assert gpus == 32 and all(g["minReplicas"] == g["maxReplicas"] == g["replicas"] for g in workers)
+    assert gpus == 16 and all(g["minReplicas"] == g["maxReplicas"] == g["replicas"] for g in workers)
     for kind in ("RayJob", "RayCluster"):
         assert _kind(docs, kind)["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "facescale-gpu"
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
@@ -96,7 +102,13 @@ def test_dev_runs_on_cpu_without_secrets(rendered: dict[str, list[dict[str, Any]
     refs = [e["valueFrom"]["secretKeyRef"] for d in rendered["dev"] for e in _all_env(d)
             if "secretKeyRef" in e.get("valueFrom", {})]
     assert refs and all(r.get("optional") for r in refs)
-    assert "pipelines/demo.yaml" in _kind(rendered["dev"], "RayJob")["spec"]["entrypoint"]
+    job = _kind(rendered["dev"], "RayJob")["spec"]
+    assert "pipelines/demo.yaml" in job["entrypoint"]
+    # The image has no data: the head's init container writes the demo's synthetic set with the real CLI.
+    (init,) = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["initContainers"]
+    assert init["command"][0] == "facescale"
+    args = build_parser().parse_args(init["command"][1:])
+    assert (args.command, args.data_command) == ("data", "synth")
 
 
 def _all_env(node: Any) -> list[dict[str, Any]]:
@@ -198,6 +210,8 @@ BREAKAGES = {
     "unknown-secret": (check_security, lambda d: _head(d)["env"].append(
         {"name": "X", "valueFrom": {"secretKeyRef": {"name": "other", "key": "k"}}})),
     "missing-configmap": (check_references, lambda d: _head(d)["envFrom"].append({"configMapRef": {"name": "nope"}})),
+    "missing-pvc": (check_references, lambda d: _worker_pod(d)["volumes"].append(
+        {"name": "x", "persistentVolumeClaim": {"claimName": "nope"}})),
     "missing-service-account": (check_references, lambda d: _worker_pod(d).update(serviceAccountName="nope")),
     "two-images": (check_images, lambda d: _head(d).update(image="registry.example.com/ml/facescale:0.2.0")),
     "latest-tag": (check_images, lambda d: [c.update(image="facescale:latest") for p in (_mlflow(d),)
@@ -215,6 +229,12 @@ BREAKAGES = {
     "ray-version": (check_rayjobs, lambda d: _job(d)["rayClusterSpec"].update(rayVersion="2.9.0")),
     "no-shm": (check_rayjobs, lambda d: _worker_pod(d)["containers"][0].update(volumeMounts=[])),
     "gpu-without-toleration": (check_rayjobs, lambda d: _worker_pod(d).update(tolerations=[])),
+    "too-few-gpus": (check_pipeline_fits, lambda d: _job(d)["rayClusterSpec"]["workerGroupSpecs"][0].update(
+        replicas=1, minReplicas=1)),
+    "val-not-mounted": (check_pipeline_fits, lambda d: _worker_pod(d)["containers"][0].update(volumeMounts=[
+        m for m in _worker_pod(d)["containers"][0]["volumeMounts"] if m["mountPath"] != "/data/val"])),
+    "bad-pipeline-override": (check_pipeline_fits, lambda d: _job(d).update(
+        entrypoint=_job(d)["entrypoint"] + " config.scaling.num_workerz=4")),
 }
 
 
