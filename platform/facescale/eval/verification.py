@@ -37,6 +37,42 @@ def _decode_jpeg(data: bytes) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
+def _read_bin(path: Path) -> tuple[list[Any], np.ndarray]:
+    """Unpickles a ``.bin`` and checks its structure (no image decoding); raises naming the file."""
+    if not path.is_file():
+        raise BinFormatError(f"verification file not found: {path}")
+    try:
+        with path.open("rb") as f:
+            obj = pickle.load(f, encoding="bytes")
+    except Exception as exc:  # noqa: BLE001 -- any unpickling failure means "not a .bin"; re-raised with the file
+        raise BinFormatError(f"{path}: not a pickled (images, issame) tuple: {exc}") from exc
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
+        raise BinFormatError(f"{path}: expected a pickled (images, issame) tuple, got {type(obj).__name__}")
+    raw_images, raw_issame = obj
+    issame = np.asarray(list(raw_issame), dtype=bool)
+    if len(raw_images) % 2:
+        raise BinFormatError(f"{path}: {len(raw_images)} images is an odd number; pairs need 2N images")
+    if len(raw_images) != 2 * len(issame):
+        raise BinFormatError(f"{path}: {len(raw_images)} images make {len(raw_images) // 2} pairs "
+                             f"but issame has {len(issame)} labels")
+    return list(raw_images), issame
+
+
+def check_bin(path: str | Path) -> int:
+    """Checks a ``.bin``'s structure without decoding its images (a cheap up-front check before a long run).
+
+    Args:
+        path: The ``.bin`` file.
+
+    Returns:
+        Its number of pairs.
+
+    Raises:
+        BinFormatError: Missing file, not a pickled ``(images, issame)``, odd image count or pair/label mismatch.
+    """
+    return len(_read_bin(Path(path))[1])
+
+
 def load_bin(path: str | Path, image_size: tuple[int, int] = (112, 112)) -> tuple[np.ndarray, np.ndarray]:
     """Loads an InsightFace verification ``.bin``.
 
@@ -56,22 +92,7 @@ def load_bin(path: str | Path, image_size: tuple[int, int] = (112, 112)) -> tupl
             the message names the file (and the image index).
     """
     path = Path(path)
-    if not path.is_file():
-        raise BinFormatError(f"verification file not found: {path}")
-    try:
-        with path.open("rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except Exception as exc:  # noqa: BLE001 -- any unpickling failure means "not a .bin"; re-raised with the file
-        raise BinFormatError(f"{path}: not a pickled (images, issame) tuple: {exc}") from exc
-    if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
-        raise BinFormatError(f"{path}: expected a pickled (images, issame) tuple, got {type(obj).__name__}")
-    raw_images, raw_issame = obj
-    issame = np.asarray(list(raw_issame), dtype=bool)
-    if len(raw_images) % 2:
-        raise BinFormatError(f"{path}: {len(raw_images)} images is an odd number; pairs need 2N images")
-    if len(raw_images) != 2 * len(issame):
-        raise BinFormatError(f"{path}: {len(raw_images)} images make {len(raw_images) // 2} pairs "
-                             f"but issame has {len(issame)} labels")
+    raw_images, issame = _read_bin(path)
     images = np.empty((len(raw_images), *image_size, 3), dtype=np.uint8)
     for i, item in enumerate(raw_images):
         try:
@@ -96,7 +117,8 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def compute_embeddings(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], images: np.ndarray,
-                       batch_size: int = 128, device: torch.device | str = "cpu") -> np.ndarray:
+                       batch_size: int = 128, device: torch.device | str = "cpu",
+                       return_norms: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Embeddings as the protocol defines them: L2-normalised sum of image and flipped image.
 
     Args:
@@ -104,23 +126,29 @@ def compute_embeddings(model: nn.Module | Callable[[torch.Tensor], torch.Tensor]
         images: uint8 ``[N, H, W, 3]`` RGB.
         batch_size: Images per forward pass.
         device: Device to run on.
+        return_norms: Also return each image's raw embedding norm (mean over image and flip), the MagFace
+            quality score, from the same forward passes.
 
     Returns:
-        float32 ``[N, D]`` unit-norm embeddings.
+        float32 ``[N, D]`` unit-norm embeddings; with ``return_norms`` also float32 ``[N]`` norms.
     """
     was_training = isinstance(model, nn.Module) and model.training
     if isinstance(model, nn.Module):
         model.eval()
-    chunks = []
+    chunks, norms = [], []
     try:
         for start in range(0, len(images), batch_size):
             x = images_to_tensor(images[start:start + batch_size]).to(device)
-            emb = model(x).float() + model(torch.flip(x, dims=[3])).float()
-            chunks.append(torch.nn.functional.normalize(emb).cpu())
+            plain, flipped = model(x).float(), model(torch.flip(x, dims=[3])).float()
+            chunks.append(torch.nn.functional.normalize(plain + flipped).cpu())
+            norms.append(((plain.norm(dim=1) + flipped.norm(dim=1)) / 2).cpu())
     finally:
         if was_training:
             model.train()
-    return torch.cat(chunks).numpy()
+    emb = torch.cat(chunks).numpy() if chunks else np.empty((0, 0), np.float32)
+    if return_norms:
+        return emb, (torch.cat(norms).numpy() if norms else np.empty(0, np.float32))
+    return emb
 
 
 def _accuracy(threshold: float, dist: np.ndarray, issame: np.ndarray) -> float:

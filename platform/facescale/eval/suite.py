@@ -1,0 +1,171 @@
+"""Runs one model through the protocols users report: ``.bin`` verification, IJB templates, 1:N identification.
+
+Each ``run_*`` function takes a backbone and files, and returns a report object that
+:mod:`facescale.eval.report` turns into tables, flat metrics and plots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from facescale.eval.identification import (
+    DISTRACTOR_COUNTS,
+    FPIR_TARGETS,
+    IdentificationResult,
+    array_chunks,
+    identify,
+)
+from facescale.eval.ijb import pool_templates, read_template_media, read_template_pairs, template_pair_scores
+from facescale.eval.images import ImageFolderError, list_identity_folder, list_images, read_aligned_image, read_images
+from facescale.eval.quality import REJECT_FRACTIONS, accuracy_vs_rejection
+from facescale.eval.rates import FPR_TARGETS, Roc, compute_roc, pair_scores, tpr_at_fpr
+from facescale.eval.verification import compute_embeddings, evaluate, load_bin
+
+
+@dataclass
+class BinReport:
+    """Verification of one ``.bin`` set.
+
+    Attributes:
+        name: Set name (file stem).
+        path: The file.
+        verification: :func:`facescale.eval.verification.evaluate` result.
+        norm_mean: Mean raw embedding norm over the set's images.
+        roc: ROC of all pairs by cosine similarity.
+        tpr_at_fpr: :func:`facescale.eval.rates.tpr_at_fpr` result.
+        quality: :func:`facescale.eval.quality.accuracy_vs_rejection` rows.
+    """
+
+    name: str
+    path: str
+    verification: dict[str, Any]
+    norm_mean: float
+    roc: Roc
+    tpr_at_fpr: dict[float, dict[str, float]]
+    quality: list[dict[str, Any]]
+
+
+@dataclass
+class IjbReport:
+    """1:1 template verification on IJB-style meta files."""
+
+    name: str
+    num_images: int
+    num_templates: int
+    roc: Roc
+    tpr_at_fpr: dict[float, dict[str, float]]
+
+
+@dataclass
+class IdentificationReport:
+    """1:N identification; ``composition`` says what the gallery, probes and distractors were."""
+
+    name: str
+    result: IdentificationResult
+    composition: dict[str, Any]
+
+
+def run_bin(model: torch.nn.Module, path: str | Path, batch_size: int = 128, device: str = "cpu",
+            fpr_targets: tuple[float, ...] = FPR_TARGETS,
+            reject_fractions: tuple[float, ...] = REJECT_FRACTIONS) -> BinReport:
+    """Verification protocol, TPR@FPR and quality rejection on one ``.bin``.
+
+    Args:
+        model: Backbone in eval mode.
+        path: The ``.bin`` file (raises ``BinFormatError`` naming it when malformed).
+        batch_size: Images per forward pass.
+        device: Device for the model.
+        fpr_targets: FPR targets.
+        reject_fractions: Low-quality shares to reject.
+
+    Returns:
+        The report.
+    """
+    images, issame = load_bin(path)
+    emb, norms = compute_embeddings(model, images, batch_size=batch_size, device=device, return_norms=True)
+    roc = compute_roc(pair_scores(emb[0::2], emb[1::2]), issame)
+    return BinReport(name=Path(path).stem, path=str(path), verification=evaluate(emb, issame),
+                     norm_mean=float(np.mean(norms)), roc=roc, tpr_at_fpr=tpr_at_fpr(roc, fpr_targets),
+                     quality=accuracy_vs_rejection(emb, issame, norms, reject_fractions))
+
+
+def _embed_paths(model: torch.nn.Module, paths: list[Path], batch_size: int, device: str) -> np.ndarray:
+    """Reads and embeds files in slices, so only one slice of images is in memory at a time."""
+    chunks = []
+    step = max(batch_size, 256)
+    for s in range(0, len(paths), step):
+        imgs = np.stack([read_aligned_image(p) for p in paths[s:s + step]])
+        chunks.append(compute_embeddings(model, imgs, batch_size=batch_size, device=device))
+    return np.concatenate(chunks)
+
+
+def run_ijb(model: torch.nn.Module, meta_path: str | Path, pairs_path: str | Path, images_root: str | Path,
+            batch_size: int = 128, device: str = "cpu", fpr_targets: tuple[float, ...] = FPR_TARGETS) -> IjbReport:
+    """IJB-style 1:1: embed every image of the image list, pool templates, score template pairs.
+
+    Args:
+        model: Backbone in eval mode.
+        meta_path: ``image template media`` file.
+        pairs_path: ``template1 template2 label`` file.
+        images_root: Directory of the aligned 112×112 crops the image list names.
+        batch_size: Images per forward pass.
+        device: Device for the model.
+        fpr_targets: FPR targets.
+
+    Returns:
+        The report.
+    """
+    meta = read_template_media(meta_path)
+    pairs = read_template_pairs(pairs_path, meta)  # checked before the (slow) embedding pass
+    root = Path(images_root)
+    if len(meta.images) <= 50_000:
+        emb = compute_embeddings(model, read_images(root, meta.images, desc="ijb images"), batch_size=batch_size,
+                                 device=device)
+    else:
+        emb = _embed_paths(model, [root / n for n in meta.images], batch_size, device)
+    template_ids, features = pool_templates(emb, meta.templates, meta.media)
+    roc = compute_roc(template_pair_scores(template_ids, features, pairs), pairs.labels)
+    return IjbReport(name=Path(pairs_path).stem, num_images=len(meta.images), num_templates=len(template_ids),
+                     roc=roc, tpr_at_fpr=tpr_at_fpr(roc, fpr_targets))
+
+
+def run_identification_folder(model: torch.nn.Module, root: str | Path, batch_size: int = 128,
+                              device: str = "cpu", counts: tuple[int, ...] = DISTRACTOR_COUNTS,
+                              fpir_targets: tuple[float, ...] = FPIR_TARGETS) -> IdentificationReport:
+    """1:N from a folder ``root/gallery/<identity>/*``, ``root/probes/<identity>/*``, ``root/distractors/**``.
+
+    Probes whose identity folder name is not in the gallery are non-mated. ``distractors/`` is optional.
+
+    Args:
+        model: Backbone in eval mode.
+        root: The folder.
+        batch_size: Images per forward pass.
+        device: Device for the model.
+        counts: Distractor counts of the rank-1 curve.
+        fpir_targets: FPIR targets.
+
+    Returns:
+        The report.
+    """
+    root = Path(root)
+    g_paths, g_labels, g_names = list_identity_folder(root / "gallery")
+    p_paths, p_labels, p_names = list_identity_folder(root / "probes")
+    # Labels are folder names: map probe labels into the gallery's numbering, unknown names to -1 - index.
+    index = {name: i for i, name in enumerate(g_names)}
+    probe_labels = np.array([index.get(p_names[label], -1 - int(label)) for label in p_labels])
+    if not (probe_labels >= 0).any():
+        raise ImageFolderError(f"{root}: no probes/<identity> folder matches a gallery/<identity> folder")
+    gallery = _embed_paths(model, g_paths, batch_size, device)
+    probes = _embed_paths(model, p_paths, batch_size, device)
+    d_paths = list_images(root / "distractors") if (root / "distractors").is_dir() else []
+    distractors = _embed_paths(model, d_paths, batch_size, device) if d_paths else np.empty((0, gallery.shape[1]))
+    result = identify(gallery, g_labels, probes, probe_labels, array_chunks(distractors),
+                      counts=counts, fpir_targets=fpir_targets)
+    return IdentificationReport(name=root.name, result=result,
+                                composition={"gallery_images": len(g_paths), "gallery_identities": len(g_names),
+                                             "probe_images": len(p_paths), "distractor_images": len(d_paths)})
