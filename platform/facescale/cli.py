@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="per-rank memory and communication of a Partial FC classifier")
     add_plan_arguments(plan)
     plan.set_defaults(func=_cmd_plan)
+
+    from facescale.eval_cli import add_eval_commands
+
+    add_eval_commands(sub)  # eval, export
     return parser
 
 
