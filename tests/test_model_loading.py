@@ -34,8 +34,20 @@ def store(tmp_path_factory):
     return {"uri": uri, "run_id": run_id, "model_id": model_id, "expected": _embed(model)}
 
 
+@pytest.fixture
+def other_global_store(tmp_path, monkeypatch):
+    """MLflow's process-global tracking URI points elsewhere: loading must follow the tracking_uri argument."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    mlflow.set_tracking_uri(previous)
+
+
 @pytest.mark.parametrize("form", ["alias", "version", "latest", "model_id", "run"])
-def test_every_uri_form_loads_the_logged_model(store, form):
+def test_every_uri_form_loads_the_logged_model(store, form, other_global_store):
     uri = {"alias": "models:/fs-eval-test@champion", "version": "models:/fs-eval-test/1",
            "latest": "models:/fs-eval-test/latest", "model_id": f"models:/{store['model_id']}",
            "run": f"runs:/{store['run_id']}/model"}[form]

@@ -195,7 +195,10 @@ def load_backbone(uri: str, tracking_uri: str | None = None) -> LoadedBackbone:
 
         with tempfile.TemporaryDirectory(prefix="facescale-model-") as tmp:
             try:
-                local = mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=tmp,
+                # NOTE: download from the model's artifact location, not "models:/<id>": MLflow resolves a model
+                # id through the process-global tracking URI, whatever tracking_uri says.
+                location = client.get_logged_model(model_id).artifact_location
+                local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
                                                             tracking_uri=tracking_uri, registry_uri=tracking_uri)
             except MlflowException as exc:
                 raise ModelResolveError(f"{uri}: model {model_id} resolved but its files did not download: "
