@@ -33,7 +33,7 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
 
 
-def array_chunks(embeddings: np.ndarray, chunk: int = 65536) -> Iterator[np.ndarray]:
+def array_chunks(embeddings: np.ndarray, chunk: int = 16384) -> Iterator[np.ndarray]:
     """Distractors held in an array (or a memory map), served in chunks.
 
     Args:
@@ -80,7 +80,7 @@ class GaussianDistractors:
         factor = (vt.T * (s / np.sqrt(len(x) - 1))).astype(np.float32)
         return cls(dim=x.shape[1], mean=mean.astype(np.float32), factor=factor, seed=seed)
 
-    def chunks(self, num: int, chunk: int = 65536) -> Iterator[np.ndarray]:
+    def chunks(self, num: int, chunk: int = 16384) -> Iterator[np.ndarray]:
         """Yields ``num`` unit-norm distractors in chunks of ``chunk``."""
         for k, s in enumerate(range(0, num, chunk)):
             rng = np.random.default_rng([self.seed, k])
