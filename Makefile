@@ -23,7 +23,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 demo: setup
 	@test -f $(DEMO_DATA)/manifest.json || $(VENV)/bin/facescale data synth --config configs/demo.yaml
-	$(VENV)/bin/facescale train --config configs/demo.yaml
+	$(VENV)/bin/facescale distill --pipeline pipelines/demo.yaml
 
 test: setup
 	$(PY) -m pytest -q tests
