@@ -138,3 +138,45 @@ def test_synthetic_mode_renders_and_embeds():
     assert (run.num_rendered_distractors, run.num_gaussian_distractors) == (20, 4980)
     assert all(a >= b for a, b in zip(res.rank1, res.rank1[1:]))
     assert res.rank1[0] > 0
+
+
+def test_identification_folder_matches_identify_on_the_same_embeddings(tmp_path):
+    import simplejpeg
+
+    from facescale.eval.images import ImageFolderError, read_aligned_image
+    from facescale.eval.suite import run_identification_folder
+    from facescale.eval.synthetic import render_faces
+    from facescale.eval.verification import compute_embeddings
+
+    faces = render_faces(list(range(9)) + list(range(5)), [0] * 9 + [1] * 5, seed=2, difficulty=0.2,
+                         total_identities=9)
+    layout = [("gallery/id0", 0), ("gallery/id1", 1), ("gallery/id2", 2), ("probes/id0", 9), ("probes/id1", 10),
+              ("probes/id2", 11), ("probes/stranger", 12), ("distractors", 3), ("distractors/more", 4),
+              ("distractors", 5), ("distractors", 6)]
+    for k, (folder, i) in enumerate(layout):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / f"{k}.jpg").write_bytes(simplejpeg.encode_jpeg(faces[i], quality=95))
+    torch.manual_seed(0)
+    proj = torch.randn(3 * 28 * 28, 32)
+
+    def model(x):
+        return torch.nn.functional.avg_pool2d(x, 4).flatten(1) @ proj
+
+    rep = run_identification_folder(model, tmp_path, counts=(2, 10))
+    assert rep.composition == {"gallery_images": 3, "gallery_identities": 3, "probe_images": 4,
+                               "distractor_images": 4}
+    assert rep.result.distractor_counts == [0, 2, 4] and (rep.result.num_mated, rep.result.num_non_mated) == (3, 1)
+
+    def embed(paths):
+        return compute_embeddings(model, np.stack([read_aligned_image(tmp_path / p) for p in paths]))
+
+    gallery = embed(["gallery/id0/0.jpg", "gallery/id1/1.jpg", "gallery/id2/2.jpg"])
+    probes = embed(["probes/id0/3.jpg", "probes/id1/4.jpg", "probes/id2/5.jpg", "probes/stranger/6.jpg"])
+    distractors = embed(["distractors/10.jpg", "distractors/7.jpg", "distractors/9.jpg", "distractors/more/8.jpg"])
+    direct = identify(gallery, [0, 1, 2], probes, [0, 1, 2, -1], array_chunks(distractors), counts=(2, 10),
+                      progress=False)
+    assert rep.result.rank1 == direct.rank1
+
+    (tmp_path / "probes" / "stranger" / "6.jpg").write_bytes(b"not an image")
+    with pytest.raises(ImageFolderError, match="cannot decode image .*6.jpg"):
+        run_identification_folder(model, tmp_path)
