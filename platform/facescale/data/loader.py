@@ -21,6 +21,13 @@ epoch covers every sample exactly once only when every split's shards hold exact
 shard count divisible by the number of splits, quota divisible accordingly); otherwise some samples repeat and
 others wait for a later epoch. Results are deterministic for a given ``(seed, epoch, world_size, num_workers)``.
 
+**Resume.** ``epoch_samples(epoch, start_step, resume)`` starts at a step without decoding what came before: each
+split reads its encoded samples past its cursor (so buffer shuffle and wrap-around replay exactly) and draws the
+flips those samples had. A split's cursor counts the encoded samples it consumed, corrupt ones included; it comes
+from the ``local_position()`` saved with the checkpoint, or, without one, is ``batches done * batch_size`` (exact
+unless samples were skipped before the restart). Worker ``w`` then runs local split ``(w + start_step) % n``, so
+the DataLoader's turn order continues where the interrupted run stopped.
+
 **Error policy.** A missing, non-integer or out-of-range label is always an error (the shards were built wrong).
 A corrupt or wrongly sized JPEG, or an unreadable shard, raises under ``on_error="fail"`` and is skipped and
 counted in ``loader.stats`` under ``on_error="skip"``.
@@ -29,6 +36,7 @@ counted in ``loader.stats`` under ``on_error="skip"``.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 from collections import Counter
@@ -67,6 +75,54 @@ class FaceLoader(Protocol):
     def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield exactly ``steps_per_epoch`` batches: ``float32 [B, 3, H, W]`` in ``[-1, 1]`` and ``int64 [B]``."""
         ...
+
+    def epoch_samples(
+        self, epoch: int, start_step: int = 0, resume: dict[str, Any] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """Yield ``(images, labels, keys)`` for steps ``start_step ..  steps_per_epoch - 1`` of ``epoch``.
+
+        Batches before ``start_step`` are fast-forwarded without decoding. ``resume``, a ``local_position()``
+        saved at that step, makes the restart exact even when samples were skipped before it.
+        """
+        ...
+
+    def local_position(self) -> dict[str, Any]:
+        """This rank's position after the last batch yielded (JSON-serialisable; see ``resume_cursors``)."""
+        ...
+
+
+def position_record(fingerprint: dict[str, Any], epoch: int, step: int, cursors: dict[int, int]) -> dict[str, Any]:
+    """A loader position: what the loader is (``fingerprint``), where it is, and each split's raw-sample cursor."""
+    return {**fingerprint, "epoch": epoch, "step_in_epoch": step, "cursors": {str(k): v for k, v in cursors.items()}}
+
+
+def resume_cursors(
+    resume: dict[str, Any] | None, fingerprint: dict[str, Any], epoch: int, start_step: int
+) -> dict[int, int]:
+    """The raw cursors of a saved position, if a loader like this one saved it at exactly ``(epoch, start_step)``.
+
+    A cursor counts the encoded samples a split consumed, including skipped corrupt ones; without it a split
+    assumes ``batches done * batch_size``, which is exact whenever no sample was skipped before the restart.
+
+    Args:
+        resume: A ``local_position()`` from the checkpoint, or ``None``.
+        fingerprint: The fields that must match (loader kind, rank, world size, batch size, splits, seed, digest).
+        epoch: Epoch being started.
+        start_step: Step being started at.
+
+    Returns:
+        ``{split: cursor}``; empty when there is no usable saved position.
+    """
+    if not resume:
+        return {}
+    expected = {**fingerprint, "epoch": epoch, "step_in_epoch": start_step}
+    differing = sorted(k for k, v in expected.items() if resume.get(k) != v)
+    if differing:
+        if resume.get("epoch") == epoch:  # same epoch, another setup: say why the cursors are not used
+            logger.info("saved loader position not used (differs in %s); cursors derived from the step",
+                        ", ".join(differing))  # fmt: skip
+        return {}
+    return {int(k): int(v) for k, v in resume.get("cursors", {}).items()}
 
 
 def assign_shards(num_shards: int, num_splits: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
@@ -117,56 +173,87 @@ class _SplitStream(IterableDataset):
         self.num_splits = world_size * num_splits_per_rank
         self.batch_size, self.steps_per_epoch, self.seed, self.train = batch_size, steps_per_epoch, seed, train
         self.on_error, self.shuffle_buffer = on_error, shuffle_buffer
-        self.epoch = 0  # set by the main process before each epoch's workers start
+        # Set by the main process before each epoch's workers start: the epoch, the first step to yield, and the
+        # raw-sample cursor of each split at that step (missing: derived as batches done * batch_size).
+        self.epoch, self.start_step = 0, 0
+        self.start_cursors: dict[int, int] = {}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        split = self.rank * self.num_splits_per_rank + worker
+        # The DataLoader asks its workers for batches in turn, starting with worker 0, and step s of an epoch is
+        # batch s // num_splits_per_rank of local split s % num_splits_per_rank. Started at step k, worker w runs
+        # local split (w + k) % n, so worker 0 delivers step k and the turns line up with the uninterrupted run.
+        local = (worker + self.start_step) % self.num_splits_per_rank
+        split = self.rank * self.num_splits_per_rank + local
+        done = split_quota(self.start_step, self.num_splits_per_rank, local)  # this split's batches before start
+        cursor = self.start_cursors.get(split, done * self.batch_size)
         stats: Counter[str] = Counter()
-        samples = self._samples(split, stats)
+        shard_ids = assign_shards(len(self.urls), self.num_splits, self.seed, self.epoch, self.train)[split]
+        raw = self._raw(split, shard_ids, stats)
+        # Fast-forward: the encoded samples of batches already trained on pass through the stream (so buffer
+        # shuffle and wrap-around replay exactly) but are neither label-checked nor decoded.
+        stats["fast_forwarded"] += sum(1 for _ in itertools.islice(raw, cursor))
+        pass_size = sum(self.expected_counts[self.urls[i]] for i in shard_ids)
+        samples = self._decoded(raw, cursor, pass_size, stats)
         rng = np.random.default_rng([self.seed, self.epoch, split, _STREAM_FLIP])
+        if self.train:
+            rng.random(done * self.batch_size)  # the flips of the batches before start: one draw per sample
         h, w = self.image_size
-        for _ in range(split_quota(self.steps_per_epoch, self.num_splits_per_rank, worker)):
+        for _ in range(split_quota(self.steps_per_epoch, self.num_splits_per_rank, local) - done):
             images = np.empty((self.batch_size, 3, h, w), np.uint8)
             labels = np.empty(self.batch_size, np.int64)
             keys = []
             for i in range(self.batch_size):
-                key, image, labels[i] = next(samples)
+                key, image, labels[i], cursor = next(samples)
                 if self.train and rng.random() < 0.5:
                     image = image[:, ::-1]
                 images[i] = image.transpose(2, 0, 1)
                 keys.append(key)
             yield {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels), "keys": keys,
-                   "split": split, "stats": dict(stats)}  # fmt: skip
+                   "split": split, "cursor": cursor, "stats": dict(stats)}  # fmt: skip
 
-    def _samples(self, split: int, stats: Counter[str]) -> Iterator[tuple[str, np.ndarray, int]]:
-        shard_ids = assign_shards(len(self.urls), self.num_splits, self.seed, self.epoch, self.train)[split]
+    def _raw(self, split: int, shard_ids: list[int], stats: Counter[str]) -> Iterator[dict[str, Any]]:
+        """Stages 2-3: the split's encoded samples in stream order, passing over its shards again and again."""
         for pass_index in itertools.count():
             rng = np.random.default_rng([self.seed, self.epoch, split, _STREAM_SHUFFLE, pass_index])
             order = shard_ids if pass_index == 0 or not self.train else rng.permutation(shard_ids).tolist()
             raw = self._read([self.urls[i] for i in order], stats)
             if self.train:
                 raw = _buffer_shuffle(raw, self.shuffle_buffer, rng)
-            produced = 0
+            count = 0
             for sample in raw:
-                label = parse_label(sample, self.num_classes)
-                try:
-                    image = decode_image(sample, self.image_size)
-                except ImageDecodeError as exn:
-                    if self.on_error == "fail":
-                        raise
-                    stats["skipped_samples"] += 1
-                    logger.warning("skipping sample: %s", exn)
-                    continue
-                produced += 1
-                stats["samples"] += 1
-                yield sample["__key__"], image, label
-            if produced == 0:
+                count += 1
+                yield sample
+            if count == 0:
                 shards = ", ".join(self.urls[i] for i in shard_ids)
                 raise ShardError(f"split {split} (rank {self.rank}): no readable samples in shards {shards}", shards)
             stats["wraps"] += 1
             logger.debug("split %d wraps around its %d shards (pass %d)", split, len(shard_ids), pass_index + 1)
+
+    def _decoded(
+        self, raw: Iterator[dict[str, Any]], cursor: int, pass_size: int, stats: Counter[str]
+    ) -> Iterator[tuple[str, np.ndarray, int, int]]:
+        """Stage 4: ``(key, image, label, cursor)``, where ``cursor`` counts the raw samples consumed so far."""
+        bad_in_a_row = 0
+        for sample in raw:
+            cursor += 1
+            label = parse_label(sample, self.num_classes)
+            try:
+                image = decode_image(sample, self.image_size)
+            except ImageDecodeError as exn:
+                if self.on_error == "fail":
+                    raise
+                stats["skipped_samples"] += 1
+                logger.warning("skipping sample: %s", exn)
+                bad_in_a_row += 1
+                if bad_in_a_row > pass_size:  # a whole pass over the split's shards without one good image
+                    raise ShardError(f"rank {self.rank}: no decodable image in a whole pass over its shards "
+                                     f"(last: {exn})", exn.shard) from exn  # fmt: skip
+                continue
+            bad_in_a_row = 0
+            stats["samples"] += 1
+            yield sample["__key__"], image, label, cursor
 
     def _read(self, urls: list[str], stats: Counter[str]) -> Iterator[dict[str, Any]]:
         for url in urls:
@@ -202,6 +289,7 @@ class TorchFaceLoader:
         self._dataset = dataset
         self._finished: Counter[str] = Counter()
         self._current: dict[int, dict[str, int]] = {}  # split -> latest counters reported this epoch
+        self._position: dict[str, Any] = position_record(self._fingerprint, 0, 0, {})
 
     @property
     def stats(self) -> dict[str, int]:
@@ -217,21 +305,46 @@ class TorchFaceLoader:
         for images, labels, _ in self.epoch_samples(epoch):
             yield images, labels
 
-    def epoch_samples(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        """Like ``epoch_batches``, with the sample keys of each batch as a third element."""
+    def epoch_samples(
+        self, epoch: int, start_step: int = 0, resume: dict[str, Any] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """Like ``epoch_batches``, with the sample keys of each batch as a third element.
+
+        Args:
+            epoch: The epoch.
+            start_step: First step to yield; the samples of earlier steps are read past, not decoded.
+            resume: ``local_position()`` saved at ``(epoch, start_step)``: exact cursors (see ``resume_cursors``).
+        """
         for counters in self._current.values():
             self._finished.update(counters)
         self._current = {}
-        self._dataset.epoch = epoch  # workers are started per epoch (not persistent), so they see this value
+        start_step = min(max(start_step, 0), self.steps_per_epoch)
+        # Workers are started per epoch (not persistent), so they see these values.
+        self._dataset.epoch, self._dataset.start_step = epoch, start_step
+        self._dataset.start_cursors = resume_cursors(resume, self._fingerprint, epoch, start_step)
+        self._position = position_record(self._fingerprint, epoch, start_step, self._dataset.start_cursors)
         loader = DataLoader(self._dataset, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=2 if self.num_workers > 0 else None)  # fmt: skip
-        count = 0
+        count = start_step
         for batch in loader:
             self._current[batch["split"]] = batch["stats"]
             images = batch["images"].float().sub_(PIXEL_MEAN).div_(PIXEL_STD)
             count += 1
+            self._position["step_in_epoch"] = count
+            self._position["cursors"][str(batch["split"])] = batch["cursor"]
             yield images, batch["labels"], batch["keys"]
-        assert count == self.steps_per_epoch, f"yielded {count} batches, expected {self.steps_per_epoch}"
+        assert count == self.steps_per_epoch, f"yielded up to step {count}, expected {self.steps_per_epoch}"
+
+    def local_position(self) -> dict[str, Any]:
+        """This rank's position after the last batch yielded: epoch, step, raw cursor of every split that ran."""
+        return json.loads(json.dumps(self._position))  # a deep copy that is JSON-safe by construction
+
+    @property
+    def _fingerprint(self) -> dict[str, Any]:
+        d = self._dataset
+        return {"loader": "torch", "rank": d.rank, "world_size": d.num_splits // d.num_splits_per_rank,
+                "batch_size": d.batch_size, "num_splits_per_rank": d.num_splits_per_rank, "seed": d.seed,
+                "train": d.train, "digest": self.manifest.digest}  # fmt: skip
 
 
 def build_loader(

@@ -7,7 +7,7 @@ files into one checkpoint):
     model.pt               backbone state dict (+ replicated classifier state dict, + ``arch``: backbone name and
                            embedding size, so a checkpoint path alone can rebuild the backbone) (rank 0)
     optimizer.pt           optimizer(s) of replicated parameters (rank 0)
-    rng_rank{r}.pt         torch / numpy / python RNG state of rank r (every rank)
+    rng_rank{r}.pt         torch / numpy / python RNG state and data-loader position of rank r (every rank)
     partial_fc*            sharded classifier files, written by the classifier itself (every rank)
 
 Files sit flat in the directory: ranks upload concurrently, and a sub-directory that several ranks create at
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,9 @@ class TrainProgress:
     epoch: int = 0
     step_in_epoch: int = 0
     world_size: int = 1
+    # This rank's loader position after the last batch it yielded (``FaceLoader.local_position()``: epoch, step,
+    # raw-sample cursors). Cursors differ by rank, so it is saved in ``rng_rank{r}.pt``, not in progress.json.
+    local_loader_position: dict[str, Any] = field(default_factory=dict)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -92,7 +95,8 @@ class TrainCheckpoint:
         """Writes this rank's part of the checkpoint into ``directory``; returns it."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
+        torch.save({**_rng_state(), "loader_position": self.progress.local_loader_position},
+                   directory / f"rng_rank{rank}.pt")
         if self._sharded:
             unwrap(self.classifier).save_sharded(directory, rank)
         if rank == 0:
@@ -101,8 +105,8 @@ class TrainCheckpoint:
                 model_state["classifier"] = unwrap(self.classifier).state_dict()
             torch.save(model_state, directory / "model.pt")
             torch.save({k: opt.state_dict() for k, opt in self.optimizers.items()}, directory / "optimizer.pt")
-            (directory / "progress.json").write_text(
-                json.dumps({"format_version": FORMAT_VERSION, **asdict(self.progress)}, indent=2))
+            shared = {k: v for k, v in asdict(self.progress).items() if not k.startswith("local_")}  # per rank
+            (directory / "progress.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **shared}, indent=2))
         return directory
 
     def load(self, directory: str | Path, rank: int) -> TrainProgress:
@@ -125,8 +129,11 @@ class TrainCheckpoint:
         for name, opt in self.optimizers.items():
             opt.load_state_dict(opt_state[name])
         rng_file = directory / f"rng_rank{rank}.pt"
+        self.progress.local_loader_position = {}
         if rng_file.is_file():  # a rank that did not exist at save time keeps its fresh seed
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            rank_state = torch.load(rng_file, weights_only=False)
+            _set_rng_state(rank_state)
+            self.progress.local_loader_position = dict(rank_state.get("loader_position") or {})  # absent: older
         for key in ("step", "epoch", "step_in_epoch", "world_size"):
             setattr(self.progress, key, int(meta[key]))
         return self.progress
