@@ -31,8 +31,13 @@ class DataConfig(_Strict):
 
     root: str = "data/synth"
     val_bins: list[str] = Field(default_factory=lambda: ["data/synth/verification.bin"])
-    loader: Literal["torch"] = "torch"
-    num_workers: int = Field(1, ge=0)
+    loader: Literal["dali", "torch"] = Field(
+        "dali", description="dali: DALI pipeline, falling back to torch (logged with the reason) if DALI does not "
+        "import; torch: webdataset + simplejpeg in DataLoader workers")
+    decode_device: Literal["auto", "cpu", "mixed"] = Field(
+        "auto", description="DALI decoding: cpu (libjpeg-turbo), mixed (nvJPEG on the worker's GPU); "
+        "auto: mixed when scaling.use_gpu, else cpu")
+    num_workers: int = Field(1, ge=0, description="torch: DataLoader worker processes; dali: decode threads (>= 1)")
     on_error: Literal["fail", "skip"] = "fail"
 
 
