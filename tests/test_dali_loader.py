@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import socket
+import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -292,3 +296,42 @@ def test_decode_device_follows_the_worker_device() -> None:
     assert resolve_decode_device("cpu", use_gpu=True, device=torch.device("cuda", 0)) == ("cpu", None)
     with pytest.raises(DataError, match="data.decode_device=mixed decodes on the worker's GPU"):
         resolve_decode_device("mixed", use_gpu=False, device=torch.device("cpu"))
+
+
+def test_dali_reads_s3_but_training_streams_remote_shards_with_torch(tmp_path: Path, monkeypatch, caplog) -> None:
+    # A real S3 API server (moto) on 127.0.0.1; DALI's reader opens s3:// itself (endpoint from AWS_ENDPOINT_URL).
+    # NOTE: in its own process: DALI builds its pipeline holding the GIL, so a server thread in this process
+    # could not answer DALI's requests until they time out.
+    from facescale.data import storage
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        host, port = probe.getsockname()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", host, "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        for _ in range(100):  # up within a few seconds
+            with socket.socket() as conn:
+                if conn.connect_ex((host, port)) == 0:
+                    break
+            time.sleep(0.1)
+        for name in [k for k in os.environ if k.startswith("AWS_")]:
+            monkeypatch.delenv(name)
+        for name, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)  # fmt: skip
+        storage.s3_client().create_bucket(Bucket="facescale-dali")
+        expected = _write_set(tmp_path / "local", num_samples=10, per_shard=5)
+        storage.push(tmp_path / "local", "s3://facescale-dali/set", progress=False)
+        manifest = load_manifest("s3://facescale-dali/set")
+        loader = build_dali_loader(manifest, batch_size=5, rank=0, world_size=1, seed=3)  # asked for explicitly
+        assert loader.index_paths[0] == "s3://facescale-dali/set/t-000000.idx"
+        assert Counter(_pairs(loader, 0)) == Counter(expected.items())
+        # The training factory streams remote shards with the torch loader instead, and says why.
+        cfg = FaceScaleConfig.model_validate({"data": {"root": "s3://facescale-dali/set"}, "train": {"batch_size": 5}})
+        with caplog.at_level(logging.WARNING, logger="facescale.data.factory"):
+            assert isinstance(build_train_loader(cfg, 0, 1), TorchFaceLoader)
+        assert "falls back to the torch loader: the shards are remote (s3://facescale-dali/set/" in caplog.text
+    finally:
+        server.terminate()
+        server.wait()

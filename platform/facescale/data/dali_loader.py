@@ -179,7 +179,8 @@ class DaliFaceLoader:
             jpeg, cls = fn.readers.webdataset(
                 paths=paths, index_paths=indices, ext=["jpg", "cls"], missing_component_behavior="empty",
                 shard_id=self.rank, num_shards=self.world_size, stick_to_shard=True, random_shuffle=self.train,
-                initial_fill=max(1, self.shuffle_buffer), seed=reader_seed, name="reader",
+                # A buffer larger than the rank's range only makes the reader go round the range to fill it.
+                initial_fill=max(1, min(self.shuffle_buffer, self.range_size)), seed=reader_seed, name="reader",
                 # NOTE: DALI keeps the files it mmaps in a process-wide cache keyed by path, so a shard rewritten
                 # in place would be read stale by the next pipeline of this process; plain reads cost ~nothing here.
                 dont_use_mmap=True,
