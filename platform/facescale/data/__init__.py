@@ -5,6 +5,7 @@
 
 from facescale.data.convert import ConvertError, ConvertReport, from_folder, from_rec
 from facescale.data.errors import DataError, ImageDecodeError, LabelError, ManifestError, ShardError
+from facescale.data.factory import build_train_loader, dali_unavailable
 from facescale.data.loader import FaceLoader, TorchFaceLoader, build_loader
 from facescale.data.recordio import InsightFaceRec, RecordIOError
 from facescale.data.shards import (
@@ -19,6 +20,7 @@ from facescale.data.shards import (
     verify_manifest,
 )
 from facescale.data.synth import VERIFICATION_NAME, synthesize
+from facescale.data.wds_index import ensure_indices, index_shard_set
 
 __all__ = [
     "MANIFEST_NAME",
@@ -38,9 +40,13 @@ __all__ = [
     "ShardSetWriter",
     "TorchFaceLoader",
     "build_loader",
+    "build_train_loader",
+    "dali_unavailable",
     "decode_image",
+    "ensure_indices",
     "from_folder",
     "from_rec",
+    "index_shard_set",
     "iter_shard",
     "load_manifest",
     "parse_label",

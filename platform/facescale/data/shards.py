@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from facescale.data.errors import ImageDecodeError, LabelError, ManifestError, ShardError
 from facescale.data.tar_reader import iter_tar_samples
+from facescale.data.wds_index import index_name, write_index
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class ShardInfo(BaseModel):
         url: Shard file name relative to the manifest's directory (or an absolute path / URL).
         num_samples: Number of samples in the shard.
         sha256: Hex sha256 of the shard file, used by ``verify_manifest`` and the dataset digest.
+        index: Name of its DALI index file (``wds2idx`` v1.2 format), relative like ``url``; ``None`` in manifests
+            written before indices were (the DALI loader then builds one beside the shard).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -64,6 +67,7 @@ class ShardInfo(BaseModel):
     url: str = Field(min_length=1)
     num_samples: int = Field(ge=0)
     sha256: str | None = None
+    index: str | None = None
 
 
 class Manifest(BaseModel):
@@ -311,7 +315,11 @@ class ShardSetWriter:
         self._file.close()
         name = self._shard_name
         os.replace(self.out_dir / (name + ".tmp"), self.out_dir / name)
-        self._shards.append(ShardInfo(url=name, num_samples=self._count, sha256=self._hashing.hash.hexdigest()))
+        # The DALI index is written with its shard, so DALI never scans a tar at pipeline start.
+        index = write_index(self.out_dir / name, self.out_dir / index_name(name)).name
+        self._shards.append(
+            ShardInfo(url=name, num_samples=self._count, sha256=self._hashing.hash.hexdigest(), index=index)
+        )
         self._tar = self._file = self._hashing = None
 
     def abort(self) -> None:
