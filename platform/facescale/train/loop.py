@@ -10,7 +10,6 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterator
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from facescale.config import FaceScaleConfig
-from facescale.data import build_loader
+from facescale.data import build_train_loader
 from facescale.distill.cache import TeacherCache
 from facescale.distill.loss import angular_distillation_loss
 from facescale.eval.plots import plot_roc
@@ -119,8 +118,11 @@ def _init_backbone(backbone: nn.Module, cfg: FaceScaleConfig) -> None:
 
 
 def _batches(loader: Any, progress: TrainProgress) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """``(images, labels, keys)`` of the current epoch from the saved position on (seen batches are skipped)."""
-    return islice(loader.epoch_samples(progress.epoch), progress.step_in_epoch, None)
+    """``(images, labels, keys)`` of the current epoch from the saved position on (seen batches are not decoded)."""
+    resume = progress.local_loader_position
+    for batch in loader.epoch_samples(progress.epoch, start_step=progress.step_in_epoch, resume=resume):
+        progress.local_loader_position = loader.local_position()  # after this batch: what a checkpoint now saves
+        yield batch
 
 
 def train_step(backbone: nn.Module, classifier: nn.Module, optimizers: dict[str, Any], images: torch.Tensor,
@@ -182,8 +184,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     np.random.seed(cfg.train.seed + rank)
 
-    loader = build_loader(cfg.data.root, batch_size=cfg.train.batch_size, rank=rank, world_size=world_size,
-                          seed=cfg.train.seed, num_workers=cfg.data.num_workers, on_error=cfg.data.on_error)
+    loader = build_train_loader(cfg, rank, world_size, device)
     total_steps = cfg.train.max_steps or loader.steps_per_epoch * cfg.train.epochs
     backbone = build_model(cfg, device)
     classifier = build_classifier(cfg, loader.manifest.num_classes, device)
