@@ -21,7 +21,7 @@ from facescale.config import ConfigError, FaceScaleConfig
 from facescale.data import load_manifest
 from facescale.distill.pipeline import SCRATCH, TEACHER, PipelineSpec, dump_spec, generation_name, generation_of
 from facescale.distill.pipeline import stage_configs as build_stage_configs
-from facescale.distill.report import format_summary, plot_accuracy, stage_table
+from facescale.distill.report import plot_accuracy, stage_table
 from facescale.eval.plots import plot_roc
 from facescale.tracking.lineage import PipelineLineage, StageRecord
 from facescale.tracking.mlflow_run import resolve_local_uri
@@ -187,7 +187,6 @@ class PipelineRunner:
             return prev.checkpoint, prev.model_id
         if self.init is None:
             return None, "none"
-        assert self.storage is not None or self.spec.cache_dir
         directory = (self.storage or self.cache_root) / self.pipeline_run_id / "init"
         identity = self.init.model_id or _checkpoint_identity(self.spec.init)
         return _save_init(self.init, directory), identity
@@ -237,4 +236,4 @@ def run_pipeline(spec: PipelineSpec, pipeline_run_id: str | None = None, source:
     return PipelineRunner(spec, pipeline_run_id, source).run()
 
 
-__all__ = ["PipelineResult", "PipelineRunner", "default_run_id", "format_summary", "run_pipeline"]
+__all__ = ["PipelineResult", "PipelineRunner", "default_run_id", "run_pipeline"]
