@@ -49,6 +49,16 @@ class ModelConfig(_Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
+class FaultInjection(_Strict):
+    """Planted faults, to test the non-finite policy and alerting end to end (never set in real runs)."""
+
+    nonfinite_loss_steps: list[int] = Field(default_factory=list, description="optimizer steps (1-based) whose "
+                                            "loss is made NaN on rank ``rank``")
+    nonfinite_weights_step: int | None = Field(None, gt=0, description="after this optimizer step a backbone "
+                                               "weight is set to NaN on rank ``rank``")
+    rank: int = Field(0, ge=0)
+
+
 class TrainConfig(_Strict):
     """Optimisation and loop cadence. ``batch_size`` is per worker."""
 
@@ -70,6 +80,17 @@ class TrainConfig(_Strict):
     resume_from: str | None = Field(None, description="checkpoint directory to continue from (any world size)")
     init_from: str | None = Field(None, description="checkpoint directory whose backbone weights start this run "
                                   "(optimizer, schedule and classifier start fresh); ignored when resuming")
+    keep_checkpoints: int | None = Field(2, gt=0, description="committed checkpoints kept in the run's storage "
+                                         "(older ones are deleted); null keeps all")
+    nonfinite: Literal["skip", "stop"] = Field(
+        "skip", description="a NaN/inf loss or gradient: skip the update and count it, or stop the run naming the step")
+    max_consecutive_nonfinite: int = Field(20, gt=0, description="under nonfinite=skip, stop after this many "
+                                           "non-finite steps in a row (the run has diverged)")
+    step_breakdown_sync: bool = Field(True, description="synchronise the GPU at phase boundaries so the step-time "
+                                      "breakdown charges each phase its own kernels (a few % of GPU throughput)")
+    system_metrics_interval_s: float | None = Field(10.0, gt=0, description="sampling interval of the system "
+                                                    "metrics logged to MLflow (per node); null disables them")
+    inject_faults: FaultInjection = FaultInjection()
 
 
 class ScalingConfig(_Strict):
