@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from facescale.distill.config import DistillConfig
 from facescale.heads.config import ClassifierConfig
+from facescale.train.engine_config import DeepSpeedConfig
 
 
 class ConfigError(ValueError):
@@ -72,6 +73,12 @@ class TrainConfig(_Strict):
     lr_power: float = Field(2.0, gt=0, description="polynomial decay power after warm-up")
     grad_clip: float | None = Field(5.0, gt=0, description="max global grad norm of the backbone; null disables")
     bf16: bool = False
+    engine: Literal["ddp", "deepspeed"] = Field(
+        "ddp", description="how the backbone is data-parallel: ddp (torch DDP) or deepspeed (ZeRO, see "
+        "train.deepspeed); the Partial FC classifier stays outside either, with its own optimizer")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches of batch_size per optimizer step (both "
+                                  "engines); the loss is divided by it and the lr schedule steps once per update")
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     seed: int = 0
     log_every: int = Field(10, gt=0)
     eval_every: int | None = Field(None, gt=0, description="steps between verification runs; null: at the end only")
