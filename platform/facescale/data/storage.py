@@ -381,3 +381,83 @@ def pull(
     logger.info("pulled %d files (%d shards) from %s to %s", len(items) + 1, len(manifest.shards), prefix_url,
                 local_dir)  # fmt: skip
     return load_manifest(local_dir)
+
+
+# --- Object helpers for stores that are not shard sets (the training checkpoint store, facescale.train) ---------
+
+
+def list_objects(prefix_url: str) -> dict[str, int]:
+    """Every object under a prefix, at any depth.
+
+    Args:
+        prefix_url: ``s3://bucket/prefix`` (a trailing ``/`` is implied).
+
+    Returns:
+        Object name relative to the prefix (``a/b.pt`` for ``prefix/a/b.pt``) -> size in bytes.
+
+    Raises:
+        StorageError: If listing fails (names the URL).
+    """
+    bucket, key = split_s3_url(prefix_url.rstrip("/") + "/")
+    objects: dict[str, int] = {}
+    try:
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            objects.update((obj["Key"][len(key) :], int(obj["Size"])) for obj in page.get("Contents", []))
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exn:
+        raise _client_error(exn, "listing", prefix_url) from exn
+    return objects
+
+
+def delete_objects(prefix_url: str, names: list[str]) -> None:
+    """Delete the named objects under a prefix (missing ones are no error); in the order given, 1,000 a request.
+
+    Args:
+        prefix_url: ``s3://bucket/prefix``.
+        names: Object names relative to the prefix. Callers that need an order (a manifest before the files it
+            lists) make separate calls: the objects of one batch request are deleted in no defined order.
+
+    Raises:
+        StorageError: If a request fails or the service reports a key it could not delete (names the URL).
+    """
+    bucket, key = split_s3_url(prefix_url.rstrip("/") + "/")
+    client = s3_client()
+    for start in range(0, len(names), 1000):  # DeleteObjects takes at most 1,000 keys (S3 API reference)
+        batch = [{"Key": key + name} for name in names[start : start + 1000]]
+        try:
+            response = client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exn:
+            raise _client_error(exn, "deleting objects under", prefix_url) from exn
+        if errors := response.get("Errors"):
+            first = errors[0]
+            raise StorageError(f"deleting s3://{bucket}/{first.get('Key')} failed ({first.get('Code')}): "
+                               f"{first.get('Message')} ({len(errors)} keys not deleted)", prefix_url,
+                               first.get("Code"))  # fmt: skip
+
+
+def upload_file(path: str | os.PathLike[str], url: str) -> None:
+    """Upload one local file to ``s3://bucket/key`` (multipart above ``DEFAULT_TRANSFER``'s threshold).
+
+    Raises:
+        StorageError: If the upload fails after retries (names the file and URL).
+    """
+    bucket, key = split_s3_url(url)
+    try:
+        s3_client().upload_file(str(path), bucket, key, Config=DEFAULT_TRANSFER)
+    except Exception as exn:  # botocore errors and s3transfer's S3UploadFailedError (which wraps them)
+        raise _client_error(exn, f"uploading {path} to", url) from exn
+
+
+def download_file(url: str, path: str | os.PathLike[str]) -> None:
+    """Download ``s3://bucket/key`` to a local file (written to ``<path>.tmp``, then renamed).
+
+    Raises:
+        StorageError: If the download fails after retries (names the URL).
+    """
+    bucket, key = split_s3_url(url)
+    tmp = Path(str(path) + ".tmp")
+    try:
+        s3_client().download_file(bucket, key, str(tmp), Config=DEFAULT_TRANSFER)
+    except Exception as exn:  # botocore errors, and s3transfer's own for a failed part
+        tmp.unlink(missing_ok=True)
+        raise _client_error(exn, "downloading", url) from exn
+    os.replace(tmp, path)

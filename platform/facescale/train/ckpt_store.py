@@ -1,0 +1,492 @@
+"""Atomic checkpoint store: checkpoints of one run under a local directory or ``s3://`` prefix, committed last.
+
+A run's checkpoints live under its run root (``<scaling.storage_path>/<run name>/``) as ``checkpoint_<step:08d>/``:
+files written by several ranks, and ``checkpoint.json``, the commit manifest: ``{"format": 1, "name", "step",
+"world_size", "created", "files": {relative name: size in bytes}, "meta": {...the caller's...}}``.
+
+A checkpoint is committed iff its manifest exists, parses, and every file it lists exists with the listed size;
+nothing else is ever chosen for resume, so a save that dies half-way (a killed worker, a lost node) is invisible.
+
+- **Local root** (a shared filesystem on multi-node): every rank writes into ``<root>/.checkpoint_<step>.staging/``;
+  rank 0 writes the manifest there (tmp + fsync + rename) and renames the directory to ``checkpoint_<step>``,
+  which is atomic on POSIX filesystems, then fsyncs the root so the rename survives a power loss.
+- **S3 root**: each rank writes into a local temporary directory and uploads its files, then a small receipt
+  (``.written_by_rank<r>.json``: what it uploaded, with sizes). Rank 0 checks the prefix's listing against every
+  rank's receipt and puts ``checkpoint.json`` last. S3 has been strongly read-after-write consistent for PUT, LIST
+  and DELETE since December 2020 (AWS announcement), so that listing is complete.
+
+Deleting is the commit in reverse: a checkpoint is uncommitted first (S3: its manifest object goes first; local: the
+directory is renamed to a dot-name), then its files go, so an interrupted deletion never looks committed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from facescale.data.errors import DataError
+
+logger = logging.getLogger("facescale.checkpoint")
+
+MANIFEST_NAME = "checkpoint.json"
+MANIFEST_FORMAT = 1
+_CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
+# Local leftovers: a staging directory of an interrupted save, or a checkpoint being deleted.
+_LEFTOVER_RE = re.compile(r"^\.checkpoint_(\d+)\.(staging|deleting)$")
+_RECEIPT = ".written_by_rank{rank}.json"
+_RECEIPT_RE = re.compile(r"^\.written_by_rank\d+\.json$")
+_PARALLEL_FILES = 4  # uploads/downloads at once per rank (as facescale.data.storage.PARALLEL_FILES)
+
+
+class IncompleteCheckpointError(FileNotFoundError):
+    """A checkpoint is not committed: no or unreadable manifest, or a listed file is missing or has the wrong size.
+
+    Args:
+        message: What is wrong; names the checkpoint and the file.
+        checkpoint: Path or URI of the checkpoint.
+        file: The missing or mismatched file (``checkpoint.json`` when the manifest itself is the problem).
+    """
+
+    def __init__(self, message: str, checkpoint: str = "", file: str | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.file = file
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep the fields when Ray pickles the error across processes
+        return (type(self), (str(self), self.checkpoint, self.file))
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory name of the checkpoint at optimizer step ``step`` (zero-padded so names sort by step)."""
+    return f"checkpoint_{step:08d}"
+
+
+def _is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def _join(uri: str, name: str) -> str:
+    return uri.rstrip("/") + "/" + name if _is_s3(uri) else os.path.join(uri, name)
+
+
+def _normalize(uri: str | os.PathLike[str]) -> str:
+    uri = str(uri)
+    return uri.rstrip("/") if _is_s3(uri) else os.path.abspath(uri)
+
+
+def _storage() -> Any:
+    # NOTE: boto3 loads only for s3:// roots, as facescale.data does for shard sets.
+    from facescale.data import storage
+
+    return storage
+
+
+# --- reading and verifying -------------------------------------------------------------------------------------
+
+
+def _read_manifest(uri: str) -> dict[str, Any] | None:
+    """The parsed manifest of ``uri``; None if it has none."""
+    url = _join(uri, MANIFEST_NAME)
+    if _is_s3(uri):
+        storage = _storage()
+        try:
+            raw = storage.read_bytes(url)
+        except storage.StorageError as exn:
+            if exn.code in ("NoSuchKey", "404"):
+                return None
+            raise  # an unreachable store is an error, not an uncommitted checkpoint
+    elif os.path.isfile(url):
+        raw = Path(url).read_bytes()
+    else:
+        return None
+    try:
+        manifest = json.loads(raw)
+        files = manifest["files"]
+        bad = [n for n, s in files.items() if not isinstance(s, int) or s < 0 or not _safe_name(n)]
+        if manifest["format"] != MANIFEST_FORMAT or not isinstance(manifest["step"], int) or bad:
+            raise ValueError(f"format {manifest['format']} (this version reads {MANIFEST_FORMAT}), "
+                             f"step {manifest['step']!r}, bad file entries {bad[:3]}")  # fmt: skip
+    except (ValueError, KeyError, TypeError, AttributeError) as exn:  # JSONDecodeError is a ValueError
+        raise IncompleteCheckpointError(f"checkpoint {uri}: unreadable {MANIFEST_NAME}: {exn!r}", uri,
+                                        MANIFEST_NAME) from exn  # fmt: skip
+    return manifest
+
+
+def _safe_name(name: str) -> bool:
+    """A relative name that stays inside the checkpoint (a manifest can never point a download elsewhere)."""
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and "\\" not in name and ".." not in parts and "" not in parts
+
+
+def _local_sizes(uri: str, names: list[str]) -> dict[str, int]:
+    return {name: os.path.getsize(path) for name in names if os.path.isfile(path := os.path.join(uri, name))}
+
+
+def _verify(uri: str, listing: dict[str, int] | None = None) -> dict[str, Any]:
+    """The manifest of ``uri`` checked against the files there (``listing``: S3 sizes already listed, or None)."""
+    manifest = _read_manifest(uri)
+    if manifest is None:
+        raise IncompleteCheckpointError(f"checkpoint {uri} is not committed: no {MANIFEST_NAME}", uri, MANIFEST_NAME)
+    files: dict[str, int] = manifest["files"]
+    if listing is None:
+        listing = _storage().list_objects(uri) if _is_s3(uri) else _local_sizes(uri, list(files))
+    for name, size in sorted(files.items()):
+        if name not in listing:
+            raise IncompleteCheckpointError(f"checkpoint {uri} is not committed: {name}, listed in {MANIFEST_NAME}, "
+                                            f"is missing", uri, name)  # fmt: skip
+        if listing[name] != size:
+            raise IncompleteCheckpointError(f"checkpoint {uri} is not committed: {name} has {listing[name]} "
+                                            f"bytes, {MANIFEST_NAME} lists {size} (truncated or replaced)", uri,
+                                            name)  # fmt: skip
+    return manifest
+
+
+def verify_checkpoint(uri: str | os.PathLike[str]) -> dict[str, Any]:
+    """Checks that a checkpoint is committed.
+
+    Args:
+        uri: A checkpoint directory or ``s3://.../checkpoint_<step>`` prefix.
+
+    Returns:
+        Its manifest (``files``, ``step``, ``world_size``, ``meta``, ...).
+
+    Raises:
+        IncompleteCheckpointError: If it is not committed; the message names the checkpoint and the file.
+    """
+    return _verify(_normalize(uri))
+
+
+def _candidates(root: str) -> list[tuple[int, str, dict[str, int] | None]]:
+    """``(step, uri, S3 listing or None)`` of every ``checkpoint_<step>`` under ``root``, committed or not."""
+    if _is_s3(root):
+        grouped: dict[str, dict[str, int]] = {}
+        for key, size in _storage().list_objects(root).items():
+            top, _, rest = key.partition("/")
+            if rest and _CHECKPOINT_RE.match(top):
+                grouped.setdefault(top, {})[rest] = size
+        return [(int(_CHECKPOINT_RE.match(top)[1]), _join(root, top), listing) for top, listing in grouped.items()]
+    if not os.path.isdir(root):
+        return []
+    return [(int(m[1]), os.path.join(root, e.name), None) for e in os.scandir(root)
+            if e.is_dir() and (m := _CHECKPOINT_RE.match(e.name))]  # fmt: skip
+
+
+def _latest(root: str) -> str | None:
+    for _, uri, listing in sorted(_candidates(root), reverse=True):
+        try:
+            _verify(uri, listing)
+            return uri
+        except IncompleteCheckpointError as exn:
+            logger.warning("not resuming from %s: %s", uri, exn)
+    return None
+
+
+def resolve_checkpoint(uri: str | os.PathLike[str]) -> str | None:
+    """The committed checkpoint that ``uri`` names.
+
+    Args:
+        uri: A checkpoint (``.../checkpoint_<step>``), or a run root holding checkpoints (local or ``s3://``).
+
+    Returns:
+        ``uri`` itself for a committed checkpoint; for a run root, its newest committed checkpoint, or None if it
+        has none (each newer uncommitted one is logged with the reason it was skipped).
+
+    Raises:
+        IncompleteCheckpointError: If ``uri`` is a checkpoint that is not committed (names the file).
+    """
+    uri = _normalize(uri)
+    name = os.path.basename(uri)
+    if _LEFTOVER_RE.match(name):  # even with a manifest inside: only the rename to checkpoint_<step> commits
+        raise IncompleteCheckpointError(f"{uri} is not committed: the staging directory of an interrupted save, "
+                                        "or a checkpoint being deleted", uri)  # fmt: skip
+    if not _CHECKPOINT_RE.match(name) and _read_manifest(uri) is None:
+        return _latest(uri)  # a run root (a checkpoint copied under another name has a manifest)
+    _verify(uri)
+    return uri
+
+
+@contextmanager
+def local_copy(uri: str | os.PathLike[str]) -> Iterator[Path]:
+    """A verified local directory holding a committed checkpoint, for ``torch.load`` and friends.
+
+    Args:
+        uri: A committed checkpoint: local (yielded as it is) or ``s3://`` (its listed files and manifest are
+            downloaded into a temporary directory, removed on exit).
+
+    Yields:
+        The local directory.
+
+    Raises:
+        IncompleteCheckpointError: If the checkpoint is not committed, or an S3 object changed while downloading.
+    """
+    uri = _normalize(uri)
+    manifest = _verify(uri)
+    if not _is_s3(uri):
+        yield Path(uri)
+        return
+    storage = _storage()
+    with tempfile.TemporaryDirectory(prefix="facescale-ckpt-") as tmp:
+        local = Path(tmp)
+        names = sorted(manifest["files"])
+        for name in names:
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(_PARALLEL_FILES) as pool:
+            for future in [pool.submit(storage.download_file, _join(uri, n), local / n) for n in names]:
+                future.result()
+        for name, size in _local_sizes(str(local), names).items():
+            if size != manifest["files"][name]:
+                raise IncompleteCheckpointError(f"checkpoint {uri}: {name} changed while downloading ({size} "
+                                                f"bytes, {MANIFEST_NAME} lists {manifest['files'][name]})", uri,
+                                                name)  # fmt: skip
+        (local / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        logger.info("downloaded %s (%d files) to %s", uri, len(names), local)
+        yield local
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+
+def _list_files(directory: Path) -> dict[str, int]:
+    """Relative POSIX name -> size of every file under ``directory`` (the manifest excluded)."""
+    files = {}
+    for dirpath, _, filenames in os.walk(directory):
+        for filename in filenames:
+            path = Path(dirpath, filename)
+            name = path.relative_to(directory).as_posix()
+            if name != MANIFEST_NAME:
+                files[name] = path.stat().st_size
+    return files
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a directory too: fsync on its fd makes its entries (renames) durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_durably(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _retire_local(path: str) -> None:
+    """Uncommit (rename to a dot-name, fsync the parent), then remove a local checkpoint directory."""
+    parent, name = os.path.split(path)
+    doomed = os.path.join(parent, f".{name}.deleting")
+    if os.path.exists(doomed):
+        shutil.rmtree(doomed)
+    os.rename(path, doomed)
+    _fsync(parent)
+    shutil.rmtree(doomed)
+
+
+def _retire_s3(uri: str, listing: dict[str, int]) -> None:
+    """Delete a checkpoint prefix: the manifest object first (uncommitted from then on), then the rest."""
+    storage = _storage()
+    if MANIFEST_NAME in listing:
+        storage.delete_objects(uri, [MANIFEST_NAME])
+    storage.delete_objects(uri, sorted(n for n in listing if n != MANIFEST_NAME))
+
+
+class CheckpointStore:
+    """Saves checkpoints of one run atomically under its root and finds the newest committed one.
+
+    Args:
+        root: The run root: a local directory (shared by all nodes) or ``s3://bucket/prefix/<run name>``.
+        rank: This process's rank.
+        world_size: Number of ranks that call ``save`` together.
+        barrier: Waits for every rank (``torch.distributed.barrier``; a no-op for one rank).
+        keep_last: Committed checkpoints to keep (the newest by step); None keeps all.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], rank: int, world_size: int, barrier: Callable[[], None],
+                 keep_last: int | None = 2) -> None:  # fmt: skip
+        if not 0 <= rank < world_size:
+            raise ValueError(f"CheckpointStore: rank {rank} is not in [0, world_size={world_size})")
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"CheckpointStore: keep_last must be >= 1 or None, got {keep_last}")
+        self.root = _normalize(root)
+        self.rank = rank
+        self.world_size = world_size
+        self.barrier = barrier
+        self.keep_last = keep_last
+
+    def checkpoint_uri(self, step: int) -> str:
+        """Where the checkpoint of ``step`` is (or would be) committed."""
+        return _join(self.root, checkpoint_name(step))
+
+    def latest(self) -> str | None:
+        """The newest committed checkpoint under the root (by step), or None; skipped newer ones are logged."""
+        return _latest(self.root)
+
+    def save(self, step: int, write_files: Callable[[Path], None], meta: dict[str, Any] | None = None) -> str:
+        """Writes and commits the checkpoint of ``step``. COLLECTIVE: every rank calls it with the same step.
+
+        A rank whose ``write_files`` raises leaves the others waiting at the barrier; under Ray Train the worker
+        group is torn down then, and the half-written checkpoint is never committed.
+
+        Args:
+            step: Optimizer step; names the checkpoint ``checkpoint_<step:08d>`` (an existing one is replaced).
+            write_files: Called once on every rank with a local directory; each rank writes its own files there
+                (names must differ across ranks). For a local root it is the shared staging directory.
+            meta: JSON-serialisable record stored in the manifest (progress, metrics, config digest).
+
+        Returns:
+            The committed checkpoint's path or ``s3://`` URI (the same on every rank).
+
+        Raises:
+            ValueError: If ``step`` is negative or ``meta`` is not JSON-serialisable.
+            IncompleteCheckpointError: (rank 0, S3) If a rank's upload is missing or has the wrong size.
+        """
+        if step < 0:
+            raise ValueError(f"checkpoint step must be >= 0, got {step}")
+        try:
+            json.dumps(meta or {})
+        except TypeError as exn:
+            raise ValueError(f"checkpoint {checkpoint_name(step)}: meta is not JSON-serialisable: {exn}") from exn
+        save = self._save_s3 if _is_s3(self.root) else self._save_local
+        return save(step, write_files, dict(meta or {}))
+
+    def _manifest(self, step: int, files: dict[str, int], meta: dict[str, Any]) -> dict[str, Any]:
+        return {"format": MANIFEST_FORMAT, "name": checkpoint_name(step), "step": step,
+                "world_size": self.world_size, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "files": dict(sorted(files.items())), "meta": meta}  # fmt: skip
+
+    def _save_local(self, step: int, write_files: Callable[[Path], None], meta: dict[str, Any]) -> str:
+        final = Path(self.checkpoint_uri(step))
+        staging = final.with_name(f".{final.name}.staging")
+        if self.rank == 0:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if staging.exists():
+                logger.info("removing %s, left by an interrupted save", staging)
+                shutil.rmtree(staging)
+            staging.mkdir()
+        self.barrier()  # NOTE: nobody writes before the stale staging directory is gone and the fresh one exists
+        write_files(staging)
+        self.barrier()  # NOTE: every rank's files are closed in staging before rank 0 lists them
+        if self.rank == 0:
+            files = _list_files(staging)
+            for name in files:
+                _fsync(staging / name)
+            _write_json_durably(staging / MANIFEST_NAME, self._manifest(step, files, meta))
+            _fsync(staging)
+            replaced = final.with_name(f".{final.name}.deleting")
+            if final.exists():  # a save of the same step again: retire the old one around the commit
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.rename(final, replaced)
+            os.rename(staging, final)  # the commit
+            _fsync(final.parent)
+            shutil.rmtree(replaced, ignore_errors=True)
+            logger.info("committed %s (%d files, %d bytes)", final, len(files), sum(files.values()))
+            self._retain(step)
+        self.barrier()  # NOTE: no rank returns (and reports the checkpoint) before it is committed
+        return str(final)
+
+    def _save_s3(self, step: int, write_files: Callable[[Path], None], meta: dict[str, Any]) -> str:
+        storage = _storage()
+        uri = self.checkpoint_uri(step)
+        if self.rank == 0:
+            if stale := storage.list_objects(uri):
+                logger.info("removing %d objects of %s, left by an earlier attempt", len(stale), uri)
+                _retire_s3(uri, stale)
+        self.barrier()  # NOTE: nobody uploads before stale objects of this step are gone
+        with tempfile.TemporaryDirectory(prefix=f"facescale-{checkpoint_name(step)}-rank{self.rank}-") as tmp:
+            local = Path(tmp)
+            write_files(local)
+            files = _list_files(local)
+            if reserved := [n for n in files if _RECEIPT_RE.match(n)]:
+                raise ValueError(f"checkpoint {uri}: rank {self.rank} wrote reserved file names {reserved}")
+            with ThreadPoolExecutor(_PARALLEL_FILES) as pool:
+                for future in [pool.submit(storage.upload_file, local / n, _join(uri, n)) for n in files]:
+                    future.result()
+            receipt = _RECEIPT.format(rank=self.rank)
+            _write_json_durably(local / receipt, {"rank": self.rank, "files": files})
+            storage.upload_file(local / receipt, _join(uri, receipt))  # after this rank's files
+            self.barrier()  # NOTE: every rank's uploads and receipt are in before rank 0 checks the listing
+            if self.rank == 0:
+                committed = self._check_receipts(uri, storage.list_objects(uri))
+                _write_json_durably(local / MANIFEST_NAME, self._manifest(step, committed, meta))
+                storage.upload_file(local / MANIFEST_NAME, _join(uri, MANIFEST_NAME))  # the commit, last
+                logger.info("committed %s (%d files, %d bytes)", uri, len(committed), sum(committed.values()))
+                self._retain(step)
+        self.barrier()  # NOTE: no rank returns (and reports the checkpoint) before it is committed
+        return uri
+
+    def _check_receipts(self, uri: str, listing: dict[str, int]) -> dict[str, int]:
+        """Every rank's uploaded files, checked against the listing: name -> size."""
+        files: dict[str, int] = {}
+        owner: dict[str, int] = {}
+        for rank in range(self.world_size):
+            receipt = _RECEIPT.format(rank=rank)
+            if receipt not in listing:
+                raise IncompleteCheckpointError(f"saving {uri}: rank {rank} did not finish uploading (no {receipt})",
+                                                uri, receipt)  # fmt: skip
+            for name, size in json.loads(_storage().read_bytes(_join(uri, receipt)))["files"].items():
+                if name in owner:
+                    raise ValueError(f"saving {uri}: {name} was written by rank {owner[name]} and rank {rank}")
+                if listing.get(name) != size:
+                    raise IncompleteCheckpointError(f"saving {uri}: {name} of rank {rank} is {listing.get(name)} "
+                                                    f"bytes on S3, {size} were written", uri, name)  # fmt: skip
+                files[name], owner[name] = size, rank
+        if extra := sorted(set(listing) - set(files) - {MANIFEST_NAME} - {n for n in listing if _RECEIPT_RE.match(n)}):
+            logger.warning("%s: %d objects no rank wrote (left out of %s): %s", uri, len(extra), MANIFEST_NAME,
+                           extra[:5])  # fmt: skip
+        return files
+
+    def _retain(self, step: int) -> None:
+        """Rank 0, after committing ``step``: drop old checkpoints beyond ``keep_last`` and leftovers of earlier
+        attempts. Failures are logged, never raised: the new checkpoint is committed, and the next save retries."""
+        try:
+            self._retain_or_raise(step, _is_s3(self.root))
+        except (OSError, DataError) as exn:  # I/O only; a half-done deletion is uncommitted, so it is never used
+            logger.warning("cleaning up old checkpoints under %s after step %d failed (retried after the next "
+                           "save): %r", self.root, step, exn)  # fmt: skip
+
+    def _retain_or_raise(self, step: int, s3: bool) -> None:
+        if not s3:
+            for entry in os.scandir(self.root):
+                if entry.is_dir() and _LEFTOVER_RE.match(entry.name):
+                    logger.info("removing %s, left by an interrupted save or deletion", entry.path)
+                    shutil.rmtree(entry.path)
+        committed = []
+        for other, uri, listing in sorted(_candidates(self.root), reverse=True):
+            try:
+                _verify(uri, listing)
+            except IncompleteCheckpointError as exn:
+                if s3 and listing is not None and MANIFEST_NAME not in listing:
+                    # No manifest on S3: objects of an interrupted save or deletion; nobody will commit them now.
+                    logger.info("removing %s: %s", uri, exn)
+                    _retire_s3(uri, listing)
+                else:  # a manifest whose files are broken, or a directory this store did not write: keep, for a human
+                    logger.warning("leaving %s in place: %s", uri, exn)
+                continue
+            if other > step:
+                # NOTE: a run resumed from an older checkpoint continues that timeline; a newer checkpoint of the
+                # abandoned one would be picked by latest() after the next failure, so it is removed.
+                logger.warning("removing %s: newer than the checkpoint just saved (step %d), from an abandoned "
+                               "attempt", uri, step)  # fmt: skip
+            elif self.keep_last is None or len(committed) < self.keep_last:
+                committed.append(uri)
+                continue
+            else:
+                logger.info("removing %s (keep_last=%d)", uri, self.keep_last)
+            if s3:
+                _retire_s3(uri, listing or {})
+            else:
+                _retire_local(uri)
