@@ -32,8 +32,14 @@ from facescale.config import load_config  # noqa: E402
 from facescale.data import build_loader, load_manifest, synthesize  # noqa: E402
 from facescale.distill.cache import TeacherCache, commit_cache, embed_shard  # noqa: E402
 from facescale.models import build_backbone  # noqa: E402
-from facescale.train.components import build_classifier, build_model, build_optimizers  # noqa: E402
-from facescale.train.loop import train_step  # noqa: E402
+from facescale.train.components import (  # noqa: E402
+    build_bare_backbone,
+    build_classifier,
+    build_classifier_optimizer,
+)
+from facescale.train.engine import build_engine  # noqa: E402
+from facescale.train.observe import StepTimer  # noqa: E402
+from facescale.train.step import train_step  # noqa: E402
 
 TEACHER, STUDENT, EMBEDDING = "iresnet_tiny", "iresnet_nano", 128
 
@@ -44,9 +50,11 @@ def run_mode(mode: str, root: Path, cache_dir: Path, steps: int, batch_size: int
                              f"train.batch_size={batch_size}"])
     torch.manual_seed(0)
     loader = build_loader(root, batch_size, rank=0, world_size=1, seed=0, num_workers=1)
-    backbone = build_model(cfg, torch.device("cpu"))
-    classifier = build_classifier(cfg, loader.manifest.num_classes, torch.device("cpu"))
-    optimizers = build_optimizers(cfg, backbone, classifier)
+    cpu = torch.device("cpu")
+    engine = build_engine(cfg, build_bare_backbone(cfg, cpu), cpu)
+    classifier = build_classifier(cfg, loader.manifest.num_classes, cpu)
+    classifier_opt = build_classifier_optimizer(cfg, classifier)
+    timer = StepTimer(cpu)
     cache = TeacherCache(cache_dir, root) if mode == "cached" else None
     teacher = build_backbone(TEACHER, EMBEDDING).eval() if mode == "online" else None
     times = []
@@ -60,7 +68,7 @@ def run_mode(mode: str, root: Path, cache_dir: Path, steps: int, batch_size: int
         elif teacher is not None:
             with torch.no_grad():
                 targets = teacher(images) + teacher(torch.flip(images, dims=[3]))
-        train_step(backbone, classifier, optimizers, images, labels, cfg, targets)
+        train_step(engine, classifier, classifier_opt, [(images, labels, targets)], cfg, timer, cpu)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times[2:])
     return {"mode": mode, "step_s": round(step_s, 4), "samples_per_s": round(batch_size / step_s, 1)}

@@ -109,6 +109,16 @@ class Tracker:
         for start in range(0, len(batch), 1000):
             self._client.log_batch(self.run_id, metrics=batch[start:start + 1000])
 
+    def set_tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self._client.set_tag(self.run_id, key, value[:5000])  # MLflow's tag value limit is 8000
+
+    def last_step(self, metric: str) -> int:
+        """The highest step at which ``metric`` was logged in this run (0 if never; always 0 off rank 0)."""
+        if not self.enabled:
+            return 0
+        return max((m.step for m in self._client.get_metric_history(self.run_id, metric)), default=0)
+
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         if self.enabled:
             self._client.log_text(self.run_id, json.dumps(data, indent=2, default=float), artifact_file)

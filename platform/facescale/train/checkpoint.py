@@ -6,12 +6,16 @@ files into one checkpoint):
     progress.json          step, epoch, step in epoch, world size at save, format version (rank 0)
     model.pt               backbone state dict (+ replicated classifier state dict, + ``arch``: backbone name and
                            embedding size, so a checkpoint path alone can rebuild the backbone) (rank 0)
-    optimizer.pt           optimizer(s) of replicated parameters (rank 0)
+    optimizer.pt           optimizer(s) of replicated parameters, and under ``"engine"`` the backbone engine's optimizer
+                           state keyed by parameter name, gathered from every rank (world-size independent) (rank 0)
     rng_rank{r}.pt         torch / numpy / python RNG state and data-loader position of rank r (every rank)
     partial_fc*            sharded classifier files, written by the classifier itself (every rank)
 
 Files sit flat in the directory: ranks upload concurrently, and a sub-directory that several ranks create at
 the same moment was seen to lose one rank's file.
+
+Where the checkpoint goes, and how it is committed so that a half-written one is never used, is the job of
+:mod:`facescale.train.ckpt_store`; this module only writes and reads the files of one checkpoint directory.
 
 A sharded classifier (Partial FC) implements ``save_sharded(directory, rank)`` and ``load_sharded(directory)``;
 everything else is replicated and saved once by rank 0.
@@ -40,6 +44,8 @@ class TrainProgress:
     epoch: int = 0
     step_in_epoch: int = 0
     world_size: int = 1
+    nonfinite_skipped: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient (train.nonfinite: skip)
+    resumes: int = 0  # how many times this run was resumed from a checkpoint (restarts after failures included)
     # This rank's loader position after the last batch it yielded (``FaceLoader.local_position()``: epoch, step,
     # raw-sample cursors). Cursors differ by rank, so it is saved in ``rng_rank{r}.pt``, not in progress.json.
     local_loader_position: dict[str, Any] = field(default_factory=dict)
@@ -77,11 +83,14 @@ class TrainCheckpoint:
         optimizers: Named optimizers of replicated parameters (saved by rank 0).
         progress: Mutable progress record of the loop.
         arch: ``{"backbone": name, "embedding_size": n}`` written beside the weights (read by ``load_arch``).
+        engine: The backbone engine (``facescale.train.engine``), when it owns the backbone's optimizer. Its state
+            is gathered collectively, so with an engine every rank must call :meth:`save` and :meth:`load`.
     """
 
     def __init__(self, backbone: nn.Module, classifier: nn.Module, optimizers: dict[str, Any],
-                 progress: TrainProgress, arch: dict[str, Any] | None = None) -> None:
+                 progress: TrainProgress, arch: dict[str, Any] | None = None, engine: Any = None) -> None:
         self.arch = dict(arch or {})
+        self.engine = engine
         self.backbone = backbone
         self.classifier = classifier
         self.optimizers = optimizers
@@ -99,12 +108,17 @@ class TrainCheckpoint:
                    directory / f"rng_rank{rank}.pt")
         if self._sharded:
             unwrap(self.classifier).save_sharded(directory, rank)
+        engine_state = self.engine.state_dict() if self.engine is not None else None  # collective
         if rank == 0:
-            model_state: dict[str, Any] = {"backbone": unwrap(self.backbone).state_dict(), "arch": self.arch}
+            backbone_state = engine_state["backbone"] if engine_state else unwrap(self.backbone).state_dict()
+            model_state: dict[str, Any] = {"backbone": backbone_state, "arch": self.arch}
             if not self._sharded:
                 model_state["classifier"] = unwrap(self.classifier).state_dict()
             torch.save(model_state, directory / "model.pt")
-            torch.save({k: opt.state_dict() for k, opt in self.optimizers.items()}, directory / "optimizer.pt")
+            opt_state = {k: opt.state_dict() for k, opt in self.optimizers.items()}
+            if engine_state:
+                opt_state["engine"] = engine_state["optimizer"]
+            torch.save(opt_state, directory / "optimizer.pt")
             shared = {k: v for k, v in asdict(self.progress).items() if not k.startswith("local_")}  # per rank
             (directory / "progress.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **shared}, indent=2))
         return directory
@@ -120,13 +134,22 @@ class TrainCheckpoint:
             raise ValueError(f"checkpoint {directory}: format_version {meta.get('format_version')} "
                              f"!= supported {FORMAT_VERSION}")
         model_state = torch.load(directory / "model.pt", map_location="cpu", weights_only=False)
-        unwrap(self.backbone).load_state_dict(model_state["backbone"])
+        opt_state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False)
+        if self.engine is not None:
+            if "engine" not in opt_state:
+                raise ValueError(f"checkpoint {directory} has no backbone optimizer state under 'engine' "
+                                 "(written before engines existed): start from it with train.init_from instead")
+            self.engine.load_state_dict({"backbone": model_state["backbone"], "optimizer": opt_state["engine"]})
+        else:
+            unwrap(self.backbone).load_state_dict(model_state["backbone"])
         if self._sharded:
             unwrap(self.classifier).load_sharded(directory)
         else:
             unwrap(self.classifier).load_state_dict(model_state["classifier"])
-        opt_state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False)
         for name, opt in self.optimizers.items():
+            if name not in opt_state:
+                raise ValueError(f"checkpoint {directory}: optimizer.pt has no state for optimizer {name!r} "
+                                 f"(it holds {sorted(opt_state)})")
             opt.load_state_dict(opt_state[name])
         rng_file = directory / f"rng_rank{rank}.pt"
         self.progress.local_loader_position = {}
@@ -136,4 +159,6 @@ class TrainCheckpoint:
             self.progress.local_loader_position = dict(rank_state.get("loader_position") or {})  # absent: older
         for key in ("step", "epoch", "step_in_epoch", "world_size"):
             setattr(self.progress, key, int(meta[key]))
+        for key in ("nonfinite_skipped", "resumes"):  # absent in checkpoints that predate them
+            setattr(self.progress, key, int(meta.get(key, 0)))
         return self.progress

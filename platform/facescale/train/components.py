@@ -1,4 +1,4 @@
-"""Builds the pieces the loop trains: backbone, classifier and their optimizers, from the config tree."""
+"""Builds the pieces the loop trains from the config tree: the bare backbone, the classifier and its optimizer."""
 
 from __future__ import annotations
 
@@ -25,13 +25,12 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(module, device_ids=device_ids)
 
 
-def build_model(cfg: FaceScaleConfig, device: torch.device) -> nn.Module:
-    """The backbone named in the config, on ``device``, DDP-wrapped when distributed."""
+def build_bare_backbone(cfg: FaceScaleConfig, device: torch.device) -> nn.Module:
+    """The backbone named in the config, on ``device``, unwrapped (the engine wraps it: DDP or DeepSpeed)."""
     kwargs: dict[str, Any] = {}
     if cfg.model.dropout:
         kwargs["dropout"] = cfg.model.dropout
-    backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size, **kwargs).to(device)
-    return wrap_ddp(backbone, device)
+    return build_backbone(cfg.model.backbone, cfg.model.embedding_size, **kwargs).to(device)
 
 
 def build_classifier(cfg: FaceScaleConfig, num_classes: int, device: torch.device) -> nn.Module:
@@ -49,28 +48,18 @@ def build_classifier(cfg: FaceScaleConfig, num_classes: int, device: torch.devic
     raise ValueError(f"classifier.type {c.type!r} is not supported")
 
 
-def build_optimizers(cfg: FaceScaleConfig, backbone: nn.Module, classifier: nn.Module) -> dict[str, Any]:
-    """Backbone SGD (momentum, weight decay); a replicated classifier joins it, Partial FC gets its own.
+def build_classifier_optimizer(cfg: FaceScaleConfig, classifier: nn.Module) -> torch.optim.Optimizer:
+    """The classifier's own optimizer: SGD for a replicated head, the sparse row optimizer for Partial FC.
 
-    Returns:
-        ``{"sgd": ...}`` and, for Partial FC, ``{"partial_fc": ...}`` -- the latter's state is sharded and saved
-        by the classifier itself (``attach_optimizer``), not with the replicated optimizers.
+    The backbone's optimizer belongs to the engine (``facescale.train.engine``). Partial FC's state is sharded and
+    saved by the classifier itself (``attach_optimizer``); a replicated head's is saved by rank 0.
     """
     t = cfg.train
     if isinstance(classifier, PartialFC):
-        sgd = torch.optim.SGD(backbone.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         c = cfg.classifier
         pfc_opt = build_partial_fc_optimizer(classifier.parameters(), "sgd", lr=t.lr, momentum=t.momentum,
                                              weight_decay=t.weight_decay, state_dtype=c.state_dtype,
                                              dense=c.dense_state)
         classifier.attach_optimizer(pfc_opt)
-        return {"sgd": sgd, "partial_fc": pfc_opt}
-    params = [{"params": list(backbone.parameters()), "name": "backbone"},
-              {"params": list(classifier.parameters()), "name": "classifier"}]
-    sgd = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return {"sgd": sgd}
-
-
-def replicated_optimizers(optimizers: dict[str, Any]) -> dict[str, Any]:
-    """The optimizers whose state is the same on every rank (saved once, by rank 0)."""
-    return {k: v for k, v in optimizers.items() if k != "partial_fc"}
+        return pfc_opt
+    return torch.optim.SGD(classifier.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)

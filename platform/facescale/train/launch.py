@@ -13,9 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlflow.tracking import MlflowClient
+
 from facescale.config import FaceScaleConfig, dump_config
 from facescale.data import load_manifest
 from facescale.tracking.mlflow_run import end_run, reopen_run, resolve_local_uri, start_run
+from facescale.train.ckpt_store import resolve_checkpoint
+from facescale.train.step import STOP_TAG, NonFiniteError
 
 log = logging.getLogger("facescale.launch")
 
@@ -39,8 +43,8 @@ def check_inputs(cfg: FaceScaleConfig) -> None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"data.val_bins: verification file not found: {path}")
     resume = cfg.train.resume_from
-    if resume and "://" not in resume and not (Path(resume) / "progress.json").is_file():
-        raise FileNotFoundError(f"train.resume_from: {resume} is not a complete checkpoint (no progress.json)")
+    if resume and resolve_checkpoint(resume) is None:  # an uncommitted checkpoint raises, naming what is missing
+        raise FileNotFoundError(f"train.resume_from: {resume} holds no committed checkpoint")
     init = cfg.train.init_from
     if init and "://" not in init and not (Path(init) / "model.pt").is_file():
         raise FileNotFoundError(f"train.init_from: {init} is not a training checkpoint (no model.pt)")
@@ -84,7 +88,7 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, paren
     Returns:
         The run's id, final metrics and last checkpoint.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from facescale.train.loop import train_worker
@@ -106,29 +110,34 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, paren
     init_ray(cfg)
     storage = cfg.scaling.storage_path
     storage = storage if "://" in storage else str(Path(storage).resolve())
+    name = ray_run_name or f"facescale-{run_id}"
+    run_root = f"{storage.rstrip('/')}/{name}"  # the run's checkpoints (facescale.train.ckpt_store) live here
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking_uri},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking_uri,
+                           "run_root": run_root},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=RunConfig(name=ray_run_name or f"facescale-{run_id}", storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        # Checkpoints are committed by the workers themselves (atomically, with retention), not through Ray's
+        # checkpoint upload: a restarted worker group resumes from the newest committed one in run_root.
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
     )
     t0 = time.perf_counter()
     ok = False
     try:
         result = trainer.fit()
-        ok = result.error is None
         if result.error is not None:
             raise result.error
+        stop = MlflowClient(tracking_uri).get_run(run_id).data.tags.get(STOP_TAG)  # set by the workers
+        if stop:
+            raise NonFiniteError(stop)
+        ok = True
     finally:
         end_run(tracking_uri, run_id, ok)
-    ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    if ckpt and "://" in storage and "://" not in ckpt:  # pyarrow paths drop the scheme: keep it a URI
-        ckpt = f"{storage.split('://', 1)[0]}://{ckpt}"
-    return TrainResult(run_id, tracking_uri, dict(result.metrics or {}), ckpt, time.perf_counter() - t0, cfg)
+    metrics = dict(result.metrics or {})
+    return TrainResult(run_id, tracking_uri, metrics, metrics.get("checkpoint"), time.perf_counter() - t0, cfg)
 
 
 def format_results(res: TrainResult) -> str:

@@ -1,14 +1,21 @@
 """The per-worker training loop that Ray Train runs on every worker.
 
-It reads as named steps: load batch → forward → classifier loss → backward → step → report. Rank checks live
-in the :class:`~facescale.tracking.mlflow_run.Tracker` and :class:`StepLogger`, not in the loop.
+It reads as named steps: load micro-batches → optimizer step (``facescale.train.step``) → report → checkpoint. Rank
+checks live in the :class:`~facescale.tracking.mlflow_run.Tracker` and the objects of ``observe.py``.
+
+Recovery: checkpoints are committed to the run's storage (``facescale.train.ckpt_store``) every
+``train.checkpoint_every`` steps. When a worker dies, Ray Train (``scaling.max_failures``) restarts the worker
+group, and every worker resumes from the newest committed checkpoint of the run: backbone and its optimizer (the
+engine's), classifier and its optimizer (Partial FC by class range), progress, RNG and each rank's data position.
+The same happens when the run is started again under the same Ray Train run name, also on another number of
+workers (elastic resume; see :func:`_rescale_position`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,20 +23,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from facescale.config import FaceScaleConfig
 from facescale.data import build_train_loader
 from facescale.distill.cache import TeacherCache
-from facescale.distill.loss import angular_distillation_loss
-from facescale.eval.plots import plot_roc
-from facescale.eval.verification import verify_model
 from facescale.tracking.mlflow_run import Tracker
 from facescale.train.checkpoint import TrainCheckpoint, TrainProgress, load_backbone_state, unwrap
-from facescale.train.components import build_classifier, build_model, build_optimizers, replicated_optimizers
+from facescale.train.ckpt_store import CheckpointStore, local_copy, resolve_checkpoint
+from facescale.train.components import build_bare_backbone, build_classifier, build_classifier_optimizer
+from facescale.train.engine import build_engine
+from facescale.train.observe import StepLogger, StepTimer, SystemMonitor, Verifier, format_summary
 from facescale.train.schedule import lr_at
+from facescale.train.step import STOP_TAG, NonFiniteError, _any_rank, first_nonfinite, train_step
 
 log = logging.getLogger("facescale.train")
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 
 def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -42,69 +51,70 @@ def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return {n: float(v) / dist.get_world_size() for n, v in zip(names, t.tolist())}
 
 
-class StepLogger:
-    """Progress lines (samples/s, loss, lr) on rank 0 and per-step metrics to MLflow."""
-
-    def __init__(self, tracker: Tracker, rank: int, global_batch: int, total_steps: int) -> None:
-        self.tracker, self.rank, self.global_batch, self.total_steps = tracker, rank, global_batch, total_steps
-        self._t0, self._steps = time.perf_counter(), 0
-
-    def step_done(self) -> None:
-        self._steps += 1
-
-    def flush(self, step: int, losses: dict[str, float], lr: float) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        metrics = {f"train/{name}": value for name, value in losses.items()}
-        metrics.update({"train/lr": lr, "train/samples_per_s": self._steps * self.global_batch / elapsed})
-        self._t0, self._steps = time.perf_counter(), 0
-        self.tracker.log_metrics(metrics, step)
-        if self.rank == 0:
-            parts = "".join(f"  {name} {value:.4f}" for name, value in losses.items() if name != "loss")
-            log.info("step %d/%d  loss %.4f%s  lr %.5f  %.1f samples/s", step, self.total_steps, losses["loss"],
-                     parts, lr, metrics["train/samples_per_s"])
-        return metrics
+def _batches(loader: Any, progress: TrainProgress) -> Iterator[MicroBatch]:
+    """``(images, labels, keys)`` of the current epoch from the saved position on (seen batches are not decoded)."""
+    resume = progress.local_loader_position
+    for batch in loader.epoch_samples(progress.epoch, start_step=progress.step_in_epoch, resume=resume):
+        progress.local_loader_position = loader.local_position()  # after this batch: what a checkpoint now saves
+        yield batch
 
 
-class Verifier:
-    """Runs the verification sets on rank 0 and logs accuracy, threshold and the ROC plot."""
+def step_groups(loader: Any, progress: TrainProgress, accum: int) -> Iterator[list[MicroBatch]]:
+    """Groups of ``accum`` micro-batches, one per optimizer step, endlessly over epochs.
 
-    def __init__(self, cfg: FaceScaleConfig, tracker: Tracker, rank: int, device: torch.device) -> None:
-        self.bins = [Path(p) for p in cfg.data.val_bins]
-        self.batch_size = cfg.train.eval_batch_size
-        self.tracker, self.rank, self.device = tracker, rank, device
-        self._cache: dict[str, Any] = {}
-
-    def run(self, backbone: nn.Module, step: int, plot_dir: Path | None = None) -> dict[str, float]:
-        if self.rank != 0 or not self.bins:
-            return {}
-        metrics, curves = {}, {}
-        for path in self.bins:
-            res = verify_model(backbone, path, self.batch_size, self.device, cache=self._cache)
-            name = path.stem
-            curves[name] = res
-            metrics[f"val/{name}/accuracy"] = res["accuracy_mean"]
-            metrics[f"val/{name}/accuracy_std"] = res["accuracy_std"]
-            metrics[f"val/{name}/threshold"] = res["best_threshold"]
-            log.info("step %d  verification %s: %.2f%% ± %.2f  threshold %.2f", step, name,
-                     100 * res["accuracy_mean"], 100 * res["accuracy_std"], res["best_threshold"])
-        self.tracker.log_metrics(metrics, step)
-        if plot_dir is not None:
-            png = plot_roc(curves, plot_dir / "roc.png", title=f"Verification ROC at step {step}")
-            self.tracker.log_artifact(png, "plots")
-            for name, res in curves.items():  # the curve itself, so pipelines can overlay generations
-                self.tracker.log_dict({"step": step, **{k: _plain(res[k]) for k in _CURVE_KEYS}},
-                                      f"verification/{name}.json")
-        return metrics
+    ``progress.step_in_epoch`` counts micro-batches. An epoch ends after ``steps_per_epoch // accum`` groups: the
+    last ``steps_per_epoch % accum`` micro-batches of an epoch are not used (one optimizer step never spans epochs).
+    """
+    usable = (loader.steps_per_epoch // accum) * accum
+    if usable == 0:
+        raise ValueError(f"train.grad_accum_steps={accum} exceeds the {loader.steps_per_epoch} batches of an epoch")
+    while True:
+        group: list[MicroBatch] = []
+        if progress.step_in_epoch < usable:
+            for batch in _batches(loader, progress):
+                progress.step_in_epoch += 1
+                group.append(batch)
+                if len(group) == accum:
+                    yield group
+                    group = []
+                if progress.step_in_epoch >= usable:
+                    break
+        progress.epoch += 1
+        progress.step_in_epoch = 0
 
 
-_CURVE_KEYS = ("accuracy_mean", "accuracy_std", "best_threshold", "fpr", "tpr")
+def planned_total_steps(cfg: FaceScaleConfig, progress: TrainProgress, steps_per_epoch: int) -> int:
+    """Optimizer steps of the whole run: ``train.max_steps``, or what the remaining epochs hold at this world size.
+
+    ``steps_per_epoch`` is the loader's (micro-batches). After an elastic resume the remaining epochs are counted at
+    the new world size, so the run still ends after ``train.epochs`` epochs.
+    """
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    per_epoch = steps_per_epoch // cfg.train.grad_accum_steps
+    remaining = (cfg.train.epochs - progress.epoch) * per_epoch - progress.step_in_epoch // cfg.train.grad_accum_steps
+    return progress.step + max(remaining, 0)
 
 
-def _plain(value: Any) -> Any:
-    return value.tolist() if isinstance(value, np.ndarray) else value
+def _rescale_position(progress: TrainProgress, world_size: int, accum: int) -> None:
+    """Maps the epoch position of a checkpoint saved on another world size onto this one (elastic resume).
+
+    The position is kept as the number of samples consumed in the epoch, rounded down to whole optimizer steps at
+    the new size. Ranks read other samples than before, so within this one epoch some samples may be seen twice
+    and others not at all; from the next epoch on, coverage is as in any run of this size.
+    """
+    saved = progress.world_size
+    if saved == world_size:
+        return
+    micro = progress.step_in_epoch * saved // world_size
+    log.info("elastic resume: checkpoint saved on %d workers, continuing on %d; epoch %d position %d -> %d "
+             "micro-batches", saved, world_size, progress.epoch, progress.step_in_epoch, micro - micro % accum)
+    progress.step_in_epoch = micro - micro % accum
+    progress.local_loader_position = {}
+    progress.world_size = world_size
 
 
-def _init_backbone(backbone: nn.Module, cfg: FaceScaleConfig) -> None:
+def _init_backbone(engine: Any, cfg: FaceScaleConfig) -> None:
     """Starts from another run's backbone weights (``train.init_from``), refusing a different architecture."""
     import ray.train
 
@@ -114,64 +124,69 @@ def _init_backbone(backbone: nn.Module, cfg: FaceScaleConfig) -> None:
     want = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size}
     if arch and arch != want:
         raise ValueError(f"train.init_from: {source} holds {arch}, this run trains {want}")
-    unwrap(backbone).load_state_dict(state)
+    unwrap(engine.backbone).load_state_dict(state)
 
 
-def _batches(loader: Any, progress: TrainProgress) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """``(images, labels, keys)`` of the current epoch from the saved position on (seen batches are not decoded)."""
-    resume = progress.local_loader_position
-    for batch in loader.epoch_samples(progress.epoch, start_step=progress.step_in_epoch, resume=resume):
-        progress.local_loader_position = loader.local_position()  # after this batch: what a checkpoint now saves
-        yield batch
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
-def train_step(backbone: nn.Module, classifier: nn.Module, optimizers: dict[str, Any], images: torch.Tensor,
-               labels: torch.Tensor, cfg: FaceScaleConfig, teacher: torch.Tensor | None = None) -> dict[str, float]:
-    """One optimizer step: forward → classifier loss (+ distillation) → backward → clip → step.
-
-    Returns:
-        This rank's ``loss`` and, when distilling, its parts ``cls_loss`` and ``distill_loss``.
-    """
-    # Gradients are dropped before the forward, so the previous step's (at sample rate 1.0 a dense center
-    # gradient) are not alive during this one -- the peak the `facescale plan` estimate assumes.
-    for opt in optimizers.values():
-        opt.zero_grad(set_to_none=True)
-    with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
-        embeddings = backbone(images)
-    cls_loss = classifier(embeddings.float(), labels)
-    losses = {"cls_loss": cls_loss}
-    loss = cls_loss
-    if teacher is not None:  # L = L_margin + alpha * L_distill (VarGFaceNet, section 3.3)
-        losses["distill_loss"] = angular_distillation_loss(embeddings.float(), teacher, cfg.distill.form)
-        loss = cls_loss + cfg.distill.alpha * losses["distill_loss"]
-    loss.backward()
-    if cfg.train.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.train.grad_clip)
-    for opt in optimizers.values():
-        opt.step()
-    out = {"loss": float(loss.detach())}
-    if teacher is not None:
-        out.update({name: float(value.detach()) for name, value in losses.items()})
-    return out
-
-
-def _set_lr(optimizers: dict[str, Any], lr: float) -> None:
-    for opt in optimizers.values():
-        for group in opt.param_groups:
-            group["lr"] = lr
-
-
-def _save_and_report(ckpt: TrainCheckpoint, rank: int, metrics: dict[str, Any]) -> None:
+def _report(metrics: dict[str, Any], checkpoint: str | None = None) -> None:
+    """Reports to Ray Train; a committed checkpoint is registered where it is (it is already in the run's storage),
+    so ``Result.checkpoint`` and ``Result.metrics`` name it. Ray never deletes it: retention is the store's."""
     import ray.train
+    from ray.train import CheckpointUploadMode
 
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt.save(tmp, rank)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{ckpt.progress.step:08d}")
+    if checkpoint is None:
+        ray.train.report(metrics)
+    else:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint(checkpoint),
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+def _commit_checkpoint(ckpt: TrainCheckpoint, store: CheckpointStore, rank: int, device: torch.device) -> str:
+    """Writes and commits a checkpoint, unless a weight is non-finite: such a checkpoint is never written."""
+    step = ckpt.progress.step
+    bad = first_nonfinite({"backbone": unwrap(ckpt.backbone), "classifier": unwrap(ckpt.classifier)})
+    if _any_rank(bad is not None, device):
+        where = f"{bad} on rank {rank}" if bad else "a weight on another rank"
+        raise NonFiniteError(f"refusing to write the checkpoint of step {step}: {where} is NaN/inf; the last "
+                             f"committed checkpoint is {store.latest() or 'none'}")
+    meta = {"step": step, "epoch": ckpt.progress.epoch, "world_size": ckpt.progress.world_size, **ckpt.arch}
+    return store.save(step, lambda directory: ckpt.save(directory, rank), meta=meta)
+
+
+def _resume_point(store: CheckpointStore, cfg: FaceScaleConfig) -> str | None:
+    """The run's own newest committed checkpoint (a restart), else ``train.resume_from`` (a checkpoint or run)."""
+    latest = store.latest()
+    if latest is not None:
+        return latest
+    if cfg.train.resume_from:
+        found = resolve_checkpoint(cfg.train.resume_from)
+        if found is None:
+            raise FileNotFoundError(f"train.resume_from: {cfg.train.resume_from} holds no committed checkpoint")
+        return found
+    return None
+
+
+def _full_precision_backbone(engine: Any, cfg: FaceScaleConfig, device: torch.device) -> torch.nn.Module:
+    """The backbone in fp32 with all its weights, for verification and model logging. COLLECTIVE when it gathers.
+
+    Under DDP that is the engine's own module. Under DeepSpeed the module may hold bf16/fp16 weights or (ZeRO-3)
+    only a partition of them: then the engine's gathered fp32 state is loaded into a fresh copy.
+    """
+    module = engine.backbone
+    if cfg.train.engine == "ddp":
+        return module
+    state = engine.state_dict()["backbone"]
+    copy = build_bare_backbone(cfg, device)
+    copy.load_state_dict(state)
+    return copy
 
 
 def train_worker(payload: dict[str, Any]) -> None:
-    """Ray Train entry point on each worker. ``payload``: resolved config, MLflow run id and tracking URI."""
+    """Ray Train entry point on each worker. ``payload``: resolved config, MLflow run, the run's storage root."""
     import ray.train
     import ray.train.torch
 
@@ -183,72 +198,126 @@ def train_worker(payload: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     np.random.seed(cfg.train.seed + rank)
+    accum = cfg.train.grad_accum_steps
+    faults = cfg.train.inject_faults
 
     loader = build_train_loader(cfg, rank, world_size, device)
-    total_steps = cfg.train.max_steps or loader.steps_per_epoch * cfg.train.epochs
-    backbone = build_model(cfg, device)
+    engine = build_engine(cfg, build_bare_backbone(cfg, device), device)
     classifier = build_classifier(cfg, loader.manifest.num_classes, device)
-    optimizers = build_optimizers(cfg, backbone, classifier)
+    classifier_opt = build_classifier_optimizer(cfg, classifier)
+    replicated = {} if hasattr(classifier, "save_sharded") else {"classifier": classifier_opt}
     progress = TrainProgress(world_size=world_size)
     arch = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size}
-    ckpt = TrainCheckpoint(backbone, classifier, replicated_optimizers(optimizers), progress, arch=arch)
-    # Ray's own checkpoint (a restart after a failure) wins over the configured starting point.
-    resume = ray.train.get_checkpoint()
-    if resume is None and cfg.train.resume_from:
-        resume = ray.train.Checkpoint(cfg.train.resume_from)
-    if resume is not None:
-        with resume.as_directory() as d:
-            ckpt.load(d, rank)
-        log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, progress.step, progress.epoch,
-                 progress.step_in_epoch)
+    ckpt = TrainCheckpoint(engine.backbone, classifier, replicated, progress, arch=arch, engine=engine)
+    store = CheckpointStore(payload["run_root"], rank, world_size, _barrier, keep_last=cfg.train.keep_checkpoints)
+
+    resumed_from = _resume_point(store, cfg)
+    if resumed_from is not None:
+        with local_copy(resumed_from) as directory:
+            ckpt.load(directory, rank)
+        progress.resumes += 1
+        log.info("rank %d resumed from %s at step %d (epoch %d, micro-batch %d)", rank, resumed_from, progress.step,
+                 progress.epoch, progress.step_in_epoch)
+        _rescale_position(progress, world_size, accum)
     elif cfg.train.init_from:
-        _init_backbone(backbone, cfg)
+        _init_backbone(engine, cfg)
     progress.world_size = world_size
+    total_steps = planned_total_steps(cfg, progress, loader.steps_per_epoch)
     teacher = TeacherCache(cfg.distill.teacher_cache, cfg.data.root) if cfg.distill.teacher_cache else None
     if teacher is not None and teacher.embedding_size != cfg.model.embedding_size:
         raise ValueError(f"distill.teacher_cache: teacher embeddings are {teacher.embedding_size}-d, "
                          f"model.embedding_size is {cfg.model.embedding_size}")
 
     tracker = Tracker(payload["tracking_uri"], payload["run_id"], rank)
-    logger = StepLogger(tracker, rank, cfg.train.batch_size * world_size, total_steps)
+    logger = StepLogger(tracker, rank, cfg.train.batch_size * world_size * accum, total_steps,
+                        logged_through=tracker.last_step("train/loss"))
+    timer = StepTimer(device, sync=cfg.train.step_breakdown_sync)
+    monitor = SystemMonitor(tracker, ctx.get_local_rank(), ctx.get_node_rank(), cfg.train.system_metrics_interval_s,
+                            resumed=resumed_from is not None)
     verifier = Verifier(cfg, tracker, rank, device)
-    backbone.train()
+    engine.backbone.train()
     classifier.train()
     metrics: dict[str, Any] = {}
-    while progress.step < total_steps:
-        for images, labels, keys in _batches(loader, progress):  # load batch (+ cached teacher embeddings)
-            targets = teacher.lookup(keys).to(device) if teacher is not None else None
+    first_step, consecutive_bad, last_checkpoint = progress.step, 0, resumed_from
+    groups = step_groups(loader, progress, accum)
+    try:
+        while progress.step < total_steps:
+            with timer.phase("data_wait"):  # load micro-batches (+ cached teacher embeddings)
+                group = next(groups)
+            micro = [(images.to(device), labels.to(device),
+                      teacher.lookup(keys).to(device) if teacher is not None else None)
+                     for images, labels, keys in group]
             lr = lr_at(progress.step, total_steps, cfg.train.lr, cfg.train.warmup_steps, cfg.train.lr_power)
-            _set_lr(optimizers, lr)
-            loss = train_step(backbone, classifier, optimizers, images.to(device), labels.to(device), cfg, targets)
-            if not np.isfinite(loss["loss"]):
-                raise FloatingPointError(f"non-finite loss {loss} at step {progress.step + 1} (rank {rank})")
-            progress.step += 1
-            progress.step_in_epoch += 1
+            engine.set_lr(lr)
+            for group_ in classifier_opt.param_groups:
+                group_["lr"] = lr
+            step_number = progress.step + 1
+            poison = "loss" if step_number in faults.nonfinite_loss_steps and rank == faults.rank else None
+            outcome = train_step(engine, classifier, classifier_opt, micro, cfg, timer, device, poison)  # step
+            progress.step = step_number
+            if outcome.nonfinite is not None:
+                consecutive_bad += 1
+                progress.nonfinite_skipped += 1
+                msg = f"non-finite step {step_number}: {outcome.nonfinite} (rank {rank})"
+                if cfg.train.nonfinite == "stop" or consecutive_bad >= cfg.train.max_consecutive_nonfinite:
+                    why = ("train.nonfinite=stop" if cfg.train.nonfinite == "stop"
+                           else f"{consecutive_bad} in a row (train.max_consecutive_nonfinite)")
+                    raise NonFiniteError(f"{msg}; stopping ({why}); the last committed checkpoint is "
+                                         f"{store.latest() or 'none'}")
+                log.warning("%s; update skipped (train.nonfinite=skip, %d so far)", msg, progress.nonfinite_skipped)
+            else:
+                consecutive_bad = 0
+            if faults.nonfinite_weights_step == step_number and rank == faults.rank:
+                with torch.no_grad():
+                    next(engine.backbone.parameters()).fill_(float("nan"))
+            timer.step_done()
             logger.step_done()
             if progress.step % cfg.train.log_every == 0 or progress.step == total_steps:  # report
-                metrics = logger.flush(progress.step, _mean_over_ranks(loss), lr)
+                extra = {**timer.flush(), "train/grad_norm": outcome.grad_norm,
+                         "train/nonfinite_skipped": progress.nonfinite_skipped}
+                metrics = logger.flush(progress.step, _mean_over_ranks(outcome.losses), lr, extra)
                 metrics["step"] = progress.step
                 if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
-                    metrics.update(verifier.run(unwrap(backbone), progress.step))
-                    backbone.train()
+                    metrics.update(verifier.run(_full_precision_backbone(engine, cfg, device), progress.step))
+                    engine.backbone.train()
+                committed = None
                 if cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0:
-                    _save_and_report(ckpt, rank, metrics)
-                else:
-                    ray.train.report(metrics)
-            if progress.step >= total_steps:
-                break
-        else:
-            progress.epoch += 1
-            progress.step_in_epoch = 0
+                    committed = last_checkpoint = _commit_checkpoint(ckpt, store, rank, device)
+                    metrics["checkpoint"] = last_checkpoint
+                _report(metrics, committed)
+                timer.restart_clock()
+                logger.restart_clock()
 
-    with tempfile.TemporaryDirectory() as plots:
-        metrics.update(verifier.run(unwrap(backbone), progress.step, plot_dir=Path(plots)))
-    metrics.update({f"data/{k}": v for k, v in getattr(loader, "stats", {}).items()})
-    tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("data/")}, progress.step)
-    if cfg.tracking.log_model:
-        model_id = tracker.log_model(unwrap(backbone), metadata=arch)
-        if model_id:
-            metrics["model_id"] = model_id
-    metrics["step"] = progress.step
-    _save_and_report(ckpt, rank, metrics)
+        final = _full_precision_backbone(engine, cfg, device)
+        with tempfile.TemporaryDirectory() as plots:
+            metrics.update(verifier.run(final, progress.step, plot_dir=Path(plots)))
+        metrics.update({f"data/{k}": v for k, v in getattr(loader, "stats", {}).items()})
+        tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("data/")}, progress.step)
+        if cfg.tracking.log_model:
+            model_id = tracker.log_model(final, metadata=arch)
+            if model_id:
+                metrics["model_id"] = model_id
+        if last_checkpoint is None or not last_checkpoint.rstrip("/").endswith(f"{progress.step:08d}"):
+            last_checkpoint = _commit_checkpoint(ckpt, store, rank, device)
+        timer.flush()
+        summary = {"steps": progress.step, "steps_this_attempt": progress.step - first_step,
+                   "samples": progress.step * cfg.train.batch_size * world_size * accum,
+                   "samples_per_s_median": float(np.median(logger.samples_per_s)) if logger.samples_per_s else 0.0,
+                   "step_ms_mean": 1000 * timer.total.get("step", 0.0) / max(timer.total_steps, 1),
+                   "breakdown": timer.breakdown(), "nonfinite_skipped": progress.nonfinite_skipped,
+                   "resumed_from": resumed_from, "resumes": progress.resumes, "last_checkpoint": last_checkpoint}
+        if rank == 0:
+            log.info("%s", format_summary(summary))
+        tracker.log_dict(summary, "summary.json")
+        tracker.log_metrics({"train/nonfinite_skipped": progress.nonfinite_skipped,
+                             **{f"time/share_{k}": v for k, v in summary["breakdown"].items()}}, progress.step)
+        metrics.update({"step": progress.step, "checkpoint": last_checkpoint, "summary": json.dumps(summary)})
+        _report(metrics, last_checkpoint)
+    except NonFiniteError as err:
+        # A deliberate stop, not a failure to retry (a restart would meet the same values again): every rank took
+        # the same decision; rank 0 records why in the MLflow run, and the driver raises it (train/launch.py).
+        log.error("%s", err)
+        tracker.set_tag(STOP_TAG, str(err))
+        _report({"step": progress.step})
+    finally:
+        monitor.finish()
