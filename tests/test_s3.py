@@ -164,3 +164,40 @@ def test_cli_push_pull(tmp_path: Path, bucket: str, capsys: pytest.CaptureFixtur
     assert load_manifest(tmp_path / "back").digest == load_manifest(tmp_path / "local").digest
     assert facescale_main(["data", "pull", f"s3://{bucket}/none", str(tmp_path / "x")]) == 1
     assert "manifest file not found" in capsys.readouterr().err
+
+
+def test_training_checkpoints_to_s3_and_another_run_resumes_from_there(tmp_path: Path, bucket: str) -> None:
+    """Ray Train's storage and the run's checkpoints on s3:// (pyarrow and boto3 both honour AWS_ENDPOINT_URL)."""
+    import json
+
+    import ray
+
+    from facescale.config import load_config
+    from facescale.data.synth import synthesize
+    from facescale.train.ckpt_store import resolve_checkpoint
+    from facescale.train.launch import run_training
+
+    synthesize(tmp_path / "d", identities=12, images_per_identity=8, seed=0, difficulty=0.2, held_out_identities=4,
+               num_pairs=10, samples_per_shard=48, progress=False)
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    common = [f"data.root={tmp_path / 'd'}", "data.val_bins=[]", "model.backbone=iresnet_nano",
+              "model.embedding_size=32", "classifier.type=partial_fc", "train.batch_size=8", "train.max_steps=4",
+              "train.checkpoint_every=2", "train.log_every=1", "train.system_metrics_interval_s=null",
+              f"scaling.storage_path=s3://{bucket}/runs", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+              f"tracking.artifact_root={tmp_path / 'a'}", "tracking.log_model=false"]
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": env})
+    try:
+        first = run_training(load_config(None, [*common, "scaling.num_workers=2"]), ray_run_name="on-s3")
+        assert first.checkpoint_path == f"s3://{bucket}/runs/on-s3/checkpoint_00000004"
+        names = storage.list_objects(f"s3://{bucket}/runs/on-s3/checkpoint_00000002/")
+        assert {"checkpoint.json", "model.pt", "rng_rank0.pt", "rng_rank1.pt", "partial_fc.json"} <= set(names)
+        assert resolve_checkpoint(f"s3://{bucket}/runs/on-s3") == first.checkpoint_path
+        resume = f"s3://{bucket}/runs/on-s3/checkpoint_00000002"
+        second = run_training(load_config(None, [*common, "scaling.num_workers=1", f"train.resume_from={resume}"]),
+                              ray_run_name="from-s3")
+    finally:
+        ray.shutdown()
+    summary = json.loads(second.metrics["summary"])
+    assert summary["resumed_from"].rstrip("/") == resume and summary["steps_this_attempt"] == 2
+    assert second.checkpoint_path == f"s3://{bucket}/runs/from-s3/checkpoint_00000004"
