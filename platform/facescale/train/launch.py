@@ -6,6 +6,7 @@ files), so a typo costs a second, not a cluster start.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -146,6 +147,12 @@ def format_results(res: TrainResult) -> str:
     rows = [("backbone", res.config.model.backbone), ("workers", str(res.config.scaling.num_workers)),
             ("optimizer steps", str(m.get("step"))), ("final loss", f"{m.get('train/loss', float('nan')):.4f}"),
             ("wall time", f"{res.wall_time_s:.0f} s")]
+    if m.get("summary"):  # the workers' end-of-run summary (train/loop.py)
+        summary = json.loads(m["summary"])
+        rows += [("throughput", f"{summary['samples_per_s_median']:.1f} samples/s"),
+                 ("time per phase", "  ".join(f"{k} {100 * v:.0f}%" for k, v in summary["breakdown"].items())),
+                 ("non-finite steps skipped", str(summary["nonfinite_skipped"])),
+                 ("resumes", str(summary["resumes"]))]
     for key in sorted(m):
         if key.startswith("val/") and key.endswith("/accuracy"):
             name = key.split("/")[1]
