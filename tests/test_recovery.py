@@ -144,9 +144,18 @@ def test_nonfinite_skip_counts_the_step_and_accumulation_steps_the_lr_once_per_o
     # 192 samples / (8 x 2 workers) = 12 micro-batches per epoch = 6 optimizer steps of 2
     cfg = _config(tiny_data, tmp_path, "train.epochs=1", "train.grad_accum_steps=2", "train.warmup_steps=2",
                   "train.nonfinite=skip", "train.inject_faults.nonfinite_loss_steps=[3]",
-                  "train.inject_faults.rank=1")
+                  "train.inject_faults.rank=1", "train.system_metrics_interval_s=1")
     result = run_training(cfg)
     assert result.metrics["step"] == 6 and result.metrics["train/nonfinite_skipped"] == 1
+    # observability: phase times per logging window, system metrics of the node, the end-of-run summary
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    phases = ["data_wait", "backbone_fwd", "classifier", "backward", "optimizer"]
+    assert all(run.data.metrics[f"time/{p}_ms"] > 0 for p in phases), run.data.metrics
+    assert any(k.startswith("system/node0/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
+    local = MlflowClient(result.tracking_uri).download_artifacts(result.run_id, "summary.json", str(tmp_path))
+    summary = json.loads(Path(local).read_text())
+    assert summary["nonfinite_skipped"] == 1 and summary["steps"] == 6
+    assert sum(summary["breakdown"].values()) == pytest.approx(1.0)
     lrs = _history(result, "train/lr")
     assert [s for s, _ in lrs] == list(range(1, 7))
     np.testing.assert_allclose([v for _, v in lrs], [lr_at(s - 1, 6, 0.1, 2) for s, _ in lrs], rtol=1e-6)
