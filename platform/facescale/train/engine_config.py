@@ -77,6 +77,10 @@ def build_deepspeed_config(train: TrainConfig) -> dict[str, Any]:
         # loss_scale 0: dynamic loss scaling (DeepSpeed's default for fp16), so overflowing steps are skipped.
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0},
         # We pass a torch SGD: DeepSpeed's fused optimizers JIT-compile for minutes on first use.
+        # DeepSpeed casts parameters to bf16/fp16 but keeps buffers fp32 unless told; BatchNorm then meets low-precision
+        # weights and fp32 running stats and refuses the mix. The whole module in one dtype works (fp32 masters
+        # stay in the optimizer).
+        **({"data_types": {"buffer_dtype": precision}} if precision != "fp32" else {}),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": _QUIET_STEPS_PER_PRINT,
         "wall_clock_breakdown": False,
