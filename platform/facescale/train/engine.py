@@ -225,13 +225,12 @@ class DDPEngine(BackboneEngine):
         return torch.nn.utils.get_total_norm(self._grads(), norm_type=2.0)
 
     def step(self) -> bool:
-        norm = torch.tensor(self.grad_norm())
-        if not math.isfinite(float(norm)):
+        if not math.isfinite(self.grad_norm()):
             self.skip_step()
             return False
         if self.grad_clip is not None:
             # Same rule as clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
-            torch.nn.utils.clip_grads_with_norm_(self.backbone.parameters(), self.grad_clip, norm)
+            torch.nn.utils.clip_grads_with_norm_(self.backbone.parameters(), self.grad_clip, self._norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._done()
