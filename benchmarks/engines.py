@@ -71,6 +71,7 @@ def _worker(rank: int, world_size: int, port: int, kind: str, args: argparse.Nam
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=600))
+    os.environ.setdefault("DS_ACCELERATOR", device.type)  # before deepspeed picks one from the machine
     import deepspeed  # noqa: F401  -- imported by every engine's run, so the RSS baseline is the same
 
     from facescale.config import load_config

@@ -307,7 +307,7 @@ class DeepSpeedEngine(BackboneEngine):
             raise EngineError(f"DeepSpeed's accelerator is {get_accelerator().device_name()!r} but the backbone is "
                               f"on {device} (DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')!r})")
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines repeat the config per rank
-        _skip_cpu_shm_op(deepspeed, device)
+        _skip_cpu_shm_op(device)
         sgd = _build_sgd(backbone.parameters(), train)
         self.model, _, _, _ = deepspeed.initialize(model=backbone, optimizer=sgd, config=ds_config,
                                                    dist_init_required=False)
@@ -471,7 +471,7 @@ class DeepSpeedEngine(BackboneEngine):
             opt._lazy_init_hp_params_optimizer_state()
 
 
-def _skip_cpu_shm_op(deepspeed: Any, device: torch.device) -> None:
+def _skip_cpu_shm_op(device: torch.device) -> None:
     """Skips the JIT build (~30 s, then cached) of DeepSpeed's CPU shared-memory all-reduce op.
 
     DeepSpeed builds it whenever its CPU accelerator starts a comm backend, but only inference tensor parallelism
