@@ -34,7 +34,7 @@ from facescale.train.components import build_bare_backbone, build_classifier, bu
 from facescale.train.engine import build_engine
 from facescale.train.observe import StepLogger, StepTimer, SystemMonitor, Verifier, format_summary
 from facescale.train.schedule import lr_at
-from facescale.train.step import STOP_TAG, NonFiniteError, _any_rank, first_nonfinite, train_step
+from facescale.train.step import STOP_TAG, NonFiniteError, any_rank, first_nonfinite, train_step
 
 log = logging.getLogger("facescale.train")
 
@@ -149,7 +149,7 @@ def _commit_checkpoint(ckpt: TrainCheckpoint, store: CheckpointStore, rank: int,
     """Writes and commits a checkpoint, unless a weight is non-finite: such a checkpoint is never written."""
     step = ckpt.progress.step
     bad = first_nonfinite({"backbone": unwrap(ckpt.backbone), "classifier": unwrap(ckpt.classifier)})
-    if _any_rank(bad is not None, device):
+    if any_rank(bad is not None, device=device)[0]:
         where = f"{bad} on rank {rank}" if bad else "a weight on another rank"
         raise NonFiniteError(f"refusing to write the checkpoint of step {step}: {where} is NaN/inf; the last "
                              f"committed checkpoint is {store.latest() or 'none'}")

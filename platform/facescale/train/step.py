@@ -42,15 +42,15 @@ class StepOutcome:
     injected: list[str] = field(default_factory=list)
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` is set on any rank (every rank must call this, in the same order)."""
+def any_rank(*flags: bool, device: torch.device) -> list[bool]:
+    """Each flag, True when it is set on any rank (every rank must call this, in the same order)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    # NOTE: all-reduce MAX of each rank's non-finite flag: every rank must take the same decision (skip or step),
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    # NOTE: all-reduce MAX of each rank's non-finite flags: every rank must take the same decision (skip or step),
     # or the next collective would pair mismatched operations and hang.
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return [bool(v > 0) for v in t.tolist()]
 
 
 def _grads_finite(module: nn.Module) -> bool:
@@ -92,7 +92,7 @@ def train_step(engine: Any, classifier: nn.Module, classifier_opt: torch.optim.O
         The step's losses, gradient norm and whether the update was applied.
     """
     totals: dict[str, float] = {}
-    local_bad: list[str] = []
+    local_bad: list[str] = []  # non-finite losses of this rank
     n = len(micro_batches)
     for i, (images, labels, teacher) in enumerate(micro_batches):
         last = i == n - 1
@@ -123,16 +123,22 @@ def train_step(engine: Any, classifier: nn.Module, classifier_opt: torch.optim.O
 
     with timer.phase("optimizer"):
         grad_norm = float(engine.grad_norm())
-        if not _grads_finite(classifier):
-            local_bad.append("classifier gradient")
-        bad = _any_rank(bool(local_bad), device) or not math.isfinite(grad_norm)
-        if bad:
-            reason = "; ".join(local_bad) or "non-finite values on another rank"
+        classifier_ok = _grads_finite(classifier)
+        loss_bad, grads_bad = any_rank(bool(local_bad), not classifier_ok, device=device)
+        grads_bad = grads_bad or not math.isfinite(grad_norm)
+        # fp16: gradients that overflow while every loss is finite are the loss scaler's business -- DeepSpeed's
+        # step skips the update and lowers the scale; it is not a non-finite step of the policy.
+        overflow = grads_bad and not loss_bad and getattr(engine, "precision", "fp32") == "fp16"
+        if (loss_bad or grads_bad) and not overflow:
+            reasons = list(local_bad) or (["non-finite loss on another rank"] if loss_bad else [])
+            if not classifier_ok:
+                reasons.append("classifier gradient")
             if not math.isfinite(grad_norm):
-                reason += f"; backbone gradient norm {grad_norm}"
+                reasons.append(f"backbone gradient norm {grad_norm}")
             engine.skip_step()
             classifier_opt.zero_grad(set_to_none=True)
-            return StepOutcome(totals, grad_norm, applied=False, nonfinite=reason)
+            return StepOutcome(totals, grad_norm, applied=False,
+                               nonfinite="; ".join(reasons) or "non-finite gradient on another rank")
         scale = engine.loss_scale  # fp16: the classifier's gradients carry DeepSpeed's loss scale too
         applied = engine.step()
         if applied:
