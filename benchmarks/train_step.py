@@ -132,6 +132,11 @@ def run_full(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "loader": cfg.data.loader}
 
 
+def _spread(batch_size: int, seconds: list[float]) -> str:
+    rates = sorted(batch_size / s for s in seconds)
+    return f"{rates[0]:.1f}-{rates[-1]:.1f}"
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
     return [f"model.backbone={args.backbone}", f"model.embedding_size={args.embedding_size}",
             f"train.batch_size={args.batch_size}", f"train.bf16={str(args.device == 'cuda').lower()}",
@@ -148,18 +153,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--log-every", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of bare and step (median)")
     parser.add_argument("--full", action="store_true", help="also a whole run through Ray (needs Ray, DALI, MLflow)")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = load_config(None, _overrides(args))
-    bare_s = run_bare(cfg, device, args.steps, args.warmup)
-    step_s, breakdown = run_step(cfg, device, args.steps, args.warmup)
-    rows = [{"mode": "bare", "samples_per_s": args.batch_size / bare_s},
-            {"mode": "step", "samples_per_s": args.batch_size / step_s, "breakdown": breakdown}]
+    # Interleaved repeats, median of each: on a shared machine the load drifts between measurements.
+    bare_runs, step_runs = [], []
+    for _ in range(args.repeats):
+        bare_runs.append(run_bare(cfg, device, args.steps, args.warmup))
+        step_runs.append(run_step(cfg, device, args.steps, args.warmup))
     if args.full:
         with tempfile.TemporaryDirectory() as tmp:
-            rows.append({"mode": "full", **run_full(args, Path(tmp))})
+            full = {"mode": "full", **run_full(args, Path(tmp))}
+        bare_runs.append(run_bare(cfg, device, args.steps, args.warmup))  # the load right after the full run
+    step_s, breakdown = sorted(step_runs)[len(step_runs) // 2]
+    rows = [{"mode": "bare", "samples_per_s": args.batch_size / statistics.median(bare_runs),
+             "spread": _spread(args.batch_size, bare_runs)},
+            {"mode": "step", "samples_per_s": args.batch_size / step_s, "breakdown": breakdown,
+             "spread": _spread(args.batch_size, [s for s, _ in step_runs])}]
+    if args.full:
+        rows.append(full)
     bare = rows[0]["samples_per_s"]
     for row in rows:
         row["vs_bare"] = round(row["samples_per_s"] / bare, 3)
@@ -177,9 +192,13 @@ def main() -> None:
           f"\n\n`python benchmarks/train_step.py --device {args.device}{' --full' if args.full else ''}` — "
           f"{m['cores']} cores, torch {m['torch']}, {m['date']}; median over {args.steps} steps after "
           f"{args.warmup} warm-up steps; Partial FC over {NUM_CLASSES} classes (sample rate 1.0) in the framework, a "
-          "linear layer in the bare loop.\n\n"
+          "linear layer in the bare loop; "
+          + f"bare and step: median of {args.repeats} interleaved repeats (range in brackets)"
+          + (", bare once more after the full run. " if args.full else ". ")
+          + "full: median of the run's logging windows after the warm-up steps.\n\n"
           + table(["mode", "samples / s", "× bare", "time per phase"],
-                  [[r["mode"], r["samples_per_s"], r["vs_bare"], shares(r.get("breakdown"))] for r in rows])
+                  [[r["mode"], f"{r['samples_per_s']}" + (f" ({r['spread']})" if "spread" in r else ""),
+                    r["vs_bare"], shares(r.get("breakdown"))] for r in rows])
           + f"\n\nGoal: {payload['goal']} — {'met' if payload['goal_met'] else 'NOT met'}.")
     update_section(f"train_step{suffix}", md)
     print(md)
