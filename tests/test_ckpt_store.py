@@ -14,13 +14,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from moto.server import ThreadedMotoServer
 
 from facescale.data import storage
 from facescale.data.storage import StorageError
@@ -36,31 +35,6 @@ from facescale.train.ckpt_store import (
 
 pytestmark = pytest.mark.integration
 BACKENDS = ["local", "s3"]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
-    """A fresh bucket; endpoint and dummy credentials in the standard AWS variables (subprocesses inherit them)."""
-    for name in [k for k in os.environ if k.startswith("AWS_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    name = "ck-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:50]
-    storage.s3_client().create_bucket(Bucket=name)
-    return name
 
 
 @pytest.fixture(params=BACKENDS)

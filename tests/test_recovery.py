@@ -23,30 +23,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from facescale.config import load_config
-from facescale.data.synth import synthesize
 from facescale.train.ckpt_store import MANIFEST_NAME, resolve_checkpoint
 from facescale.train.launch import run_training
 from facescale.train.schedule import lr_at
 from facescale.train.step import NonFiniteError
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synth")
-    synthesize(root, identities=12, images_per_identity=16, seed=0, difficulty=0.2, held_out_identities=10,
-               num_pairs=60, samples_per_shard=48, progress=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _config(data: Path, work: Path, *extra: str):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import botocore.exceptions
@@ -12,38 +10,12 @@ import numpy as np
 import pytest
 import simplejpeg
 from boto3.s3.transfer import TransferConfig
-from moto.server import ThreadedMotoServer
 
 from facescale.cli import main as facescale_main
 from facescale.data import MANIFEST_NAME, ManifestError, ShardSetWriter, build_loader, load_manifest, storage
 from facescale.data.storage import StorageError
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
-    """A fresh bucket; endpoint and dummy credentials come from the standard AWS environment variables."""
-    for name in [k for k in os.environ if k.startswith("AWS_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    name = "fs-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:50]
-    storage.s3_client().create_bucket(Bucket=name)
-    return name
 
 
 def _jpeg(i: int) -> bytes:

@@ -15,27 +15,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from facescale.config import load_config
-from facescale.data.synth import synthesize
 from facescale.train.launch import format_results, run_training
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    synthesize(root, identities=12, images_per_identity=16, seed=0, difficulty=0.2, held_out_identities=10,
-               num_pairs=60, samples_per_shard=48, progress=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_two_worker_run_logs_to_mlflow(tiny_data, local_ray, tmp_path):
