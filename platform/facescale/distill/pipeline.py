@@ -16,7 +16,6 @@ them are relative to the working directory (the repository root under ``ray job 
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from facescale.config import ConfigError, FaceScaleConfig, format_validation, load_config
+from facescale.config import ConfigError, FaceScaleConfig, format_validation, load_config, merge_trees
 from facescale.distill.loss import DEFAULT_ALPHA, DistillForm
 from facescale.models import list_backbones
 
@@ -118,16 +117,6 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     return load_config(path, overrides, model=PipelineSpec)
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def stage_configs(spec: PipelineSpec, source: str = "<pipeline>") -> dict[str, FaceScaleConfig]:
     """Every stage's validated training config, keyed by stage name (the pipeline's own keys are filled in later:
     ``distill.teacher_cache``, ``train.init_from``).
@@ -139,17 +128,17 @@ def stage_configs(spec: PipelineSpec, source: str = "<pipeline>") -> dict[str, F
     base: dict[str, Any] = {}
     if spec.base_config:
         base = load_config(spec.base_config).model_dump(mode="json")
-    base = _merge(base, spec.config)
+    base = merge_trees(base, spec.config)
     configs: dict[str, FaceScaleConfig] = {}
     for stage in spec.stage_names():
         if stage == TEACHER:
-            tree = _merge(_merge(base, spec.teacher.config), {"model": {"backbone": spec.teacher.backbone}})
+            tree = merge_trees(merge_trees(base, spec.teacher.config), {"model": {"backbone": spec.teacher.backbone}})
         else:
-            tree = _merge(_merge(base, spec.student.config), {"model": {"backbone": spec.student.backbone}})
-        tree = _merge(tree, spec.stages.get(stage, {}))
-        tree = _merge(tree, {"tracking": {"run_name": stage}})
+            tree = merge_trees(merge_trees(base, spec.student.config), {"model": {"backbone": spec.student.backbone}})
+        tree = merge_trees(tree, spec.stages.get(stage, {}))
+        tree = merge_trees(tree, {"tracking": {"run_name": stage}})
         if stage not in (TEACHER, SCRATCH):
-            tree = _merge(tree, {"distill": {"alpha": spec.distill.alpha, "form": spec.distill.form}})
+            tree = merge_trees(tree, {"distill": {"alpha": spec.distill.alpha, "form": spec.distill.form}})
         try:
             configs[stage] = FaceScaleConfig.model_validate(tree)
         except ValidationError as exc:

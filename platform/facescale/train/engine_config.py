@@ -5,7 +5,6 @@ Nothing here imports torch or deepspeed: the config tree must load (and fail on 
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,17 +44,6 @@ class DeepSpeedConfig(BaseModel):
         return self.precision
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``extra`` merged in: nested dicts merge key by key, anything else replaces."""
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def build_deepspeed_config(train: TrainConfig) -> dict[str, Any]:
     """The DeepSpeed JSON config for the backbone, from ``train`` (batch, accumulation, clipping, precision).
 
@@ -85,4 +73,6 @@ def build_deepspeed_config(train: TrainConfig) -> dict[str, Any]:
         "steps_per_print": _QUIET_STEPS_PER_PRINT,
         "wall_clock_breakdown": False,
     }
-    return _merge(config, ds.overrides)
+    from facescale.config import merge_trees  # not at module level: facescale.config imports this module
+
+    return merge_trees(config, ds.overrides)
