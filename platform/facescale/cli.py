@@ -134,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"facescale: {exc}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, FloatingPointError) as exc:  # a missing input; a run stopped on NaN/inf (names it)
+        print(f"facescale: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
