@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from facescale.config import FaceScaleConfig, dump_config
 from facescale.data import load_manifest
 from facescale.tracking.mlflow_run import end_run, reopen_run, resolve_local_uri, start_run
-from facescale.train.ckpt_store import resolve_checkpoint
+from facescale.train.ckpt_store import resolve_checkpoint, verify_checkpoint
 from facescale.train.step import STOP_TAG, NonFiniteError
 
 log = logging.getLogger("facescale.launch")
@@ -137,8 +137,9 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, paren
         ok = True
     finally:
         end_run(tracking_uri, run_id, ok)
-    metrics = dict(result.metrics or {})
-    return TrainResult(run_id, tracking_uri, metrics, metrics.get("checkpoint"), time.perf_counter() - t0, cfg)
+    final = resolve_checkpoint(run_root)  # the workers' last commit carries the run's final metrics
+    metrics = dict(verify_checkpoint(final)["meta"].get("metrics") or {}) if final else {}
+    return TrainResult(run_id, tracking_uri, metrics, final, time.perf_counter() - t0, cfg)
 
 
 def format_results(res: TrainResult) -> str:

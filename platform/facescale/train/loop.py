@@ -132,21 +132,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _report(metrics: dict[str, Any], checkpoint: str | None = None) -> None:
-    """Reports to Ray Train; a committed checkpoint is registered where it is (it is already in the run's storage),
-    so ``Result.checkpoint`` and ``Result.metrics`` name it. Ray never deletes it: retention is the store's."""
-    import ray.train
-    from ray.train import CheckpointUploadMode
+def _commit_checkpoint(ckpt: TrainCheckpoint, store: CheckpointStore, rank: int, device: torch.device,
+                       metrics: dict[str, Any] | None = None) -> str:
+    """Writes and commits a checkpoint, unless a weight is non-finite: such a checkpoint is never written.
 
-    if checkpoint is None:
-        ray.train.report(metrics)
-    else:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint(checkpoint),
-                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
-
-
-def _commit_checkpoint(ckpt: TrainCheckpoint, store: CheckpointStore, rank: int, device: torch.device) -> str:
-    """Writes and commits a checkpoint, unless a weight is non-finite: such a checkpoint is never written."""
+    Checkpoints are not registered with Ray Train: its run snapshot would point at checkpoints that the store's
+    retention deletes, and Ray refuses to restart such a run. The final checkpoint's manifest carries the run's
+    final metrics instead (``metrics``, rank 0's), which the driver reads back (``train/launch.py``).
+    """
     step = ckpt.progress.step
     bad = first_nonfinite({"backbone": unwrap(ckpt.backbone), "classifier": unwrap(ckpt.classifier)})
     if any_rank(bad is not None, device=device)[0]:
@@ -154,6 +147,8 @@ def _commit_checkpoint(ckpt: TrainCheckpoint, store: CheckpointStore, rank: int,
         raise NonFiniteError(f"refusing to write the checkpoint of step {step}: {where} is NaN/inf; the last "
                              f"committed checkpoint is {store.latest() or 'none'}")
     meta = {"step": step, "epoch": ckpt.progress.epoch, "world_size": ckpt.progress.world_size, **ckpt.arch}
+    if metrics is not None:
+        meta["metrics"] = json.loads(json.dumps(metrics, default=float))  # numpy scalars as plain numbers
     return store.save(step, lambda directory: ckpt.save(directory, rank), meta=meta)
 
 
@@ -216,8 +211,8 @@ def train_worker(payload: dict[str, Any]) -> None:
         with local_copy(resumed_from) as directory:
             ckpt.load(directory, rank)
         progress.resumes += 1
-        log.info("rank %d resumed from %s at step %d (epoch %d, micro-batch %d)", rank, resumed_from, progress.step,
-                 progress.epoch, progress.step_in_epoch)
+        log.info("rank %d resumed at step %d (epoch %d, micro-batch %d) from %s", rank, progress.step,
+                 progress.epoch, progress.step_in_epoch, resumed_from)
         _rescale_position(progress, world_size, accum)
     elif cfg.train.init_from:
         _init_backbone(engine, cfg)
@@ -280,11 +275,10 @@ def train_worker(payload: dict[str, Any]) -> None:
                 if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
                     metrics.update(verifier.run(_full_precision_backbone(engine, cfg, device), progress.step))
                     engine.backbone.train()
-                committed = None
-                if cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0:
-                    committed = last_checkpoint = _commit_checkpoint(ckpt, store, rank, device)
-                    metrics["checkpoint"] = last_checkpoint
-                _report(metrics, committed)
+                every = cfg.train.checkpoint_every
+                if every and progress.step % every == 0 and progress.step < total_steps:  # the last one: below
+                    last_checkpoint = metrics["checkpoint"] = _commit_checkpoint(ckpt, store, rank, device)
+                ray.train.report(metrics)
                 timer.restart_clock()
                 logger.restart_clock()
 
@@ -297,8 +291,7 @@ def train_worker(payload: dict[str, Any]) -> None:
             model_id = tracker.log_model(final, metadata=arch)
             if model_id:
                 metrics["model_id"] = model_id
-        if last_checkpoint is None or not last_checkpoint.rstrip("/").endswith(f"{progress.step:08d}"):
-            last_checkpoint = _commit_checkpoint(ckpt, store, rank, device)
+        last_checkpoint = store.checkpoint_uri(progress.step)  # committed below, with the final metrics
         timer.flush()
         summary = {"steps": progress.step, "steps_this_attempt": progress.step - first_step,
                    "samples": progress.step * cfg.train.batch_size * world_size * accum,
@@ -312,12 +305,13 @@ def train_worker(payload: dict[str, Any]) -> None:
         tracker.log_metrics({"train/nonfinite_skipped": progress.nonfinite_skipped,
                              **{f"time/share_{k}": v for k, v in summary["breakdown"].items()}}, progress.step)
         metrics.update({"step": progress.step, "checkpoint": last_checkpoint, "summary": json.dumps(summary)})
-        _report(metrics, last_checkpoint)
+        _commit_checkpoint(ckpt, store, rank, device, metrics=metrics)
+        ray.train.report(metrics)
     except NonFiniteError as err:
         # A deliberate stop, not a failure to retry (a restart would meet the same values again): every rank took
         # the same decision; rank 0 records why in the MLflow run, and the driver raises it (train/launch.py).
         log.error("%s", err)
         tracker.set_tag(STOP_TAG, str(err))
-        _report({"step": progress.step})
+        ray.train.report({"step": progress.step})
     finally:
         monitor.finish()
