@@ -1,8 +1,8 @@
 """Runs a recursive-distillation pipeline: stage after stage on Ray Train, each a nested MLflow run.
 
 Re-running with the same pipeline run id resumes: a stage whose child run is marked complete is skipped (its model
-and checkpoint are reused), an interrupted stage continues in its own MLflow run from its latest Ray Train checkpoint
-(the stage's Ray run name is stable, and Ray Train restores the latest checkpoint of a run it has seen), and the
+and checkpoint are reused), an interrupted stage continues in its own MLflow run from its latest committed checkpoint
+(the stage's Ray run name, hence its checkpoint directory, is stable, and the workers resume from it), and the
 teacher-embedding cache is reused when it was made by the same teacher for the same data.
 """
 

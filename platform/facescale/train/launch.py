@@ -82,9 +82,9 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, paren
         parent_run_id: Nest the run under this MLflow run (pipelines).
         run_id: Continue logging into this existing MLflow run (a pipeline stage that is resumed) instead of
             creating one.
-        ray_run_name: Ray Train run name (default ``facescale-<run id>``). Ray Train restores the latest
-            checkpoint of a run whose name and storage path it has seen before, so a stable name makes an
-            interrupted run resumable by simply running it again.
+        ray_run_name: Ray Train run name (default ``facescale-<run id>``); the run's checkpoints live under
+            ``<scaling.storage_path>/<name>/``, and the workers resume from the newest committed one there, so a
+            stable name makes an interrupted run resumable by simply running it again.
 
     Returns:
         The run's id, final metrics and last checkpoint.
