@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -40,16 +39,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, table, update_section, write_json  # noqa: E402
 
+from facescale.parallel.dist import free_loopback_port  # noqa: E402  (torch only: DeepSpeed is not imported)
+
 ENGINES = {"ddp": ["train.engine=ddp"],
            "zero1": ["train.engine=deepspeed", "train.deepspeed.zero_stage=1"],
            "zero2": ["train.engine=deepspeed", "train.deepspeed.zero_stage=2"]}
 WARMUP, CLASSES, EMBEDDING = 2, 1000, 512
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_mb() -> float:
@@ -120,7 +115,8 @@ def _worker(rank: int, world_size: int, port: int, kind: str, args: argparse.Nam
 
 def run_engine(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(args.world_size, _free_port(), kind, args, out), nprocs=args.world_size, join=True)
+        mp.spawn(_worker, args=(args.world_size, free_loopback_port(), kind, args, out), nprocs=args.world_size,
+                 join=True)
         ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob(f"{kind}_*.json"))]
     worst = {k: max(r[k] for r in ranks) for k in ranks[0] if k != "rank" and ranks[0][k] is not None}
     row: dict[str, Any] = {"engine": kind, **{k: round(v, 4 if k == "step_s" else 1) for k, v in worst.items()}}

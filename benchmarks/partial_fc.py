@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from _report import machine, table, update_section, write_json  # noqa: E402
 
 from facescale.heads.config import MarginConfig, build_margin  # noqa: E402
 from facescale.parallel import PartialFC, build_partial_fc_optimizer  # noqa: E402
+from facescale.parallel.dist import free_loopback_port  # noqa: E402
 from facescale.parallel.plan import estimate  # noqa: E402
 
 GIB = 1 << 30
@@ -110,17 +110,12 @@ def _worker(rank: int, world_size: int, port: int, cfg: dict[str, Any], out_path
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run_config(cfg: dict[str, Any], world_size: int = 2) -> list[dict[str, Any]]:
     """Runs one configuration on ``world_size`` fresh gloo ranks; returns per-rank measurements."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.spawn(_worker, args=(world_size, _free_port(), cfg, out), nprocs=world_size, join=True)
+        mp.spawn(_worker, args=(world_size, free_loopback_port(), cfg, out), nprocs=world_size, join=True)
         return json.loads(Path(out).read_text())
 
 

@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import torch.multiprocessing as mp
 
 from facescale.data import storage
 from facescale.data.storage import StorageError
+from facescale.parallel.dist import free_loopback_port
 from facescale.train import ckpt_store
 from facescale.train.ckpt_store import (
     MANIFEST_NAME,
@@ -110,11 +110,6 @@ def test_save_commits_and_latest_finds_it(root: str) -> None:
         assert sorted(p.name for p in local.iterdir()) == [MANIFEST_NAME, "model.pt"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _two_rank_worker(rank: int, world_size: int, port: int, roots: list[str]) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
@@ -138,7 +133,7 @@ def _two_rank_worker(rank: int, world_size: int, port: int, roots: list[str]) ->
 
 def test_two_gloo_ranks_write_one_checkpoint(tmp_path: Path, bucket: str) -> None:
     roots = [str(tmp_path / "run"), f"s3://{bucket}/run"]
-    mp.spawn(_two_rank_worker, args=(2, _free_port(), roots), nprocs=2, join=True)
+    mp.spawn(_two_rank_worker, args=(2, free_loopback_port(), roots), nprocs=2, join=True)
     for root in roots:
         manifest = verify_checkpoint(resolve_checkpoint(root))
         assert manifest["world_size"] == 2 and manifest["step"] == 7

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from facescale.data.synth import synthesize
+from facescale.parallel.dist import free_loopback_port
 
 pytestmark = pytest.mark.integration
 
@@ -31,11 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RUN_ID = "rkd-test"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -64,7 +59,7 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None)
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_loopback_port()
     log = (root / "server.log").open("w")
     proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
@@ -80,7 +75,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[str]:
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_loopback_port(), free_loopback_port()
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
                     "--include-dashboard", "true", "--disable-usage-stats"],

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import socket
 import sys
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ from facescale.config import load_config
 from facescale.heads.config import MarginConfig, build_margin
 from facescale.models import build_backbone
 from facescale.parallel import PartialFC, build_partial_fc_optimizer
+from facescale.parallel.dist import free_loopback_port
 from facescale.train.engine import DDPEngine, EngineError, build_engine
 from facescale.train.engine_config import build_deepspeed_config
 
@@ -38,11 +38,6 @@ KINDS = {"ddp": ["train.engine=ddp"],
 # the fp32 rounding differences grow over steps. Measured here: <= 1.2e-6 relative on the losses over 8 steps.
 LOSS_RTOL = 2e-5
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
@@ -63,7 +58,7 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
 
 def spawn(fn, world_size: int, *args) -> None:
     os.environ.setdefault("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))
-    mp.spawn(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+    mp.spawn(_entry, args=(world_size, free_loopback_port(), fn, args), nprocs=world_size, join=True)
 
 
 def _cfg(kind: str, *extra: str):

@@ -3,7 +3,6 @@
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from facescale.cli import main
 from facescale.data.synth import synthesize
 from facescale.eval.verification import compute_embeddings, evaluate, load_bin
 from facescale.models import build_backbone
+from facescale.parallel.dist import free_loopback_port
 from facescale.tracking.mlflow_run import Tracker, end_run, start_run
 from facescale.train.checkpoint import TrainCheckpoint, TrainProgress
 
@@ -124,17 +124,12 @@ def test_bad_input_exits_2_naming_the_problem(data, tmp_path, capsys):
     assert rc == 2 and "0123456789abcdef" in capsys.readouterr().err
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with served artifacts (as the cluster's tracking server runs)."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_loopback_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with (root / "server.log").open("w") as log:
         proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),

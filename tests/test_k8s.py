@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 import yaml
 
 from facescale.cli import build_parser
+from facescale.parallel.dist import free_loopback_port
 from k8s_schema import KUBERAY_SCHEMAS, check_gpus, render_overlay, validate_core, validate_kuberay
 from k8s_validate import (
     REPO,
@@ -249,11 +249,6 @@ def test_breakage_is_reported(gpu: list[dict[str, Any]], case: str) -> None:
 
 # --- the MLflow server starts with the rendered command line -----------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _status(port: int, path: str, host: str) -> int:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -273,7 +268,7 @@ def test_mlflow_server_accepts_the_service_host(rendered: dict[str, list[dict[st
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     env |= {"MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/mlflow.db",
             "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts")}
-    port = _free_port()
+    port = free_loopback_port()
     args = [a if a != "0.0.0.0" else "127.0.0.1" for a in container["args"]]
     args[args.index("--port") + 1] = str(port)
     args[args.index("--workers") + 1] = "1"  # two CPU cores here

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
 
 import pytest
@@ -19,15 +18,11 @@ import torch.nn.functional as F
 
 from facescale.heads.config import MarginConfig, build_margin
 from facescale.parallel import PartialFC, SparseRowAdamW, SparseRowSGD, load_partial_fc, save_partial_fc
+from facescale.parallel.dist import free_loopback_port
 from facescale.parallel.partial_fc import init_centers
 
 MARGINS = ["arcface", "cosface", "magface", "curricularface"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
@@ -48,7 +43,7 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
 
 def spawn(fn, world_size: int, *args) -> None:
     os.environ.setdefault("PYTHONPATH", os.pathsep.join(p for p in __import__("sys").path if p))
-    mp.spawn(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+    mp.spawn(_entry, args=(world_size, free_loopback_port(), fn, args), nprocs=world_size, join=True)
 
 
 def _global_batch(seed: int, num_rows: int, dim: int, num_classes: int, dtype=torch.float64):

@@ -7,12 +7,21 @@ Partial FC code runs on a laptop without a process group.
 
 from __future__ import annotations
 
+import socket
+
 import torch
 import torch.distributed as dist
 
 # torch >= 2.11 renamed the flat-tensor collectives; keep working on either name.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a process group's rendezvous, or a local server in tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def is_distributed(group: dist.ProcessGroup | None) -> bool:

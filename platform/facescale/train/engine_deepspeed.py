@@ -7,7 +7,6 @@ import importlib
 import logging
 import math
 import os
-import socket
 import sys
 from typing import Any
 
@@ -16,15 +15,11 @@ import torch.distributed as dist
 from torch import nn
 
 from facescale.config import TrainConfig
+from facescale.parallel.dist import free_loopback_port
 from facescale.train.engine import _DTYPES, BackboneEngine, EngineError, _build_sgd, _cpu_fp32, _rank0
 
 log = logging.getLogger("facescale.train.engine")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_process_group(device: torch.device) -> None:
@@ -33,7 +28,7 @@ def ensure_process_group(device: torch.device) -> None:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     log.info("no process group: starting a 1-rank %s group on 127.0.0.1 for DeepSpeed", backend)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_loopback_port()}", rank=0, world_size=1)
 
 
 class DeepSpeedEngine(BackboneEngine):
