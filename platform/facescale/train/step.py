@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,7 +39,6 @@ class StepOutcome:
     grad_norm: float  # global backbone gradient norm before clipping
     applied: bool  # False: the update was skipped (non-finite under "skip", or the fp16 loss scaler)
     nonfinite: str | None = None  # why the step was non-finite, naming what was
-    injected: list[str] = field(default_factory=list)
 
 
 def any_rank(*flags: bool, device: torch.device) -> list[bool]:
