@@ -117,7 +117,16 @@ def _submit(address: str, spec: Path, submission_id: str, *extra: str, wait: boo
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission_id,
            "--working-dir", str(REPO), "--no-wait", "--", "python", "jobs/distill.py", "--pipeline", str(spec),
            "--run-id", RUN_ID, *extra]
-    subprocess.run(cmd, env=_env(), check=True, capture_output=True, timeout=300)
+    tries = 0
+    while True:
+        tries += 1
+        done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        # Right after `ray start` the dashboard answers before the node's job agent has registered; Ray then
+        # refuses the submission ("No available agent ... try again later") without creating the job.
+        if done.returncode == 0 or tries == 30 or "No available agent" not in done.stdout + done.stderr:
+            break
+        time.sleep(2)
+    assert done.returncode == 0, f"ray job submit failed ({tries} tries):\n{done.stdout}\n{done.stderr}"
     if not wait:
         return "SUBMITTED", ""
     return _wait_job(address, submission_id)
