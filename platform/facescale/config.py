@@ -107,9 +107,26 @@ class ScalingConfig(_Strict):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each worker also needs, e.g. {facescale_slot: 1} "
+        "with one slot per node to place one worker on each node (CPU and GPU come from the keys above)")
     address: str | None = None
-    storage_path: str = "runs"
+    storage_path: str = Field("runs", description="where checkpoints go: s3://bucket/prefix, or a directory every "
+                              "node mounts (checked on each node before a multi-node run starts)")
     max_failures: int = Field(0, ge=-1)
+
+    @model_validator(mode="after")
+    def _custom_resources_only(self) -> ScalingConfig:
+        if clash := sorted({"CPU", "GPU", "memory"} & set(self.resources_per_worker)):
+            raise ValueError(f"scaling.resources_per_worker: {clash} are set by scaling.cpus_per_worker and "
+                             "scaling.use_gpu; list only custom resources here")
+        if bad := sorted(k for k, v in self.resources_per_worker.items() if v <= 0):
+            raise ValueError(f"scaling.resources_per_worker: amounts must be > 0 ({bad})")
+        return self
+
+    def per_worker_resources(self) -> dict[str, float]:
+        """Everything one Ray Train worker needs (CPU, GPU when used, custom resources)."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {}), **self.resources_per_worker}
 
 
 class TrackingConfig(_Strict):

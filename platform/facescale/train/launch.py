@@ -18,8 +18,10 @@ from mlflow.tracking import MlflowClient
 
 from facescale.config import FaceScaleConfig, dump_config
 from facescale.data import load_manifest
+from facescale.distill.cache import read_meta as read_cache_meta
 from facescale.tracking.mlflow_run import end_run, reopen_run, resolve_local_uri, start_run
 from facescale.train.ckpt_store import resolve_checkpoint, verify_checkpoint
+from facescale.train.node_check import PathSpec, check_paths_on_nodes, is_local
 from facescale.train.step import STOP_TAG, NonFiniteError
 
 log = logging.getLogger("facescale.launch")
@@ -50,7 +52,7 @@ def check_inputs(cfg: FaceScaleConfig) -> None:
     if init and "://" not in init and not (Path(init) / "model.pt").is_file():
         raise FileNotFoundError(f"train.init_from: {init} is not a training checkpoint (no model.pt)")
     cache = cfg.distill.teacher_cache
-    if cache and not (Path(cache) / "cache.json").is_file():
+    if cache and read_cache_meta(cache) is None:  # a local directory or an s3:// prefix
         raise FileNotFoundError(f"distill.teacher_cache: {cache} is not a complete teacher cache (no cache.json)")
 
 
@@ -70,6 +72,50 @@ def init_ray(cfg: FaceScaleConfig) -> None:
 
 def _absolute(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path and "://" not in path else path
+
+
+def process_group_backend(use_gpu: bool) -> str:
+    """The torch.distributed backend of the workers' process group.
+
+    On GPU the group has both backends: NCCL for CUDA tensors and gloo for the CPU tensors that small host-side
+    collectives may still hand it (``facescale.parallel.dist`` places tensors on the group's device either way).
+    """
+    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+
+
+def local_path_specs(given: FaceScaleConfig, cfg: FaceScaleConfig, storage: str) -> list[PathSpec]:
+    """Every local path the run's workers read or write, with what each node must find there.
+
+    Args:
+        given: The config as the user wrote it (paths shown in messages as written).
+        cfg: The same config with local paths made absolute on the driver.
+        storage: ``scaling.storage_path`` made absolute (or a URL).
+    """
+    specs = []
+    if is_local(cfg.data.root):
+        specs.append(PathSpec("data.root", cfg.data.root, "dataset", given.data.root))
+    specs += [PathSpec("data.val_bins", path, "file", shown) for shown, path in zip(given.data.val_bins,
+                                                                                   cfg.data.val_bins)]
+    if is_local(storage):
+        specs.append(PathSpec("scaling.storage_path", storage, "shared_dir", given.scaling.storage_path))
+    if is_local(cfg.train.init_from):
+        specs.append(PathSpec("train.init_from", str(Path(cfg.train.init_from, "model.pt")), "file",
+                              given.train.init_from or ""))
+    if is_local(cfg.train.resume_from) and (found := resolve_checkpoint(cfg.train.resume_from)):
+        specs.append(PathSpec("train.resume_from", str(Path(found, "checkpoint.json")), "file",
+                              given.train.resume_from or ""))
+    if is_local(cfg.distill.teacher_cache):
+        specs.append(PathSpec("distill.teacher_cache", str(Path(cfg.distill.teacher_cache, "cache.json")), "file",
+                              given.distill.teacher_cache or ""))
+    uri = resolve_local_uri(cfg.tracking_uri())
+    if uri.startswith(("sqlite:///", "file:")):  # every node's workers log (rank 0; system metrics per node)
+        where = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:") else uri.removeprefix("file://")
+        specs.append(PathSpec("tracking.uri", str(Path(where).parent if uri.startswith("sqlite:") else where),
+                              "shared_dir", cfg.tracking_uri()))
+        if is_local(cfg.tracking.artifact_root):
+            specs.append(PathSpec("tracking.artifact_root", str(Path(cfg.tracking.artifact_root).resolve()),
+                                  "shared_dir", cfg.tracking.artifact_root))
+    return specs
 
 
 def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
@@ -95,12 +141,18 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, paren
     from facescale.train.loop import train_worker
 
     check_inputs(cfg)
-    cfg = cfg.model_copy(deep=True)
+    given, cfg = cfg, cfg.model_copy(deep=True)
     cfg.data.root = _absolute(cfg.data.root) or cfg.data.root  # s3:// roots stay URLs
     cfg.data.val_bins = [str(Path(p).resolve()) for p in cfg.data.val_bins]
     cfg.train.resume_from = _absolute(cfg.train.resume_from)
     cfg.train.init_from = _absolute(cfg.train.init_from)
     cfg.distill.teacher_cache = _absolute(cfg.distill.teacher_cache)
+    storage = cfg.scaling.storage_path
+    storage = storage if "://" in storage else str(Path(storage).resolve())
+    init_ray(cfg)
+    # Before the MLflow run exists: a path some node cannot see costs seconds and leaves nothing behind.
+    check_paths_on_nodes(local_path_specs(given, cfg, storage), cfg.scaling.per_worker_resources(),
+                         cfg.scaling.num_workers)
     tracking_uri = resolve_local_uri(cfg.tracking_uri())
     if run_id is None:
         run_id = start_run(tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root, cfg.tracking.run_name,
@@ -108,18 +160,16 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, paren
     else:
         reopen_run(tracking_uri, run_id)
     log.info("MLflow run %s at %s", run_id, tracking_uri)
-    init_ray(cfg)
-    storage = cfg.scaling.storage_path
-    storage = storage if "://" in storage else str(Path(storage).resolve())
     name = ray_run_name or f"facescale-{run_id}"
     run_root = f"{storage.rstrip('/')}/{name}"  # the run's checkpoints (facescale.train.ckpt_store) live here
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking_uri,
                            "run_root": run_root},
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(cfg.scaling.use_gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
+                                                           **cfg.scaling.resources_per_worker}),
         # Checkpoints are committed by the workers themselves (atomically, with retention), not through Ray's
         # checkpoint upload: a restarted worker group resumes from the newest committed one in run_root.
         run_config=RunConfig(name=name, storage_path=storage,
