@@ -29,7 +29,8 @@ def local_ray() -> Iterator[None]:
     """A local Ray head with 2 CPUs on the loopback interface, for the tests of one module."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    # address="local": a new Ray of its own, even where a ray_current_cluster file names another (or a dead) one.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     yield
     ray.shutdown()
 

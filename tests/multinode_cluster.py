@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,9 @@ class TwoNodeCluster:
         self.local = work / "local"
         self.local.mkdir(parents=True, exist_ok=True)
         self.holder: subprocess.Popen | None = None
-        self.node_b_pid: int | None = None
+        # Ray's own directory for this cluster: its sockets, logs, and the ray_current_cluster file that a plain
+        # ray.init() elsewhere would otherwise find and try to join. Short, because Unix socket paths are limited.
+        self.ray_tmp = tempfile.mkdtemp(prefix="fsmn-", dir="/tmp")
         self.env = self._env()
 
     def _env(self) -> dict[str, str]:
@@ -64,6 +67,7 @@ class TwoNodeCluster:
             "PATH": f"{BIN}:{env.get('PATH', '')}", "PYTHONUNBUFFERED": "1",
             # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (set for the single-node tests) forbids a second node: left out.
             "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": f"127.0.0.1:{RAY_PORT}",
+            "RAY_TMPDIR": self.ray_tmp,
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{MLFLOW_PORT}",
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
@@ -176,6 +180,7 @@ class TwoNodeCluster:
         self.holder.kill()
         self.holder.wait(10)
         self.holder = None
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
 def _cmdline(pid: int) -> str:
