@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from facescale.config import FaceScaleConfig, TrainConfig
+from facescale.parallel.dist import broadcast_
 from facescale.train.engine_config import build_deepspeed_config
 
 log = logging.getLogger("facescale.train.engine")
@@ -64,10 +65,7 @@ def _rank0(buffer: torch.Tensor) -> torch.Tensor:
     NOTE: broadcast from rank 0. BatchNorm running stats drift apart per rank (ZeRO never syncs them; DDP
     broadcasts rank 0's at each forward, then every rank updates its own), so states save rank 0's everywhere.
     """
-    buffer = buffer.detach().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(buffer, 0)
-    return buffer
+    return broadcast_(buffer.detach().clone(), 0, None)
 
 
 class BackboneEngine:

@@ -22,6 +22,7 @@ from torch import nn
 
 from facescale.config import FaceScaleConfig
 from facescale.distill.loss import angular_distillation_loss
+from facescale.parallel.dist import all_reduce_values
 from facescale.train.observe import StepTimer
 
 STOP_TAG = "facescale.stop_reason"  # MLflow tag naming why a run stopped on non-finite values
@@ -41,15 +42,22 @@ class StepOutcome:
     nonfinite: str | None = None  # why the step was non-finite, naming what was
 
 
-def any_rank(*flags: bool, device: torch.device) -> list[bool]:
-    """Each flag, True when it is set on any rank (every rank must call this, in the same order)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return list(flags)
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+def any_rank(*flags: bool, device: torch.device | None = None) -> list[bool]:
+    """Each flag, True when it is set on any rank (every rank must call this, in the same order).
+
+    Args:
+        *flags: This rank's flags.
+        device: Unused, kept for existing callers: ``facescale.parallel.dist`` picks the device the process
+            group takes (the CPU under gloo or ``cpu:gloo,cuda:nccl``, the current GPU under NCCL alone).
+
+    Returns:
+        One bool per flag, the same on every rank.
+    """
+    del device
     # NOTE: all-reduce MAX of each rank's non-finite flags: every rank must take the same decision (skip or step),
     # or the next collective would pair mismatched operations and hang.
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v > 0) for v in t.tolist()]
+    reduced = all_reduce_values([1.0 if f else 0.0 for f in flags], dist.ReduceOp.MAX, None)
+    return [v > 0 for v in reduced]
 
 
 def _grads_finite(module: nn.Module) -> bool:
@@ -84,7 +92,8 @@ def train_step(engine: Any, classifier: nn.Module, classifier_opt: torch.optim.O
         micro_batches: ``(images, labels, teacher embeddings or None)`` on the device, ``grad_accum_steps`` of them.
         cfg: The run's config (distillation weight, non-finite policy).
         timer: Step-time breakdown.
-        device: The training device (the non-finite flag is all-reduced there: NCCL needs a CUDA tensor).
+        device: The training device (unused here: ``facescale.parallel.dist`` puts the non-finite flags on the
+            process group's device; kept so callers need not change).
         poison: Fault injection for tests of the non-finite policy: ``"loss"`` makes this rank's loss NaN.
 
     Returns:
@@ -123,7 +132,7 @@ def train_step(engine: Any, classifier: nn.Module, classifier_opt: torch.optim.O
     with timer.phase("optimizer"):
         grad_norm = float(engine.grad_norm())
         classifier_ok = _grads_finite(classifier)
-        loss_bad, grads_bad = any_rank(bool(local_bad), not classifier_ok, device=device)
+        loss_bad, grads_bad = any_rank(bool(local_bad), not classifier_ok)
         grads_bad = grads_bad or not math.isfinite(grad_norm)
         # fp16: gradients that overflow while every loss is finite are the loss scaler's business -- DeepSpeed's
         # step skips the update and lowers the scale; it is not a non-finite step of the policy.
