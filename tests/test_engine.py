@@ -286,3 +286,69 @@ def _resume_worker(rank: int, world_size: int, out: str) -> None:
 def test_zero2_state_from_two_ranks_resumes_on_one(tmp_path: Path) -> None:
     spawn(_save_worker, 2, str(tmp_path))
     spawn(_resume_worker, 1, str(tmp_path))
+
+
+# ------------------------------------------------------------------- device binding and DeepSpeed's op builders
+@pytest.mark.parametrize("launcher_local_rank, index, stage, want_env", [
+    (None, 2, 2, "2"),  # no launcher value: LOCAL_RANK defaults to the device index
+    ("1", 0, 2, "1"),  # Ray Train, one GPU visible per worker: cuda:0 on local rank 1, LOCAL_RANK stays
+    ("3", 3, 3, "3"),  # the usual case: they agree
+])
+def test_bind_device_keeps_the_launchers_local_rank(monkeypatch: pytest.MonkeyPatch, launcher_local_rank, index,
+                                                     stage, want_env) -> None:
+    """MOCKED, because no GPU exists on this machine: ``torch.cuda.set_device`` only records its argument."""
+    from facescale.train.engine_deepspeed import bind_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    if launcher_local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", launcher_local_rank)
+    assert bind_device(torch.device("cuda", index), stage) == index  # what DeepSpeed gets as args.device_rank
+    assert current == [index] and os.environ["LOCAL_RANK"] == want_env
+
+
+def test_bind_device_refuses_zero3_when_local_rank_is_not_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MOCKED, because no GPU exists on this machine: ``torch.cuda.set_device`` does nothing."""
+    from facescale.train.engine_deepspeed import bind_device
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(EngineError, match="zero_stage 3 on cuda:0 with LOCAL_RANK=1"):
+        bind_device(torch.device("cuda", 0), 3)
+    assert os.environ["LOCAL_RANK"] == "1"
+
+
+def test_bind_device_on_cpu_defaults_local_rank_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from facescale.train.engine_deepspeed import bind_device
+
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert bind_device(torch.device("cpu"), 3) == 0 and os.environ["LOCAL_RANK"] == "5"
+
+
+def _no_op_build_worker(rank: int, world_size: int) -> None:
+    import torch.utils.cpp_extension as cpp
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"DeepSpeed loaded or built an op ({args[:1]}): the Dockerfile's image cannot")
+
+    OpBuilder.load = OpBuilder.jit_load = cpp.load = refuse
+    # fp16 is not here: DeepSpeed's CPU accelerator refuses it ("Type fp16 is not supported on your device"); on a
+    # GPU its dynamic loss scaler is Python (runtime/fp16/loss_scaler.py) over the same ZeRO code.
+    for kind, extra in [("zero0", ()), ("zero1", ("train.bf16=true",)), ("zero2", ("train.bf16=true",)),
+                        ("zero3", ()), ("zero3", ("train.bf16=true",))]:
+        run = _Run(kind, *extra, "train.grad_clip=1.0")
+        run.backward([_local(0, rank, world_size)])
+        run.step()
+        run.engine.state_dict()
+
+
+def test_deepspeed_paths_build_no_op() -> None:
+    # The Dockerfile's claim: FaceScale's ZeRO stages and precisions load no DeepSpeed op (none is prebuilt, and the
+    # -runtime image could not JIT-build one). On CUDA the comm backend's shared-memory op has no builder at all.
+    from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+    assert CUDA_Accelerator().create_op_builder("ShareMemCommBuilder") is None
+    spawn(_no_op_build_worker, 2)

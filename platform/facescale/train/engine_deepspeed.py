@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import logging
@@ -21,7 +22,6 @@ from facescale.train.engine import _DTYPES, BackboneEngine, EngineError, _build_
 log = logging.getLogger("facescale.train.engine")
 
 
-
 def ensure_process_group(device: torch.device) -> None:
     """DeepSpeed needs a process group; a single process without one gets a 1-rank group on the loopback."""
     if dist.is_initialized():
@@ -29,6 +29,42 @@ def ensure_process_group(device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     log.info("no process group: starting a 1-rank %s group on 127.0.0.1 for DeepSpeed", backend)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_loopback_port()}", rank=0, world_size=1)
+
+
+def bind_device(device: torch.device, zero_stage: int) -> int:
+    """Makes ``device`` the current one and returns its index for DeepSpeed; ``LOCAL_RANK`` stays the launcher's.
+
+    ``LOCAL_RANK`` is the worker's rank on its node (Ray Train and torchrun set it); the CUDA index is its GPU among
+    those the process sees. They differ under Ray Train when ``CUDA_VISIBLE_DEVICES`` is not shared across a node's
+    workers (every worker then sees its one GPU as ``cuda:0``) or with several GPUs per worker. DeepSpeed 0.19.8
+    reads ``LOCAL_RANK`` as a device index: its engine places the module on ``cuda:<args.device_rank>``, else
+    ``cuda:LOCAL_RANK`` (runtime/engine.py, ``_set_distributed_vars``), so the index is passed as ``device_rank``;
+    and ZeRO-3 alone also builds tensors on ``cuda:LOCAL_RANK`` with no override (runtime/zero/
+    partition_parameters.py ``Init``: ``local_device``; runtime/zero/utils.py ``assert_ints_same_as_other_ranks``,
+    run by the parameter coordinator in the first steps). Overwriting ``LOCAL_RANK`` would lie to everything else
+    that reads it, so ZeRO-3 with a mismatch is refused with the fix instead.
+
+    Args:
+        device: This worker's training device.
+        zero_stage: The ZeRO stage of ``train.deepspeed``.
+
+    Returns:
+        The device index DeepSpeed must use (0 on the CPU).
+
+    Raises:
+        EngineError: ZeRO-3 on a GPU whose index is not ``LOCAL_RANK``.
+    """
+    if device.type != "cuda":
+        os.environ.setdefault("LOCAL_RANK", "0")
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_device(index)  # before initialize: DeepSpeed allocates on the current device
+    local_rank = os.environ.setdefault("LOCAL_RANK", str(index))  # only a default: the launcher's value wins
+    if zero_stage == 3 and int(local_rank) != index:
+        raise EngineError(f"train.deepspeed.zero_stage 3 on cuda:{index} with LOCAL_RANK={local_rank}: DeepSpeed's "
+                          "ZeRO-3 places partitioned parameters on cuda:LOCAL_RANK. Give each worker one GPU and "
+                          "leave Ray Train's CUDA_VISIBLE_DEVICES sharing on (its default), or use zero_stage <= 2")
+    return index
 
 
 class DeepSpeedEngine(BackboneEngine):
@@ -48,12 +84,7 @@ class DeepSpeedEngine(BackboneEngine):
                               "or train.engine ddp (bf16 autocast)")
         # The accelerator follows the device, never the machine: a CPU run on a GPU node stays on the CPU.
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
-        if device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            torch.cuda.set_device(index)
-            os.environ["LOCAL_RANK"] = str(index)  # DeepSpeed places the module on cuda:LOCAL_RANK
-        else:
-            os.environ.setdefault("LOCAL_RANK", "0")
+        device_rank = bind_device(device, self.zero_stage)
         import deepspeed  # here, not at module level: it takes seconds and prints warnings
         from deepspeed.accelerator import get_accelerator
 
@@ -63,8 +94,10 @@ class DeepSpeedEngine(BackboneEngine):
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines repeat the config per rank
         _skip_cpu_shm_op(device)
         sgd = _build_sgd(backbone.parameters(), train)
-        self.model, _, _, _ = deepspeed.initialize(model=backbone, optimizer=sgd, config=ds_config,
-                                                   dist_init_required=False)
+        # args.device_rank: DeepSpeed's engine sets and uses this device instead of cuda:LOCAL_RANK (engine.py,
+        # _set_distributed_vars); no args.local_rank, which it would check against LOCAL_RANK.
+        self.model, _, _, _ = deepspeed.initialize(args=argparse.Namespace(device_rank=device_rank), model=backbone,
+                                                   optimizer=sgd, config=ds_config, dist_init_required=False)
         super().__init__(backbone, sgd, train)
         self._dtype = _DTYPES[self.precision]
 
