@@ -168,18 +168,31 @@ def _plain(value: Any) -> Any:
 class SystemMonitor:
     """MLflow's system metrics (CPU, memory, disk, network; GPU when pynvml finds one) for this node.
 
-    One monitor per node (local rank 0), named ``node<k>`` so several nodes do not overwrite each other.
+    One monitor per node (local rank 0), named ``node<k>`` so several nodes do not overwrite each other. GPU
+    utilisation and memory come from NVML through ``nvidia-ml-py`` (the ``pynvml`` module, in requirements.txt).
+    Where no NVIDIA driver exists, MLflow's GPU monitor fails to start, logs that at DEBUG and one INFO line
+    ("Skip logging GPU metrics"), and the CPU metrics go on: nothing to silence. A node that has a GPU but gets
+    no GPU metrics is worth a warning, though (a missing package or a broken driver).
+
+    Attributes:
+        gpu_metrics: Whether this node logs GPU metrics.
     """
 
     def __init__(self, tracker: Tracker, local_rank: int, node_rank: int, interval_s: float | None,
                  resumed: bool) -> None:
         self._monitor = None
+        self.gpu_metrics = False
         if interval_s is None or local_rank != 0:
             return
+        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self._monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=interval_s, resume_logging=resumed,
                                              node_id=f"node{node_rank}", tracking_uri=tracker.tracking_uri)
+        self.gpu_metrics = any(isinstance(m, GPUMonitor) for m in self._monitor.monitors)
+        if torch.cuda.is_available() and not self.gpu_metrics:
+            log.warning("node%d has a GPU but logs no GPU system metrics: NVML did not start (is nvidia-ml-py "
+                        "installed? DEBUG logs of mlflow.system_metrics say why)", node_rank)
         self._monitor.start()
 
     def finish(self) -> None:
