@@ -42,7 +42,13 @@ WORKDIR /home/ray/facescale
 
 # Dependencies first (a layer that changes only with requirements.txt). torch goes in alone from the CUDA index,
 # at the version requirements.txt pins, as `make setup` does; the CUDA wheel (2.x.y+cu130) then satisfies the
-# `torch==` pin when the rest of requirements.txt is installed from PyPI. DeepSpeed builds its ops just in time.
+# `torch==` pin when the rest of requirements.txt is installed from PyPI.
+# DeepSpeed ops: DS_BUILD_OPS=0 compiles none at install, and none is compiled at run time either, so this
+# -runtime base (no nvcc, no C++ compiler) suffices: FaceScale hands DeepSpeed a torch SGD (no FusedAdam/CPUAdam
+# builder), ZeRO stages 0-3 in fp32/bf16/fp16 without offload or quantization run on torch collectives, on CUDA
+# the comm backend finds no ShareMemCommBuilder to build, and on the CPU engine_deepspeed.py skips that build.
+# An override of train.deepspeed that needs an op (zero_quantized_* -> QuantizerBuilder, NVMe offload ->
+# AsyncIOBuilder, a DeepSpeed optimizer) would JIT-build it and fail here: use a -devel base with DS_BUILD_<OP>=1.
 COPY requirements.txt ./
 RUN pip install --index-url "${TORCH_INDEX_URL}" "$(grep -E '^torch==' requirements.txt)" \
     && DS_BUILD_OPS=0 pip install -r requirements.txt \

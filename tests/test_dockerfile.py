@@ -133,6 +133,20 @@ def test_cuda_major_agrees_across_base_torch_and_dali(instructions: list[tuple[s
     assert m.group(1) == torch_cuda.group(1)[:-1] == dali[0].removeprefix("nvidia-dali-cuda")[:-1]
 
 
+def test_deepspeed_ops_need_no_compiler_in_the_runtime_base(dockerfile: str,
+                                                            instructions: list[tuple[str, str]]) -> None:
+    # A -runtime CUDA base has no nvcc (and no C++ compiler), and DS_BUILD_OPS=0 prebuilds nothing: the image works
+    # only because FaceScale's DeepSpeed paths load no op (tests/test_engine.py::test_deepspeed_paths_build_no_op).
+    # The comment must say so, not that ops are built just in time.
+    args = build_args(instructions)
+    base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], next(a for w, a in instructions if w == "FROM"))
+    runs = " && ".join(a for w, a in instructions if w == "RUN")
+    assert "-runtime-" in base and "DS_BUILD_OPS=0" in runs
+    comments = " ".join(line.lstrip("# ") for line in dockerfile.splitlines() if line.startswith("#"))
+    assert "just in time" not in comments
+    assert "none is compiled at run time" in comments
+
+
 def test_python_matches_pyproject(instructions: list[tuple[str, str]]) -> None:
     requires = re.search(r'requires-python = ">=(\d+\.\d+)', (REPO / "pyproject.toml").read_text())
     assert build_args(instructions)["PYTHON"] == f"python{requires.group(1)}"
