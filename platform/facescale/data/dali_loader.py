@@ -128,6 +128,27 @@ class DaliFaceLoader:
         return {"loader": "dali", "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
                 "seed": self.seed, "train": self.train, "digest": self.manifest.digest}  # fmt: skip
 
+    def local_shards(self, epoch: int) -> list[int]:
+        """Indices into ``manifest.shards`` that this rank reads in ``epoch`` (the teacher embeddings it holds).
+
+        Stage 1 reads the shards in the ``(seed, epoch)`` order as one sample sequence, and this rank reads only its
+        range ``[n * rank // W, n * (rank + 1) // W)`` of it: the shuffle buffer fills from the range, and a rank that
+        needs more samples (skipped ones) starts its range again (``stick_to_shard``), never another rank's. So the
+        shards are those whose samples, placed in that order by the manifest's per-shard counts, overlap the range.
+        """
+        order = self._shard_order(epoch)
+        counts = np.array([self.manifest.shards[i].num_samples for i in order], dtype=np.int64)
+        ends = np.cumsum(counts)
+        n = self.manifest.num_samples
+        first, last = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+        overlap = (ends - counts < last) & (ends > first) & (counts > 0)
+        return sorted(order[overlap].tolist())
+
+    def _shard_order(self, epoch: int) -> np.ndarray:
+        """Shard indices in the order stage 1 reads them in ``epoch``: the same permutation on every rank."""
+        n = len(self._urls)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.train else np.arange(n)
+
     def local_position(self) -> dict[str, Any]:
         """This rank's position after the last batch yielded: epoch, step and raw cursor."""
         return {**self._position, "cursors": dict(self._position["cursors"])}
@@ -168,8 +189,7 @@ class DaliFaceLoader:
         to one width per batch (numpy); the JPEG ``source_info`` stays a DALI batch, read only for a sample without
         ``.cls``; ``cursors`` are the raw positions (1-based) of the samples.
         """
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self._urls)) if self.train else (
-            np.arange(len(self._urls)))  # fmt: skip
+        order = self._shard_order(epoch)
         reader_seed = int(np.random.default_rng([self.seed, epoch, self.rank, _TAG_READER]).integers(2**31 - 1))
         paths, indices = [self._urls[i] for i in order], [self.index_paths[i] for i in order]
 

@@ -90,6 +90,10 @@ class FaceLoader(Protocol):
         """This rank's position after the last batch yielded (JSON-serialisable; see ``resume_cursors``)."""
         ...
 
+    def local_shards(self, epoch: int) -> list[int]:
+        """Indices into ``manifest.shards`` this rank reads in ``epoch``, in order (the teacher embeddings it holds)."""
+        ...
+
 
 def position_record(fingerprint: dict[str, Any], epoch: int, step: int, cursors: dict[int, int]) -> dict[str, Any]:
     """A loader position: what the loader is (``fingerprint``), where it is, and each split's raw-sample cursor."""
@@ -334,6 +338,17 @@ class TorchFaceLoader:
             self._position["cursors"][str(batch["split"])] = batch["cursor"]
             yield images, batch["labels"], batch["keys"]
         assert count == self.steps_per_epoch, f"yielded up to step {count}, expected {self.steps_per_epoch}"
+
+    def local_shards(self, epoch: int) -> list[int]:
+        """Indices into ``manifest.shards`` this rank reads in ``epoch``: the shards dealt to its splits.
+
+        A split that wraps reads its own shards again, and an unreadable shard skipped reads nothing, so every
+        sample this rank yields in ``epoch`` comes from these shards.
+        """
+        d = self._dataset
+        splits = assign_shards(len(d.urls), d.num_splits, d.seed, epoch, d.train)
+        local = range(d.rank * d.num_splits_per_rank, (d.rank + 1) * d.num_splits_per_rank)
+        return sorted({i for split in local for i in splits[split]})
 
     def local_position(self) -> dict[str, Any]:
         """This rank's position after the last batch yielded: epoch, step, raw cursor of every split that ran."""
