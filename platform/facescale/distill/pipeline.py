@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from facescale.config import ConfigError, FaceScaleConfig, format_validation, load_config, merge_trees
 from facescale.distill.loss import DEFAULT_ALPHA, DistillForm
@@ -79,7 +79,15 @@ class PipelineSpec(_Strict):
     distill: DistillSpec = DistillSpec()
     stages: dict[str, dict[str, Any]] = Field(default_factory=dict, description="overrides per stage name")
     registered_model: str | None = Field(None, description="registered model of the stages (default: name)")
-    cache_dir: str | None = Field(None, description="teacher-embedding caches (default: <storage_path>/teacher_cache)")
+    cache_dir: str | None = Field(None, description="teacher-embedding caches: an s3://bucket/prefix, or a directory "
+                                  "every node mounts at that path (default: <storage_path>/teacher_cache)")
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_location(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value and not value.startswith("s3://"):
+            raise ValueError(f"cache_dir {value!r}: teacher caches live on s3:// or in a local directory")
+        return value
 
     @model_validator(mode="after")
     def _known_names(self) -> PipelineSpec:

@@ -4,12 +4,18 @@ Re-running with the same pipeline run id resumes: a stage whose child run is mar
 and checkpoint are reused), an interrupted stage continues in its own MLflow run from its latest committed checkpoint
 (the stage's Ray run name, hence its checkpoint directory, is stable, and the workers resume from it), and the
 teacher-embedding cache is reused when it was made by the same teacher for the same data.
+
+Where things live: teacher caches under ``cache_dir`` (default ``<scaling.storage_path>/teacher_cache``), an
+``s3://`` prefix or a directory every node mounts; a given init model under ``<storage_path>/<pipeline run id>/init``
+(uploaded when the storage is ``s3://``); the comparison plots in the parent MLflow run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +33,7 @@ from facescale.tracking.lineage import PipelineLineage, StageRecord
 from facescale.tracking.mlflow_run import resolve_local_uri
 from facescale.tracking.models import LoadedBackbone, ModelResolveError, load_backbone
 from facescale.train.launch import check_inputs, init_ray, run_training
+from facescale.train.node_check import PathSpec, check_paths_on_nodes, is_local
 from facescale.train.teacher_cache import build_teacher_cache
 
 log = logging.getLogger("facescale.distill")
@@ -54,8 +61,39 @@ def default_run_id(spec: PipelineSpec) -> str:
 
 
 def _checkpoint_identity(directory: str) -> str:
-    digest = hashlib.sha256((Path(directory) / "model.pt").read_bytes()).hexdigest()
-    return f"checkpoint-{digest[:16]}"
+    """``checkpoint-<sha256 of model.pt>`` of a checkpoint directory, local or ``s3://`` (same bytes, same id).
+
+    Raises:
+        ConfigError: When there is no ``model.pt`` to identify the model by (e.g. an MLflow model directory without
+            a model id), or the URL scheme is neither local nor ``s3://``.
+    """
+    digest = hashlib.sha256()
+    if directory.startswith("s3://"):
+        from facescale.data import storage  # lazy: boto3 only for s3:// (DESIGN.md)
+
+        url = directory.rstrip("/") + "/model.pt"
+        try:
+            with storage.open_read(url) as stream:
+                while chunk := stream.read(1 << 20):
+                    digest.update(chunk)
+        except storage.StorageError as exn:
+            raise ConfigError(f"{directory}: cannot identify the model by {url}: {exn}") from exn
+    elif "://" in directory and not directory.startswith("file://"):
+        raise ConfigError(f"{directory}: a model without an MLflow model id is identified by its model.pt, which is "
+                          "read from a local directory or s3:// only")  # fmt: skip
+    else:
+        path = Path(directory.removeprefix("file://"))
+        path = path if path.name == "model.pt" else path / "model.pt"
+        if not path.is_file():
+            raise ConfigError(f"{directory}: no model.pt to identify this model by (give a models:/ URI instead)")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return f"checkpoint-{digest.hexdigest()[:16]}"
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}" if "://" in root else os.path.join(root, name)
 
 
 def _resolve(uri: str, what: str, tracking_uri: str) -> LoadedBackbone:
@@ -91,11 +129,19 @@ class PipelineRunner:
         self.tracking_uri = resolve_local_uri(first.tracking_uri())
         self.registered_model = spec.registered_model or spec.name
         storage = first.scaling.storage_path
-        self.storage = Path(storage).resolve() if "://" not in storage else None
-        if spec.cache_dir is None and self.storage is None:
-            raise ConfigError(f"{source}: cache_dir must be set to a shared filesystem path when "
-                              f"scaling.storage_path is a URL ({storage})")  # fmt: skip
-        self.cache_root = Path(spec.cache_dir).resolve() if spec.cache_dir else self.storage / "teacher_cache"
+        # The run storage: a local directory (shared by the nodes, as Ray Train requires) or a URL such as s3://.
+        self.remote_storage = "://" in storage
+        self.storage = storage.rstrip("/") if self.remote_storage else str(Path(storage).resolve())
+        if self.remote_storage and not storage.startswith("s3://"):  # caches and init models go to s3:// only
+            if spec.cache_dir is None:
+                raise ConfigError(f"{source}: scaling.storage_path is {storage}: set cache_dir (an s3:// URL, or a "
+                                  "filesystem every node mounts)")  # fmt: skip
+            if spec.init != SCRATCH:
+                raise ConfigError(f"{source}: init {spec.init} is uploaded to scaling.storage_path, which must then "
+                                  f"be local or s3://, not {storage}")  # fmt: skip
+        cache = spec.cache_dir or f"{self.storage}/teacher_cache"
+        # Teacher caches: under an s3:// prefix (nodes share no disk), or a local directory every node mounts.
+        self.cache_root = cache.rstrip("/") if cache.startswith("s3://") else str(Path(cache).resolve())
         for cfg in self.configs.values():
             check_inputs(cfg)  # dataset manifest and verification files, before anything starts
         self.manifest = load_manifest(first.data.root)
@@ -124,12 +170,15 @@ class PipelineRunner:
         """Runs every stage that is not already complete; returns the per-stage records."""
         t0 = time.perf_counter()
         cfg = self.base
+        init_ray(cfg)
+        if is_local(self.cache_root):  # built by Ray tasks on any node, read by every worker: must be shared
+            check_paths_on_nodes([PathSpec("cache_dir", self.cache_root, "shared_dir", self.spec.cache_dir or "")],
+                                 cfg.scaling.per_worker_resources(), cfg.scaling.num_workers)
         lineage = PipelineLineage(self.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root,
                                   self.pipeline_run_id, self.spec.name, self.registered_model)
         lineage.open_parent({"facescale.pipeline": self.spec.name, "facescale.dataset_digest": self.manifest.digest,
                              "facescale.registered_model": self.registered_model}, dump_spec(self.spec))
         log.info("pipeline %s: run id %s, stages %s", self.spec.name, self.pipeline_run_id, self.spec.stage_names())
-        init_ray(cfg)
         result = PipelineResult(self.pipeline_run_id, lineage.parent_run_id, self.tracking_uri, self.registered_model,
                                 {}, [], None, None, 0.0)
         ok = False
@@ -167,18 +216,23 @@ class PipelineRunner:
         if self._cache is not None:
             return self._cache
         model_id, loaded, where = self._teacher_identity(records)
-        cache_dir = self.cache_root / f"{model_id}-{self.manifest.digest[:12]}"
+        cache_dir = _join(self.cache_root, f"{model_id}-{self.manifest.digest[:12]}")
         if loaded is None:
             loaded = _resolve(where, "teacher checkpoint", self.tracking_uri)
         cfg = self.configs[generation_name(1)]
         _, built = build_teacher_cache(loaded.module, model_id, self.manifest, cache_dir, loaded.embedding_size,
                                        cfg.scaling, cfg.train.eval_batch_size, cfg.data.on_error)
         result.teacher_cache_built = built
-        self._cache = (model_id, str(cache_dir))
+        self._cache = (model_id, cache_dir)
         return self._cache
 
     def _init_for(self, stage: str, records: dict[str, StageRecord]) -> tuple[str | None, str]:
-        """(``train.init_from`` directory, init model id tag) of a student stage."""
+        """(``train.init_from`` directory or URL, init model id tag) of a student stage.
+
+        A given init model is written as a checkpoint under the run storage, ``<storage>/<pipeline run id>/init``:
+        a local directory there (which every node sees, as Ray Train's storage must be), or uploaded to s3:// so that
+        workers on any node read it.
+        """
         if stage == SCRATCH:
             return None, "none"
         generation = int(generation_of(stage))
@@ -187,9 +241,15 @@ class PipelineRunner:
             return prev.checkpoint, prev.model_id
         if self.init is None:
             return None, "none"
-        directory = (self.storage or self.cache_root) / self.pipeline_run_id / "init"
         identity = self.init.model_id or _checkpoint_identity(self.spec.init)
-        return _save_init(self.init, directory), identity
+        if not self.remote_storage:
+            return _save_init(self.init, Path(self.storage) / self.pipeline_run_id / "init"), identity
+        from facescale.data import storage  # lazy: boto3 only for s3:// (DESIGN.md)
+
+        uri = f"{self.storage}/{self.pipeline_run_id}/init"
+        with tempfile.TemporaryDirectory(prefix="facescale-init-") as tmp:
+            storage.upload_file(Path(_save_init(self.init, Path(tmp))) / "model.pt", f"{uri}/model.pt")
+        return uri, identity
 
     def _run_stage(self, stage: str, lineage: PipelineLineage, result: PipelineResult) -> StageRecord:
         cfg = self.configs[stage].model_copy(deep=True)
@@ -216,8 +276,11 @@ class PipelineRunner:
     def _compare(self, lineage: PipelineLineage, result: PipelineResult) -> None:
         """The parent run's comparison: table, per-stage metrics, accuracy bars and overlaid ROC curves."""
         records = [result.records[s] for s in self.spec.stage_names()]
-        out_dir = (self.storage or self.cache_root) / self.pipeline_run_id
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if self.remote_storage:  # the plots go to MLflow; the driver keeps its copies in a temporary directory
+            out_dir = Path(tempfile.mkdtemp(prefix=f"facescale-{self.pipeline_run_id}-"))
+        else:
+            out_dir = Path(self.storage) / self.pipeline_run_id
+            out_dir.mkdir(parents=True, exist_ok=True)
         plots = [plot_accuracy(records, out_dir / "accuracy_by_stage.png", title=f"{self.spec.name}: held-out "
                                "verification by stage")]
         curves: dict[str, Any] = {}
