@@ -207,7 +207,8 @@ def test_distillation_pipeline_with_the_teacher_cache_on_s3_across_two_nodes(clu
     shards = sorted(k for k in cache if k.rsplit("/", 1)[1].startswith("shard-"))
     assert len(shards) == 4 and f"{cache_dir}/cache.json" in cache
     runs = {r["tags"].get("facescale.stage"): r for r in _runs(cluster, "mn-rkd") if "facescale.stage" in r["tags"]}
-    assert set(runs) == {"teacher", "gen-1"} and all(r["status"] == "FINISHED" for r in runs.values())
+    assert set(runs) == {"pipeline", "teacher", "gen-1"}, set(runs)  # the parent run and its two stages
+    assert all(r["status"] == "FINISHED" for r in runs.values())
     gen1 = runs["gen-1"]
     assert gen1["params"]["distill.teacher_cache"] == f"s3://{BUCKET}/teacher-cache/{cache_dir}"
     assert gen1["tags"]["facescale.teacher_model_id"] == runs["teacher"]["tags"]["facescale.model_id"]
