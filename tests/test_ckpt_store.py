@@ -6,12 +6,14 @@ Two ranks are real gloo processes; an interrupted save is a real subprocess kill
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +96,7 @@ def test_save_commits_and_latest_finds_it(root: str) -> None:
     assert second == store.checkpoint_uri(2) and store.latest() == second
     manifest = verify_checkpoint(second)
     assert manifest["files"] == {"model.pt": 20, "sub/opt.pt": 4}
+    assert manifest["ranks"] == {"0": ["model.pt", "sub/opt.pt"]}, "which rank wrote which file"
     assert (manifest["format"], manifest["name"], manifest["step"], manifest["world_size"]) == (
         1, "checkpoint_00000002", 2, 1)  # fmt: skip
     assert manifest["meta"] == {"loss": 1.25} and manifest["created"].endswith("+00:00")
@@ -122,7 +125,9 @@ def _two_rank_worker(rank: int, world_size: int, port: int, roots: list[str]) ->
         uri = store.save(7, _writer(files), meta={"step": 7})
         assert uri == store.checkpoint_uri(7)
         # Returned after the final barrier: every rank sees the committed checkpoint.
-        assert verify_checkpoint(uri)["files"] == {"model.pt": 1000, "rng_rank0.pt": 100, "rng_rank1.pt": 101}
+        manifest = verify_checkpoint(uri)
+        assert manifest["files"] == {"model.pt": 1000, "rng_rank0.pt": 100, "rng_rank1.pt": 101}
+        assert manifest["ranks"] == {"0": ["model.pt", "rng_rank0.pt"], "1": ["rng_rank1.pt"]}
     dist.barrier()
     dist.destroy_process_group()
     # Leave without interpreter finalization (see tests/test_partial_fc.py: gloo threads once aborted there).
@@ -196,7 +201,7 @@ def test_killed_save_is_never_resumed(backend: str, kill_at: str, tmp_path: Path
             assert store.latest() == store.checkpoint_uri(1)
         assert f"not resuming from {second}" in caplog.text and f"no {MANIFEST_NAME}" in caplog.text
     else:
-        assert (Path(root) / ".checkpoint_00000002.staging" / "model.pt").is_file()
+        assert list((Path(root) / ".checkpoint_00000002.staging").rglob("model.pt")), "written, not committed"
         assert store.latest() == store.checkpoint_uri(1)
     with pytest.raises(IncompleteCheckpointError, match=f"{re.escape(second)} is not committed: no {MANIFEST_NAME}"):
         resolve_checkpoint(second)
@@ -215,11 +220,12 @@ def test_listed_file_missing_or_truncated_is_not_committed(root: str, caplog: py
     with caplog.at_level(logging.WARNING, "facescale.checkpoint"):
         assert store.latest() == uris[0]
     assert f"not resuming from {uris[2]}: checkpoint {uris[2]} is not committed: model.pt has 5 bytes" in caplog.text
-    assert f"{uris[1]} is not committed: optimizer.pt, listed in {MANIFEST_NAME}, is missing" in caplog.text
+    assert (f"{uris[1]} is not committed: optimizer.pt, listed in {MANIFEST_NAME} as written by rank 0, is missing"
+            in caplog.text)
     with pytest.raises(IncompleteCheckpointError, match="model.pt has 5 bytes, checkpoint.json lists 50") as info:
         resolve_checkpoint(uris[2])
     assert info.value.file == "model.pt" and info.value.checkpoint == uris[2]
-    with pytest.raises(IncompleteCheckpointError, match="optimizer.pt, listed in checkpoint.json, is missing"):
+    with pytest.raises(IncompleteCheckpointError, match="optimizer.pt, listed in checkpoint.json as written by rank 0"):
         resolve_checkpoint(uris[1])
     with pytest.raises(IncompleteCheckpointError, match="model.pt has 5 bytes"):
         with local_copy(uris[2]):
@@ -280,13 +286,115 @@ def test_retention_and_interrupted_deletion(root: str, caplog: pytest.LogCapture
     assert _entries(root) == ["checkpoint_00000006"] and store.latest() == sixth
 
 
-def test_a_rank_that_did_not_finish_uploading_blocks_the_commit(bucket: str) -> None:
-    # Rank 0 of 2 alone (its barrier does not wait): rank 1's receipt never arrives, so nothing is committed.
-    store = CheckpointStore(f"s3://{bucket}/run", 0, 2, _no_barrier)
-    with pytest.raises(IncompleteCheckpointError, match=r"rank 1 did not finish uploading \(no \.written_by_rank1"):
-        store.save(1, _writer({"model.pt": bytes(4)}))
-    assert store.latest() is None
-    assert MANIFEST_NAME not in storage.list_objects(store.checkpoint_uri(1))
+def _save_in_threads(roots: list[str], step: int, sabotage: Callable[[], None] | None = None,
+                      keep_last: int | None = None) -> list[object]:
+    """Saves ``step`` as 2 ranks in 2 threads (rank r's store at ``roots[r]``); returns each rank's result or error.
+
+    Rank 0 writes model.pt and rng_rank0.pt, rank 1 rng_rank1.pt. ``sabotage`` runs on rank 1 once its files and
+    receipt are written, before rank 0 checks them. A rank that fails breaks the barrier, as a torn-down worker group.
+    """
+    gate = threading.Barrier(2, timeout=60)
+    results: list[object] = [None, None]
+
+    def run(rank: int) -> None:
+        calls = []
+
+        def barrier() -> None:
+            calls.append(1)
+            if rank == 1 and len(calls) == 2 and sabotage is not None:
+                sabotage()
+            gate.wait()
+
+        files = {f"rng_rank{rank}.pt": bytes(100 + rank)} | ({"model.pt": bytes(1000)} if rank == 0 else {})
+        try:
+            results[rank] = CheckpointStore(roots[rank], rank, 2, barrier, keep_last).save(step, _writer(files))
+        except (IncompleteCheckpointError, threading.BrokenBarrierError) as exn:
+            gate.abort()
+            results[rank] = exn
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+@pytest.mark.parametrize("backend,missing", [("local", "receipt"), ("local", "file"), ("s3", "receipt"),
+                                             ("s3", "file")])  # fmt: skip
+def test_a_rank_whose_receipt_or_file_rank_0_cannot_see_blocks_the_commit(backend: str, missing: str, tmp_path: Path,
+                                                                        request: pytest.FixtureRequest) -> None:
+    """Local: rank 1 on another node (its own copy of the path rank 0 cannot see), or one of its files gone.
+    S3: rank 1's receipt or file is not there when rank 0 lists. Both refuse the same way, naming rank and file."""
+    s3 = backend == "s3"
+    root = f"s3://{request.getfixturevalue('bucket')}/run" if s3 else str(tmp_path / "node0" / "run")
+    uri = CheckpointStore(root, 0, 2, _no_barrier).checkpoint_uri(3)
+    roots, sabotage, file = [root, root], None, "rng_rank1.pt" if missing == "file" else ".written_by_rank1.json"
+    if missing == "receipt" and not s3:
+        roots[1] = str(tmp_path / "node1" / "run")  # the same storage_path on a node that shares no disk
+    elif s3:
+        sabotage = lambda: _put(uri, file, None)  # noqa: E731
+    else:
+        sabotage = lambda: os.remove(Path(root, ".checkpoint_00000003.staging", file))  # noqa: E731
+    refused, rank1 = _save_in_threads(roots, 3, sabotage)
+    assert isinstance(refused, IncompleteCheckpointError) and isinstance(rank1, threading.BrokenBarrierError)
+    assert refused.file == file and refused.checkpoint == uri
+    what = f"the receipt {file} of rank 1" if missing == "receipt" else f"{file}, written by rank 1,"
+    cause = "is not on S3: did rank 1 finish uploading?" if s3 else (
+        "is not visible on rank 0's node: is scaling.storage_path on a filesystem every node mounts?")
+    assert str(refused) == f"saving {uri}: {what} {cause} Nothing is committed."
+    store = CheckpointStore(root, 0, 2, _no_barrier)
+    assert store.latest() is None and resolve_checkpoint(root) is None
+    if s3:
+        assert MANIFEST_NAME not in storage.list_objects(uri)
+    else:
+        assert not Path(uri).exists() and not [p for p in Path(root).iterdir() if p.name.startswith("checkpoint_")]
+        if missing == "receipt":  # rank 1 did write, on its own node
+            assert (tmp_path / "node1/run/.checkpoint_00000003.staging/rng_rank1.pt").is_file()
+    # Both ranks on one (shared) root: the same save commits, with each rank's files recorded.
+    assert _save_in_threads([root, root], 3) == [uri, uri]
+    assert verify_checkpoint(uri)["ranks"] == {"0": ["model.pt", "rng_rank0.pt"], "1": ["rng_rank1.pt"]}
+    if not s3:
+        assert sorted(os.listdir(uri)) == [MANIFEST_NAME, "model.pt", "rng_rank0.pt", "rng_rank1.pt"]
+
+
+def _rewrite_manifest(uri: str, change: Callable[[dict], None]) -> None:
+    manifest = verify_checkpoint(uri)
+    change(manifest)
+    _put(uri, MANIFEST_NAME, json.dumps(manifest).encode())
+
+
+def test_latest_skips_a_checkpoint_missing_a_rank(root: str, caplog: pytest.LogCaptureFixture) -> None:
+    uris = [_save_in_threads([root, root], step)[0] for step in (1, 2, 3, 4)]
+    _put(uris[3], "rng_rank1.pt", None)  # rank 1's file lost after the commit
+
+    def forget_rank_1(manifest: dict) -> None:  # a manifest that does not record rank 1 (nor its file)
+        del manifest["ranks"]["1"], manifest["files"]["rng_rank1.pt"]
+
+    _rewrite_manifest(uris[2], forget_rank_1)
+    _rewrite_manifest(uris[1], lambda m: m["ranks"]["0"].append("rng_rank1.pt"))  # a file of two ranks
+    _rewrite_manifest(uris[0], lambda m: m.pop("ranks"))  # written before rank records: still read
+    with caplog.at_level(logging.WARNING, "facescale.checkpoint"):
+        assert CheckpointStore(root, 0, 2, _no_barrier).latest() == uris[0]
+    assert (f"not resuming from {uris[3]}: checkpoint {uris[3]} is not committed: rng_rank1.pt, listed in "
+            f"{MANIFEST_NAME} as written by rank 1, is missing") in caplog.text
+    assert (f"not resuming from {uris[2]}: checkpoint {uris[2]} is not committed: rank 1 of 2 has no files "
+            f"recorded in {MANIFEST_NAME}") in caplog.text
+    assert f"not resuming from {uris[1]}: checkpoint {uris[1]}: unreadable {MANIFEST_NAME}" in caplog.text
+    with pytest.raises(IncompleteCheckpointError, match="rng_rank1.pt, listed in checkpoint.json as written by rank 1"):
+        with local_copy(uris[3]):
+            pass
+    assert verify_checkpoint(uris[0])["files"] == {"model.pt": 1000, "rng_rank0.pt": 100, "rng_rank1.pt": 101}
+
+
+def test_local_copy_downloads_only_wanted_files_after_verifying_all(bucket: str) -> None:
+    uri = _save_in_threads([f"s3://{bucket}/run"] * 2, 5)[0]
+    with local_copy(uri, wanted=lambda name: name != "model.pt") as local:
+        assert sorted(p.name for p in local.iterdir()) == [MANIFEST_NAME, "rng_rank0.pt", "rng_rank1.pt"]
+    _put(uri, "model.pt", bytes(3))  # an unwanted file that is wrong still fails the verification
+    with pytest.raises(IncompleteCheckpointError, match="model.pt has 3 bytes"):
+        with local_copy(uri, wanted=lambda name: name != "model.pt"):
+            pass
 
 
 def test_bad_arguments_are_named() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,22 @@ from facescale.parallel.partial_fc import PartialFC
 
 MANIFEST_NAME = "partial_fc.json"
 FORMAT_VERSION = 1
+_RANGE_FILE_RE = re.compile(r"^partial_fc_classes_(\d+)_(\d+)\.pt$")
 
 
 def _range_file(start: int, end: int) -> str:
     return f"partial_fc_classes_{start:010d}_{end:010d}.pt"
+
+
+def file_class_range(name: str) -> tuple[int, int] | None:
+    """The classes ``[start, end)`` that a checkpoint file of that name holds; None if it is no class-range file."""
+    match = _RANGE_FILE_RE.match(name)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def ranges_overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether class ranges ``[a0, a1)`` and ``[b0, b1)`` share a class."""
+    return max(a[0], b[0]) < min(a[1], b[1])
 
 
 def _split_state(optimizer: torch.optim.Optimizer | None, pfc: PartialFC) -> tuple[dict, dict]:
@@ -136,10 +149,13 @@ def load_partial_fc(pfc: PartialFC, optimizer: torch.optim.Optimizer | None, dir
         raise ValueError(f"Partial FC checkpoint {directory} has margin state {sorted(manifest['margin_state'])}, the "
                          f"configured margin {type(margin).__name__} has {sorted(margin_state)}")
     start, end = pfc.class_start, pfc.class_start + pfc.num_local
-    overlapping = [e for e in manifest["ranges"] if max(start, e["start"]) < min(end, e["end"])]
+    overlapping = [e for e in manifest["ranges"] if ranges_overlap((start, end), (e["start"], e["end"]))]
     covered = sum(min(end, e["end"]) - max(start, e["start"]) for e in overlapping)
     if covered != pfc.num_local:
         raise ValueError(f"Partial FC checkpoint {directory} covers {covered} of classes [{start}, {end})")
+    if missing := [e["file"] for e in overlapping if not (directory / e["file"]).is_file()]:
+        raise FileNotFoundError(f"Partial FC checkpoint {directory}: {missing[0]}, which holds classes of "
+                                f"[{start}, {end}) (this rank's), is missing")
     blobs = [torch.load(directory / e["file"], map_location="cpu", mmap=True, weights_only=True) for e in overlapping]
     # A checkpoint saved before the first optimizer step has no state: the optimizer then starts fresh.
     load_state = (optimizer is not None and saved_optimizer is not None

@@ -1,7 +1,7 @@
 """The training checkpoint: everything that must survive a restart, saved and restored through one object.
 
-Layout of one checkpoint directory (all ranks write into the same directory; Ray Train merges the workers'
-files into one checkpoint):
+Layout of one checkpoint directory (each rank writes its own files; :mod:`facescale.train.ckpt_store` gathers them
+into one checkpoint and commits it only with every rank's receipt):
 
     progress.json          step, epoch, step in epoch, world size at save, format version (rank 0)
     model.pt               backbone state dict (+ replicated classifier state dict, + ``arch``: backbone name and
@@ -18,13 +18,16 @@ Where the checkpoint goes, and how it is committed so that a half-written one is
 :mod:`facescale.train.ckpt_store`; this module only writes and reads the files of one checkpoint directory.
 
 A sharded classifier (Partial FC) implements ``save_sharded(directory, rank)`` and ``load_sharded(directory)``;
-everything else is replicated and saved once by rank 0.
+everything else is replicated and saved once by rank 0. On resume a rank reads only its share
+(:meth:`TrainCheckpoint.files_for_rank`): the replicated files, its own ``rng_rank{r}.pt`` and the class-range files
+that overlap its class range, so per-rank resume I/O grows with N / W, not N.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from facescale.parallel.checkpoint import file_class_range, ranges_overlap
+from facescale.train.ckpt_store import IncompleteCheckpointError
+
 FORMAT_VERSION = 1
+_RANK_FILE_RE = re.compile(r"^rng_rank(\d+)\.pt$")
 
 
 @dataclass
@@ -49,6 +56,31 @@ class TrainProgress:
     # This rank's loader position after the last batch it yielded (``FaceLoader.local_position()``: epoch, step,
     # raw-sample cursors). Cursors differ by rank, so it is saved in ``rng_rank{r}.pt``, not in progress.json.
     local_loader_position: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RankFiles:
+    """Which files of a checkpoint one rank reads on load, as a filter on relative names (``local_copy(wanted=)``).
+
+    Args:
+        rank: The rank: of the per-rank files ``rng_rank{r}.pt`` only its own is wanted.
+        classes: Its classifier's class range ``[start, end)``: only the Partial FC class-range files that overlap it
+            are wanted; None wants every range file (a sharded classifier that does not say its range).
+    """
+
+    rank: int
+    classes: tuple[int, int] | None = None
+
+    def __call__(self, name: str) -> bool:
+        if match := _RANK_FILE_RE.match(name):
+            return int(match[1]) == self.rank
+        if (saved := file_class_range(name)) is not None:
+            return self.classes is None or ranges_overlap(saved, self.classes)
+        return True  # replicated: model.pt, optimizer.pt, progress.json, partial_fc.json, ...
+
+    def __str__(self) -> str:
+        classes = "" if self.classes is None else f", classes [{self.classes[0]}, {self.classes[1]})"
+        return f"the files of rank {self.rank}{classes}"
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -100,6 +132,13 @@ class TrainCheckpoint:
     def _sharded(self) -> bool:
         return hasattr(unwrap(self.classifier), "save_sharded")
 
+    def files_for_rank(self, rank: int) -> RankFiles:
+        """The files this rank reads in :meth:`load`, for ``local_copy(uri, wanted=...)``: the replicated files, its
+        own ``rng_rank{rank}.pt``, and the Partial FC class-range files overlapping its class range in this run."""
+        classifier = unwrap(self.classifier)
+        start, num_local = getattr(classifier, "class_start", None), getattr(classifier, "num_local", None)
+        return RankFiles(rank, None if start is None or num_local is None else (start, start + num_local))
+
     def save(self, directory: str | Path, rank: int) -> Path:
         """Writes this rank's part of the checkpoint into ``directory``; returns it."""
         directory = Path(directory)
@@ -124,7 +163,13 @@ class TrainCheckpoint:
         return directory
 
     def load(self, directory: str | Path, rank: int) -> TrainProgress:
-        """Restores from ``directory`` (saved on any world size); returns the restored progress."""
+        """Restores from ``directory`` (saved on any world size); returns the restored progress.
+
+        Raises:
+            IncompleteCheckpointError: If ``rank`` existed when the checkpoint was saved but its ``rng_rank{rank}.pt``
+                is missing (checked before anything is restored). A rank beyond the saved world size (an elastic
+                resume onto more ranks) keeps its fresh seed.
+        """
         directory = Path(directory)
         meta_path = directory / "progress.json"
         if not meta_path.is_file():
@@ -133,6 +178,12 @@ class TrainCheckpoint:
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"checkpoint {directory}: format_version {meta.get('format_version')} "
                              f"!= supported {FORMAT_VERSION}")
+        rng_file = directory / f"rng_rank{rank}.pt"
+        if not rng_file.is_file() and rank < int(meta["world_size"]):
+            raise IncompleteCheckpointError(f"checkpoint {directory}: {rng_file.name} is missing, but rank {rank} "
+                                            f"was one of the {meta['world_size']} ranks that saved it: refusing to "
+                                            f"resume rank {rank} without its RNG state and data position",
+                                            str(directory), rng_file.name)  # fmt: skip
         model_state = torch.load(directory / "model.pt", map_location="cpu", weights_only=False)
         opt_state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False)
         if self.engine is not None:
@@ -151,7 +202,6 @@ class TrainCheckpoint:
                 raise ValueError(f"checkpoint {directory}: optimizer.pt has no state for optimizer {name!r} "
                                  f"(it holds {sorted(opt_state)})")
             opt.load_state_dict(opt_state[name])
-        rng_file = directory / f"rng_rank{rank}.pt"
         self.progress.local_loader_position = {}
         if rng_file.is_file():  # a rank that did not exist at save time keeps its fresh seed
             rank_state = torch.load(rng_file, weights_only=False)

@@ -2,18 +2,25 @@
 
 A run's checkpoints live under its run root (``<scaling.storage_path>/<run name>/``) as ``checkpoint_<step:08d>/``:
 files written by several ranks, and ``checkpoint.json``, the commit manifest: ``{"format": 1, "name", "step",
-"world_size", "created", "files": {relative name: size in bytes}, "meta": {...the caller's...}}``.
+"world_size", "created", "files": {relative name: size in bytes}, "ranks": {"<rank>": [names it wrote]},
+"meta": {...the caller's...}}``.
 
-A checkpoint is committed iff its manifest exists, parses, and every file it lists exists with the listed size;
-nothing else is ever chosen for resume, so a save that dies half-way (a killed worker, a lost node) is invisible.
+A checkpoint is committed iff its manifest exists, parses, records each of its ``world_size`` ranks and every file it
+lists exists with the listed size; nothing else is ever chosen for resume, so a save that dies half-way (a killed
+worker, a lost node, a rank whose files rank 0 cannot see) is invisible. ``"ranks"`` is optional, so ``format`` is
+still 1: older code reads new manifests, and older manifests (without it) are read by their file list alone.
 
-- **Local root** (a shared filesystem on multi-node): every rank writes into ``<root>/.checkpoint_<step>.staging/``;
-  rank 0 writes the manifest there (tmp + fsync + rename) and renames the directory to ``checkpoint_<step>``,
-  which is atomic on POSIX filesystems, then fsyncs the root so the rename survives a power loss.
-- **S3 root**: each rank writes into a local temporary directory and uploads its files, then a small receipt
-  (``.written_by_rank<r>.json``: what it uploaded, with sizes). Rank 0 checks the prefix's listing against every
-  rank's receipt and puts ``checkpoint.json`` last. S3 has been strongly read-after-write consistent for PUT, LIST
-  and DELETE since December 2020 (AWS announcement), so that listing is complete.
+Each rank ends its part of a save with a receipt, ``.written_by_rank<r>.json`` (the files it wrote, with sizes); rank 0
+commits only when all receipts and every file in them are there at their sizes as rank 0 sees them, else it raises
+:class:`IncompleteCheckpointError` naming the rank and the file, and nothing is committed.
+
+- **Local root** (a filesystem every node mounts): each rank writes into its own ``.rank<r>.writing/`` in
+  ``<root>/.checkpoint_<step>.staging/``, moves its files up into staging and writes its receipt there. Rank 0 writes
+  the manifest (tmp + fsync + rename) and renames the directory to ``checkpoint_<step>``, atomic on POSIX, then
+  fsyncs the root so the rename survives a power loss.
+- **S3 root**: each rank writes into a local temporary directory, uploads its files, then its receipt; rank 0 checks
+  the prefix's listing against the receipts and puts ``checkpoint.json`` last. S3 has been strongly read-after-write
+  consistent for PUT, LIST and DELETE since December 2020 (AWS announcement), so that listing is complete.
 
 Deleting is the commit in reverse: a checkpoint is uncommitted first (S3: its manifest object goes first; local: the
 directory is renamed to a dot-name), then its files go, so an interrupted deletion never looks committed.
@@ -45,6 +52,11 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
 _LEFTOVER_RE = re.compile(r"^\.checkpoint_(\d+)\.(staging|deleting)$")
 _RECEIPT = ".written_by_rank{rank}.json"
 _RECEIPT_RE = re.compile(r"^\.written_by_rank\d+\.json$")
+_OWN_DIR = ".rank{rank}.writing"  # local root: where a rank writes before moving its files into staging
+_OWN_DIR_RE = re.compile(r"^\.rank\d+\.writing$")
+# Why rank 0 may not see a rank's receipt or file (the likely cause, for the error message).
+_UNSEEN_LOCAL = "is not visible on rank 0's node: is scaling.storage_path on a filesystem every node mounts?"
+_UNSEEN_S3 = "is not on S3: did rank {rank} finish uploading?"
 _PARALLEL_FILES = 4  # uploads/downloads at once per rank (as facescale.data.storage.PARALLEL_FILES)
 
 
@@ -116,10 +128,22 @@ def _read_manifest(uri: str) -> dict[str, Any] | None:
         if manifest["format"] != MANIFEST_FORMAT or not isinstance(manifest["step"], int) or bad:
             raise ValueError(f"format {manifest['format']} (this version reads {MANIFEST_FORMAT}), "
                              f"step {manifest['step']!r}, bad file entries {bad[:3]}")  # fmt: skip
+        if "ranks" in manifest:
+            _check_rank_record(manifest["ranks"], files, manifest["world_size"])
     except (ValueError, KeyError, TypeError, AttributeError) as exn:  # JSONDecodeError is a ValueError
         raise IncompleteCheckpointError(f"checkpoint {uri}: unreadable {MANIFEST_NAME}: {exn!r}", uri,
                                         MANIFEST_NAME) from exn  # fmt: skip
     return manifest
+
+
+def _check_rank_record(ranks: dict[str, list[str]], files: dict[str, int], world_size: int) -> None:
+    """Raises ValueError unless ``ranks`` assigns every listed file to exactly one rank in ``[0, world_size)``.
+    A rank with no entry at all is not malformed but uncommitted (:func:`_verify` says so)."""
+    owned = [name for names in ranks.values() for name in names]
+    keys_ok = all(key.isdigit() and int(key) < world_size for key in ranks)
+    if not keys_ok or len(owned) != len(set(owned)) or set(owned) != set(files):
+        raise ValueError(f"ranks {sorted(ranks)} of world_size {world_size} do not assign each of the "
+                         f"{len(files)} files to one rank")  # fmt: skip
 
 
 def _safe_name(name: str) -> bool:
@@ -138,12 +162,19 @@ def _verify(uri: str, listing: dict[str, int] | None = None) -> dict[str, Any]:
     if manifest is None:
         raise IncompleteCheckpointError(f"checkpoint {uri} is not committed: no {MANIFEST_NAME}", uri, MANIFEST_NAME)
     files: dict[str, int] = manifest["files"]
+    ranks = manifest.get("ranks")  # None in manifests that predate rank records: their file list is all there is
+    if ranks is not None and (absent := [r for r in range(manifest["world_size"]) if str(r) not in ranks]):
+        raise IncompleteCheckpointError(f"checkpoint {uri} is not committed: rank {absent[0]} of "
+                                        f"{manifest['world_size']} has no files recorded in {MANIFEST_NAME}", uri,
+                                        MANIFEST_NAME)  # fmt: skip
+    owner = {name: rank for rank, names in (ranks or {}).items() for name in names}
     if listing is None:
         listing = _storage().list_objects(uri) if _is_s3(uri) else _local_sizes(uri, list(files))
     for name, size in sorted(files.items()):
         if name not in listing:
-            raise IncompleteCheckpointError(f"checkpoint {uri} is not committed: {name}, listed in {MANIFEST_NAME}, "
-                                            f"is missing", uri, name)  # fmt: skip
+            by = f" as written by rank {owner[name]}" if name in owner else ""
+            raise IncompleteCheckpointError(f"checkpoint {uri} is not committed: {name}, listed in {MANIFEST_NAME}"
+                                            f"{by}, is missing", uri, name)  # fmt: skip
         if listing[name] != size:
             raise IncompleteCheckpointError(f"checkpoint {uri} is not committed: {name} has {listing[name]} "
                                             f"bytes, {MANIFEST_NAME} lists {size} (truncated or replaced)", uri,
@@ -216,12 +247,15 @@ def resolve_checkpoint(uri: str | os.PathLike[str]) -> str | None:
 
 
 @contextmanager
-def local_copy(uri: str | os.PathLike[str]) -> Iterator[Path]:
+def local_copy(uri: str | os.PathLike[str], wanted: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """A verified local directory holding a committed checkpoint, for ``torch.load`` and friends.
 
     Args:
         uri: A committed checkpoint: local (yielded as it is) or ``s3://`` (its listed files and manifest are
             downloaded into a temporary directory, removed on exit).
+        wanted: For ``s3://``: which listed files to download (by relative name), e.g. one rank's share
+            (``TrainCheckpoint.files_for_rank``); None downloads every file. The whole manifest is verified against
+            the listing first either way. A local checkpoint is yielded whole: its readers open only what they need.
 
     Yields:
         The local directory.
@@ -235,21 +269,24 @@ def local_copy(uri: str | os.PathLike[str]) -> Iterator[Path]:
         yield Path(uri)
         return
     storage = _storage()
-    with tempfile.TemporaryDirectory(prefix="facescale-ckpt-") as tmp:
+    listed: dict[str, int] = manifest["files"]
+    with tempfile.TemporaryDirectory(prefix=f"facescale-{os.path.basename(uri)}-") as tmp:
         local = Path(tmp)
-        names = sorted(manifest["files"])
+        names = sorted(n for n in listed if wanted is None or wanted(n))
         for name in names:
             (local / name).parent.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(_PARALLEL_FILES) as pool:
             for future in [pool.submit(storage.download_file, _join(uri, n), local / n) for n in names]:
                 future.result()
-        for name, size in _local_sizes(str(local), names).items():
-            if size != manifest["files"][name]:
+        downloaded = _local_sizes(str(local), names)
+        for name, size in downloaded.items():
+            if size != listed[name]:
                 raise IncompleteCheckpointError(f"checkpoint {uri}: {name} changed while downloading ({size} "
-                                                f"bytes, {MANIFEST_NAME} lists {manifest['files'][name]})", uri,
+                                                f"bytes, {MANIFEST_NAME} lists {listed[name]})", uri,
                                                 name)  # fmt: skip
         (local / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-        logger.info("downloaded %s (%d files) to %s", uri, len(names), local)
+        logger.info("downloaded %d of %d files of %s, %d of %d bytes (%s) to %s", len(names), len(listed), uri,
+                    sum(downloaded.values()), sum(listed.values()), wanted or "every file", local)  # fmt: skip
         yield local
 
 
@@ -257,15 +294,53 @@ def local_copy(uri: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def _list_files(directory: Path) -> dict[str, int]:
-    """Relative POSIX name -> size of every file under ``directory`` (the manifest excluded)."""
+    """Relative POSIX name -> size of every file under ``directory``."""
     files = {}
     for dirpath, _, filenames in os.walk(directory):
         for filename in filenames:
             path = Path(dirpath, filename)
-            name = path.relative_to(directory).as_posix()
-            if name != MANIFEST_NAME:
-                files[name] = path.stat().st_size
+            files[path.relative_to(directory).as_posix()] = path.stat().st_size
     return files
+
+
+def _own_files(directory: Path, uri: str, rank: int) -> dict[str, int]:
+    """What one rank wrote into its own ``directory`` (name -> size); the store's own names are refused."""
+    files = _list_files(directory)
+    reserved = [n for n in files if n == MANIFEST_NAME or _RECEIPT_RE.match(n) or _OWN_DIR_RE.match(n.split("/")[0])]
+    if reserved:
+        raise ValueError(f"checkpoint {uri}: rank {rank} wrote reserved file names {reserved}")
+    return files
+
+
+def _check_receipts(uri: str, world_size: int, listing: dict[str, int], read: Callable[[str], bytes],
+                    unseen: str) -> dict[int, dict[str, int]]:
+    """Rank 0, before committing (local and S3 alike): ``{rank: {name: size}}`` of every rank's receipt, each file
+    checked against ``listing`` (what rank 0 sees); ``read`` reads a receipt; ``unseen``: the likely cause of a miss."""
+    by_rank: dict[int, dict[str, int]] = {}
+    owner: dict[str, int] = {}
+    for rank in range(world_size):
+        receipt = _RECEIPT.format(rank=rank)
+        if receipt not in listing:
+            raise IncompleteCheckpointError(f"saving {uri}: the receipt {receipt} of rank {rank} "
+                                            f"{unseen.format(rank=rank)} Nothing is committed.", uri,
+                                            receipt)  # fmt: skip
+        by_rank[rank] = json.loads(read(receipt))["files"]
+        for name, size in by_rank[rank].items():
+            if name in owner:
+                raise ValueError(f"saving {uri}: {name} was written by rank {owner[name]} and rank {rank}")
+            if name not in listing:
+                raise IncompleteCheckpointError(f"saving {uri}: {name}, written by rank {rank}, "
+                                                f"{unseen.format(rank=rank)} Nothing is committed.", uri,
+                                                name)  # fmt: skip
+            if listing[name] != size:
+                raise IncompleteCheckpointError(f"saving {uri}: {name} of rank {rank} has {listing[name]} bytes as "
+                                                f"rank 0 sees it, {size} were written. Nothing is committed.", uri,
+                                                name)  # fmt: skip
+            owner[name] = rank
+    if extra := sorted(n for n in listing if n not in owner and n != MANIFEST_NAME and not _RECEIPT_RE.match(n)):
+        logger.warning("%s: %d files no rank wrote (left out of %s): %s", uri, len(extra), MANIFEST_NAME,
+                       extra[:5])  # fmt: skip
+    return by_rank
 
 
 def _fsync(path: str | Path) -> None:
@@ -343,8 +418,8 @@ class CheckpointStore:
 
         Args:
             step: Optimizer step; names the checkpoint ``checkpoint_<step:08d>`` (an existing one is replaced).
-            write_files: Called once on every rank with a local directory; each rank writes its own files there
-                (names must differ across ranks). For a local root it is the shared staging directory.
+            write_files: Called once on every rank with a local directory of its own; each rank writes its own
+                files there (names must differ across ranks).
             meta: JSON-serialisable record stored in the manifest (progress, metrics, config digest).
 
         Returns:
@@ -352,7 +427,8 @@ class CheckpointStore:
 
         Raises:
             ValueError: If ``step`` is negative or ``meta`` is not JSON-serialisable.
-            IncompleteCheckpointError: (rank 0, S3) If a rank's upload is missing or has the wrong size.
+            IncompleteCheckpointError: (rank 0) If a rank's receipt or a file it wrote is missing or has the wrong
+                size where rank 0 looks (S3, or a local root not shared by every node).
         """
         if step < 0:
             raise ValueError(f"checkpoint step must be >= 0, got {step}")
@@ -363,10 +439,12 @@ class CheckpointStore:
         save = self._save_s3 if _is_s3(self.root) else self._save_local
         return save(step, write_files, dict(meta or {}))
 
-    def _manifest(self, step: int, files: dict[str, int], meta: dict[str, Any]) -> dict[str, Any]:
+    def _manifest(self, step: int, by_rank: dict[int, dict[str, int]], meta: dict[str, Any]) -> dict[str, Any]:
+        files = {name: size for files in by_rank.values() for name, size in files.items()}
         return {"format": MANIFEST_FORMAT, "name": checkpoint_name(step), "step": step,
                 "world_size": self.world_size, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                "files": dict(sorted(files.items())), "meta": meta}  # fmt: skip
+                "files": dict(sorted(files.items())), "ranks": {str(r): sorted(f) for r, f in by_rank.items()},
+                "meta": meta}  # fmt: skip
 
     def _save_local(self, step: int, write_files: Callable[[Path], None], meta: dict[str, Any]) -> str:
         final = Path(self.checkpoint_uri(step))
@@ -378,13 +456,28 @@ class CheckpointStore:
                 shutil.rmtree(staging)
             staging.mkdir()
         self.barrier()  # NOTE: nobody writes before the stale staging directory is gone and the fresh one exists
-        write_files(staging)
-        self.barrier()  # NOTE: every rank's files are closed in staging before rank 0 lists them
+        # A node that does not share rank 0's disk has no staging directory here: its ranks make their own, and
+        # rank 0, not seeing their receipts, refuses to commit.
+        own = staging / _OWN_DIR.format(rank=self.rank)
+        shutil.rmtree(own, ignore_errors=True)
+        own.mkdir(parents=True)
+        write_files(own)
+        files = _own_files(own, str(final), self.rank)
+        for name in files:
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(own / name, staging / name)  # a rename: same directory tree
+            _fsync(staging / name)
+        shutil.rmtree(own)
+        _write_json_durably(staging / _RECEIPT.format(rank=self.rank), {"rank": self.rank, "files": files})
+        self.barrier()  # NOTE: every rank's files and receipt are in staging before rank 0 checks them
         if self.rank == 0:
-            files = _list_files(staging)
-            for name in files:
-                _fsync(staging / name)
-            _write_json_durably(staging / MANIFEST_NAME, self._manifest(step, files, meta))
+            by_rank = _check_receipts(str(final), self.world_size, _list_files(staging),
+                                      lambda name: (staging / name).read_bytes(), _UNSEEN_LOCAL)  # fmt: skip
+            for rank in by_rank:  # the manifest's "ranks" records them from here on
+                os.remove(staging / _RECEIPT.format(rank=rank))
+            manifest = self._manifest(step, by_rank, meta)
+            files = manifest["files"]
+            _write_json_durably(staging / MANIFEST_NAME, manifest)
             _fsync(staging)
             replaced = final.with_name(f".{final.name}.deleting")
             if final.exists():  # a save of the same step again: retire the old one around the commit
@@ -409,9 +502,7 @@ class CheckpointStore:
         with tempfile.TemporaryDirectory(prefix=f"facescale-{checkpoint_name(step)}-rank{self.rank}-") as tmp:
             local = Path(tmp)
             write_files(local)
-            files = _list_files(local)
-            if reserved := [n for n in files if _RECEIPT_RE.match(n)]:
-                raise ValueError(f"checkpoint {uri}: rank {self.rank} wrote reserved file names {reserved}")
+            files = _own_files(local, uri, self.rank)
             with ThreadPoolExecutor(_PARALLEL_FILES) as pool:
                 for future in [pool.submit(storage.upload_file, local / n, _join(uri, n)) for n in files]:
                     future.result()
@@ -420,34 +511,16 @@ class CheckpointStore:
             storage.upload_file(local / receipt, _join(uri, receipt))  # after this rank's files
             self.barrier()  # NOTE: every rank's uploads and receipt are in before rank 0 checks the listing
             if self.rank == 0:
-                committed = self._check_receipts(uri, storage.list_objects(uri))
-                _write_json_durably(local / MANIFEST_NAME, self._manifest(step, committed, meta))
+                by_rank = _check_receipts(uri, self.world_size, storage.list_objects(uri),
+                                          lambda name: storage.read_bytes(_join(uri, name)), _UNSEEN_S3)
+                manifest = self._manifest(step, by_rank, meta)
+                _write_json_durably(local / MANIFEST_NAME, manifest)
                 storage.upload_file(local / MANIFEST_NAME, _join(uri, MANIFEST_NAME))  # the commit, last
-                logger.info("committed %s (%d files, %d bytes)", uri, len(committed), sum(committed.values()))
+                logger.info("committed %s (%d files, %d bytes)", uri, len(manifest["files"]),
+                            sum(manifest["files"].values()))  # fmt: skip
                 self._retain(step)
         self.barrier()  # NOTE: no rank returns (and reports the checkpoint) before it is committed
         return uri
-
-    def _check_receipts(self, uri: str, listing: dict[str, int]) -> dict[str, int]:
-        """Every rank's uploaded files, checked against the listing: name -> size."""
-        files: dict[str, int] = {}
-        owner: dict[str, int] = {}
-        for rank in range(self.world_size):
-            receipt = _RECEIPT.format(rank=rank)
-            if receipt not in listing:
-                raise IncompleteCheckpointError(f"saving {uri}: rank {rank} did not finish uploading (no {receipt})",
-                                                uri, receipt)  # fmt: skip
-            for name, size in json.loads(_storage().read_bytes(_join(uri, receipt)))["files"].items():
-                if name in owner:
-                    raise ValueError(f"saving {uri}: {name} was written by rank {owner[name]} and rank {rank}")
-                if listing.get(name) != size:
-                    raise IncompleteCheckpointError(f"saving {uri}: {name} of rank {rank} is {listing.get(name)} "
-                                                    f"bytes on S3, {size} were written", uri, name)  # fmt: skip
-                files[name], owner[name] = size, rank
-        if extra := sorted(set(listing) - set(files) - {MANIFEST_NAME} - {n for n in listing if _RECEIPT_RE.match(n)}):
-            logger.warning("%s: %d objects no rank wrote (left out of %s): %s", uri, len(extra), MANIFEST_NAME,
-                           extra[:5])  # fmt: skip
-        return files
 
     def _retain(self, step: int) -> None:
         """Rank 0, after committing ``step``: drop old checkpoints beyond ``keep_last`` and leftovers of earlier
