@@ -6,10 +6,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")  # headless: plots are files logged to MLflow, never windows
-import matplotlib.pyplot as plt  # noqa: E402
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the headless Agg backend, imported on first use: the training step imports this
+    module's callers, and must also run where matplotlib is not installed (a bare GPU image, benchmarks/gpu_check.py).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: plots are files logged to MLflow, never windows
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_roc(results: Mapping[str, Mapping[str, Any]], path: str | Path, title: str = "Verification ROC") -> Path:
@@ -25,6 +32,7 @@ def plot_roc(results: Mapping[str, Mapping[str, Any]], path: str | Path, title: 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for name, res in results.items():
         fpr, tpr = res["fpr"], res["tpr"]
@@ -39,7 +47,7 @@ def plot_roc(results: Mapping[str, Mapping[str, Any]], path: str | Path, title: 
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -51,7 +59,7 @@ def _finish(fig: Any, ax: Any, path: Path, title: str, legend_loc: str) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -66,6 +74,7 @@ def plot_roc_log(curves: Mapping[str, Any], path: str | Path, title: str = "ROC"
     Returns:
         The written path.
     """
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for name, roc in curves.items():
         keep = roc.fpr > 0  # log axis: the FPR = 0 start has no place on it
@@ -88,6 +97,7 @@ def plot_det(curves: Mapping[str, Any], path: str | Path, title: str = "DET") ->
     Returns:
         The written path.
     """
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for name, roc in curves.items():
         keep = (roc.fpr > 0) & (roc.fnr > 0)
@@ -111,6 +121,7 @@ def plot_rank1_vs_distractors(curves: Mapping[str, tuple[list[int], list[float]]
     Returns:
         The written path.
     """
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for name, (counts, rates) in curves.items():
         ax.plot([max(c, 1) for c in counts], [100 * r for r in rates], marker="o", label=name)
@@ -133,6 +144,7 @@ def plot_quality_rejection(curves: Mapping[str, list[Mapping[str, Any]]], path: 
     Returns:
         The written path.
     """
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for name, rows in curves.items():
         ax.plot([100 * r["reject_fraction"] for r in rows], [100 * r["accuracy_mean"] for r in rows],
