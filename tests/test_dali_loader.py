@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import socket
-import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -31,6 +27,7 @@ from facescale.data import (
     build_loader,
     build_train_loader,
     load_manifest,
+    normalize_images,
 )
 from facescale.data.dali_loader import DaliFaceLoader, build_dali_loader
 from facescale.data.factory import resolve_decode_device
@@ -103,23 +100,53 @@ def test_dali_uneven_ranges_give_equal_batches_and_distinct_samples(tmp_path: Pa
         _dali(tmp_path, 0, 3, batch_size=8)
 
 
-def test_dali_images_are_normalised_and_mirrored_like_the_torch_loader(tmp_path: Path) -> None:
+def test_dali_images_are_uint8_and_mirrored_like_the_torch_loader(tmp_path: Path) -> None:
     expected = _write_set(tmp_path, num_samples=20, per_shard=10)
     reference = {k: img for images, _, keys in _torch(tmp_path, train=False).epoch_samples(0)
                  for k, img in zip(keys, images)}  # fmt: skip
     for images, labels, keys in _dali(tmp_path, train=False).epoch_samples(0):
-        assert images.dtype == torch.float32 and labels.dtype == torch.int64 and images.shape == (5, 3, 112, 112)
-        assert float(images.min()) >= -1.0 and float(images.max()) <= 1.0
+        assert images.dtype == torch.uint8 and labels.dtype == torch.int64 and images.shape == (5, 3, 112, 112)
+        assert images.is_contiguous() and not images.is_pinned()  # no CUDA here: nothing to pin for
         assert all(isinstance(k, str) for k in keys) and [expected[k] for k in keys] == labels.tolist()
-        for key, image in zip(keys, images):  # same libjpeg-turbo decode, same (x - 127.5) / 127.5
-            torch.testing.assert_close(image, reference[key], atol=1e-6, rtol=0)
+        for key, image in zip(keys, images):  # the same libjpeg-turbo decode: the same pixels
+            assert torch.equal(image, reference[key])
+        normalised = normalize_images(images, "cpu")  # what the training step does on its device
+        assert normalised.dtype == torch.float32 and -1.0 <= float(normalised.min()) <= float(normalised.max()) <= 1.0
+        torch.testing.assert_close(normalised, (images.float() - 127.5) / 127.5)
     mirrored = 0
     for images, _, keys in _dali(tmp_path, train=True).epoch_samples(0):
         for key, image in zip(keys, images):
-            flipped = not torch.allclose(image, reference[key], atol=1e-6, rtol=0)
-            torch.testing.assert_close(image, reference[key].flip(-1) if flipped else reference[key], atol=1e-6, rtol=0)
+            flipped = not torch.equal(image, reference[key])
+            assert torch.equal(image, reference[key].flip(-1) if flipped else reference[key])
             mirrored += flipped
     assert 0 < mirrored < 20
+
+
+def test_dali_builds_its_decode_pipeline_once_and_resets_it_per_epoch(tmp_path: Path, monkeypatch) -> None:
+    from facescale.data import dali_batch
+
+    _write_set(tmp_path, num_samples=40, per_shard=10)
+    builds, readers = Counter(), Counter()
+    real_build, real_reader = dali_batch.DecodePipeline._build, dali_batch.build_reader
+    monkeypatch.setattr(dali_batch.DecodePipeline, "_build", lambda self: builds.update(["n"]) or real_build(self))
+    monkeypatch.setattr("facescale.data.dali_loader.build_reader",
+                        lambda *a, **k: readers.update(["n"]) or real_reader(*a, **k))  # fmt: skip
+    loader = _dali(tmp_path, batch_size=4)
+    epochs = [_pairs(loader, epoch) for epoch in range(3)]
+    assert builds["n"] == 1 and readers["n"] == 3, "decode pipeline once per loader; one reader per epoch"
+    assert all(len(e) == 40 for e in epochs) and epochs[0] != epochs[1]
+    # An epoch left early: the batches still in flight are drained, the pipeline reset, the next epoch exact.
+    partial = loader.epoch_samples(0)
+    next(partial)
+    partial.close()
+    assert _pairs(loader, 1) == epochs[1] and builds["n"] == 1
+    # One epoch at a time: an older epoch's generator cannot go on once another started.
+    first = loader.epoch_samples(0)
+    next(first)
+    assert len(_pairs(loader, 2)) == 40
+    with pytest.raises(RuntimeError, match="another epoch started"):
+        next(first)
+    loader.close()
 
 
 @pytest.mark.parametrize("kind", ["dali", "torch-0-workers", "torch-2-workers"])
@@ -279,15 +306,25 @@ def test_index_files_match_dalis_tool_and_are_built_when_missing(tmp_path: Path,
 def test_build_train_loader_prefers_dali_and_logs_the_fallback(tmp_path: Path, monkeypatch, caplog) -> None:
     _write_set(tmp_path, num_samples=20, per_shard=10)
     cfg = FaceScaleConfig.model_validate({"data": {"root": str(tmp_path)}, "train": {"batch_size": 5}})
-    assert cfg.data.loader == "dali" and isinstance(build_train_loader(cfg, 0, 1), DaliFaceLoader)
-    torch_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"loader": "torch"})})
-    assert isinstance(build_train_loader(torch_cfg, 0, 1), TorchFaceLoader)
+    assert cfg.data.loader == "auto"
+    loader = build_train_loader(cfg, 0, 1)
+    assert isinstance(loader, DaliFaceLoader) and loader.fallback_reason is None
+
+    def with_loader(kind: str) -> FaceScaleConfig:
+        return cfg.model_copy(update={"data": cfg.data.model_copy(update={"loader": kind})})
+
+    assert isinstance(build_train_loader(with_loader("dali"), 0, 1), DaliFaceLoader)
+    loader = build_train_loader(with_loader("torch"), 0, 1)
+    assert isinstance(loader, TorchFaceLoader) and loader.fallback_reason is None
     # Simulate a machine without DALI: a None entry in sys.modules makes `import nvidia.dali` raise ImportError.
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     with caplog.at_level(logging.WARNING, logger="facescale.data.factory"):
         loader = build_train_loader(cfg, 0, 1)
     assert isinstance(loader, TorchFaceLoader) and len(list(loader.epoch_samples(0))) == 4
-    assert re.search(r"falls back to the torch loader: \w*Error: .*nvidia\.dali", caplog.text)
+    assert re.search(r"data.loader=auto falls back to the torch loader: \w*Error: .*nvidia\.dali", caplog.text)
+    assert re.fullmatch(r"\w*Error: .*nvidia\.dali.*", loader.fallback_reason)  # the loop tags the MLflow run with it
+    with pytest.raises(DataError, match=r"data.loader=dali, but DALI cannot be used here: \w*Error: .*nvidia\.dali"):
+        build_train_loader(with_loader("dali"), 0, 1)
 
 
 def test_decode_device_follows_the_worker_device() -> None:
@@ -296,42 +333,3 @@ def test_decode_device_follows_the_worker_device() -> None:
     assert resolve_decode_device("cpu", use_gpu=True, device=torch.device("cuda", 0)) == ("cpu", None)
     with pytest.raises(DataError, match="data.decode_device=mixed decodes on the worker's GPU"):
         resolve_decode_device("mixed", use_gpu=False, device=torch.device("cpu"))
-
-
-def test_dali_reads_s3_but_training_streams_remote_shards_with_torch(tmp_path: Path, monkeypatch, caplog) -> None:
-    # A real S3 API server (moto) on 127.0.0.1; DALI's reader opens s3:// itself (endpoint from AWS_ENDPOINT_URL).
-    # NOTE: in its own process: DALI builds its pipeline holding the GIL, so a server thread in this process
-    # could not answer DALI's requests until they time out.
-    from facescale.data import storage
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        host, port = probe.getsockname()
-    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", host, "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        for _ in range(100):  # up within a few seconds
-            with socket.socket() as conn:
-                if conn.connect_ex((host, port)) == 0:
-                    break
-            time.sleep(0.1)
-        for name in [k for k in os.environ if k.startswith("AWS_")]:
-            monkeypatch.delenv(name)
-        for name, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(name, value)  # fmt: skip
-        storage.s3_client().create_bucket(Bucket="facescale-dali")
-        expected = _write_set(tmp_path / "local", num_samples=10, per_shard=5)
-        storage.push(tmp_path / "local", "s3://facescale-dali/set", progress=False)
-        manifest = load_manifest("s3://facescale-dali/set")
-        loader = build_dali_loader(manifest, batch_size=5, rank=0, world_size=1, seed=3)  # asked for explicitly
-        assert loader.index_paths[0] == "s3://facescale-dali/set/t-000000.idx"
-        assert Counter(_pairs(loader, 0)) == Counter(expected.items())
-        # The training factory streams remote shards with the torch loader instead, and says why.
-        cfg = FaceScaleConfig.model_validate({"data": {"root": "s3://facescale-dali/set"}, "train": {"batch_size": 5}})
-        with caplog.at_level(logging.WARNING, logger="facescale.data.factory"):
-            assert isinstance(build_train_loader(cfg, 0, 1), TorchFaceLoader)
-        assert "falls back to the torch loader: the shards are remote (s3://facescale-dali/set/" in caplog.text
-    finally:
-        server.terminate()
-        server.wait()

@@ -26,6 +26,7 @@ from facescale.data import (
     build_loader,
     iter_shard,
     load_manifest,
+    normalize_images,
     synthesize,
     verify_manifest,
 )
@@ -185,9 +186,10 @@ def test_loader_equal_batches_on_every_rank(tmp_path: Path, num_workers: int) ->
         batches = list(loader.epoch_batches(0))
         assert len(batches) == loader.steps_per_epoch
         for images, labels in batches:
-            assert images.shape == (4, 3, 112, 112) and images.dtype == torch.float32
+            assert images.shape == (4, 3, 112, 112) and images.dtype == torch.uint8 and images.is_contiguous()
             assert labels.shape == (4,) and labels.dtype == torch.int64
-            assert images.min() >= -1.0 and images.max() <= 1.0
+            normalised = normalize_images(images, "cpu")  # what the training step does on its device
+            assert normalised.dtype == torch.float32 and normalised.min() >= -1.0 and normalised.max() <= 1.0
             assert labels.min() >= 0 and labels.max() < 5
         assert loader.stats["samples"] == 4 * loader.steps_per_epoch
 
@@ -205,6 +207,35 @@ def test_loader_epoch_covers_every_sample_when_shards_divide_evenly(tmp_path: Pa
     assert loader.stats["wraps"] == 0
     assert order == [k for _, _, keys in loader.epoch_samples(0) for k in keys], "same (seed, epoch), same order"
     assert order != [k for _, _, keys in loader.epoch_samples(1) for k in keys], "a new epoch reshuffles"
+
+
+def test_loader_workers_persist_across_epochs_and_see_each_epoch(tmp_path: Path) -> None:
+    # 4 shards of 8, 2 workers: the DataLoader's worker processes start once; each epoch (and a restart inside
+    # one) reaches them through shared memory, and gives what a fresh loader gives for that epoch.
+    _write_set(tmp_path, num_samples=32, per_shard=8, num_classes=7)
+
+    def make():
+        return build_loader(tmp_path, batch_size=4, rank=0, world_size=1, seed=1, num_workers=2)
+
+    def keys(loader, epoch, start_step=0):
+        return [k for _, _, batch in loader.epoch_samples(epoch, start_step=start_step) for k in batch]
+
+    loader = make()
+    first = keys(loader, 0)
+    workers = loader._loader._iterator._workers  # the DataLoader's worker processes
+    pids = [w.pid for w in workers]
+    assert keys(loader, 1) == keys(make(), 1) and keys(loader, 0) == first != keys(loader, 1)
+    assert keys(loader, 2, start_step=3) == keys(make(), 2)[3 * 4 :]
+    assert [w.pid for w in loader._loader._iterator._workers] == pids and all(w.is_alive() for w in workers)
+    # An epoch left early: the next one is still exact (the DataLoader drains what the workers had prefetched).
+    partial = loader.epoch_samples(1)
+    next(partial)
+    partial.close()
+    assert keys(loader, 1) == keys(make(), 1)
+    del loader
+    for w in workers:
+        w.join(timeout=10)
+    assert not any(w.is_alive() for w in workers), "dropping the loader stops its workers"
 
 
 def test_loader_wraps_around_short_splits(tmp_path: Path) -> None:

@@ -33,14 +33,20 @@ class DataConfig(_Strict):
 
     root: str = "data/synth"
     val_bins: list[str] = Field(default_factory=lambda: ["data/synth/verification.bin"])
-    loader: Literal["dali", "torch"] = Field(
-        "dali", description="dali: DALI pipeline, falling back to torch (logged with the reason) if DALI does not "
-        "import; torch: webdataset + simplejpeg in DataLoader workers")
+    loader: Literal["auto", "dali", "torch"] = Field(
+        "auto", description="auto: DALI, falling back to torch (the reason logged and in the loader's "
+        "fallback_reason) if DALI does not import; dali: DALI or an error naming the reason; torch: webdataset + "
+        "simplejpeg in DataLoader workers")
     decode_device: Literal["auto", "cpu", "mixed"] = Field(
         "auto", description="DALI decoding: cpu (libjpeg-turbo), mixed (nvJPEG on the worker's GPU); "
         "auto: mixed when scaling.use_gpu, else cpu")
     num_workers: int = Field(1, ge=0, description="torch: DataLoader worker processes; dali: decode threads (>= 1)")
     on_error: Literal["fail", "skip"] = "fail"
+    cache_dir: str | None = Field(None, description="node-local scratch where the DALI loader keeps copies of "
+                                  "s3:// shards (under <cache_dir>/<dataset digest>/); null: "
+                                  "<tempdir>/facescale-shards")
+    cache_bytes: int = Field(20 << 30, gt=0, description="byte budget of that cache per node (shared by the ranks "
+                             "of a node); it must hold the shard being read and the prefetched ones")
 
 
 class ModelConfig(_Strict):
@@ -102,8 +108,17 @@ class TrainConfig(_Strict):
 
 
 class ScalingConfig(_Strict):
-    """How many Ray Train workers and on what. ``address`` (or $RAY_ADDRESS) joins a running cluster."""
+    """How many Ray Train workers and on what. ``address`` (or $RAY_ADDRESS) joins a running cluster.
 
+    ``launcher: torchrun`` runs the same worker loop in processes that ``torchrun`` started (no Ray): the worker
+    count and placement are then torchrun's (``--nproc-per-node``, ``--nnodes``), and ``num_workers``,
+    ``cpus_per_worker`` (except as torch's thread count), ``resources_per_worker``, ``address`` and
+    ``max_failures`` are Ray's alone.
+    """
+
+    launcher: Literal["ray", "torchrun"] = Field(
+        "ray", description="ray: Ray Train starts the workers (and restarts them, scaling.max_failures); torchrun: "
+        "the workers are the processes of `torchrun ... -m facescale train` (no automatic restart)")
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)

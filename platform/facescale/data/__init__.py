@@ -8,6 +8,7 @@ from facescale.data.errors import DataError, ImageDecodeError, LabelError, Manif
 from facescale.data.factory import build_train_loader, dali_unavailable
 from facescale.data.loader import FaceLoader, TorchFaceLoader, build_loader
 from facescale.data.recordio import InsightFaceRec, RecordIOError
+from facescale.data.shard_cache import ShardCacheError
 from facescale.data.shards import (
     MANIFEST_NAME,
     Manifest,
@@ -20,6 +21,7 @@ from facescale.data.shards import (
     verify_manifest,
 )
 from facescale.data.synth import VERIFICATION_NAME, synthesize
+from facescale.data.transforms import normalize_images
 from facescale.data.wds_index import ensure_indices, index_shard_set
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "RecordIOError",
+    "ShardCacheError",
     "ShardError",
     "ShardInfo",
     "ShardSetWriter",
@@ -49,6 +52,7 @@ __all__ = [
     "index_shard_set",
     "iter_shard",
     "load_manifest",
+    "normalize_images",
     "parse_label",
     "synthesize",
     "verify_manifest",

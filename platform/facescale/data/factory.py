@@ -56,44 +56,49 @@ def build_train_loader(
 ) -> FaceLoader:
     """Build this rank's training loader as ``cfg.data`` says; the training loop calls only this.
 
-    ``data.loader: dali`` builds ``DaliFaceLoader`` unless DALI does not import or the shards are remote (``s3://``);
-    then it builds the torch loader and logs a warning with the reason.
+    ``data.loader: auto`` builds ``DaliFaceLoader`` (shards on ``s3://`` through the node-local shard cache) unless
+    DALI does not import; then it builds the torch loader, logs a warning with the reason and sets it as the
+    loader's ``fallback_reason`` (``None`` when the loader is the one asked for). ``data.loader: dali`` that cannot
+    be honoured is an error naming the reason.
 
     Args:
         cfg: The run config (reads ``data.*``, ``train.batch_size``, ``train.seed``, ``scaling.use_gpu``).
         rank: This rank.
         world_size: Number of ranks.
-        device: The worker's torch device (``mixed`` decoding uses its GPU).
+        device: The worker's torch device (``mixed`` decoding uses its GPU; a CUDA device gets pinned batches).
 
     Returns:
-        A ``FaceLoader``: ``epoch_samples(epoch, start_step, resume)``, ``local_position()``, ``stats``.
+        A ``FaceLoader``: ``epoch_samples(epoch, start_step, resume)``, ``local_position()``, ``stats``,
+        ``fallback_reason``.
 
     Raises:
-        ManifestError, ShardError, DataError: From the loader chosen (no manifest, stale index, too few samples).
+        ManifestError, ShardError, DataError: From the loader chosen (no manifest, stale index, too few samples),
+            ``data.loader: dali`` without a working DALI, or a shard cache that cannot be used (``ShardCacheError``:
+            ``data.cache_dir`` not writable, ``data.cache_bytes`` too small).
     """
     data = cfg.data
+    pin = device is not None and device.type == "cuda"
     common = {"batch_size": cfg.train.batch_size, "rank": rank, "world_size": world_size, "seed": cfg.train.seed,
-              "on_error": data.on_error}  # fmt: skip
+              "on_error": data.on_error, "pin_memory": pin}  # fmt: skip
     manifest = load_manifest(data.root)
-    if data.loader == "dali":
+    reason = None
+    if data.loader in ("auto", "dali"):
         reason = dali_unavailable()
-        remote = [u for u in manifest.shard_urls() if "://" in u]
-        if reason is None and remote:
-            # NOTE: DALI reads s3:// itself (DaliFaceLoader takes such a manifest when it lists the indices), but
-            # with one ranged GET per sample component, in order, from one reader thread: 351 GETs for 83 samples
-            # against a local S3 server. At S3's ~10-50 ms per request that is tens of samples/s per rank; the torch
-            # loader streams each shard in one GET.
-            reason = (f"the shards are remote ({remote[0]}): DALI would fetch them with one S3 request per sample "
-                      "component, the torch loader streams whole shards. `facescale data pull` the set to local disk "
-                      "to decode it with DALI")
         if reason is None:
             from facescale.data.dali_loader import build_dali_loader  # imports DALI: only once it is known to work
 
             decode_device, device_id = resolve_decode_device(data.decode_device, cfg.scaling.use_gpu, device)
             loader = build_dali_loader(manifest, num_threads=max(1, data.num_workers), decode_device=decode_device,
-                                       device_id=device_id, **common)  # fmt: skip
-            logger.info("rank %d: DALI loader (%s decode, %d threads), %d steps per epoch", rank, decode_device,
-                        loader.num_threads, loader.steps_per_epoch)  # fmt: skip
+                                       device_id=device_id, cache_dir=data.cache_dir, cache_bytes=data.cache_bytes,
+                                       **common)  # fmt: skip
+            logger.info("rank %d: DALI loader (%s decode, %d threads%s), %d steps per epoch", rank, decode_device,
+                        loader.num_threads, f", shards cached in {loader.shard_cache.root}" if loader.shard_cache
+                        else "", loader.steps_per_epoch)  # fmt: skip
             return loader
-        logger.warning("rank %d: data.loader=dali falls back to the torch loader: %s", rank, reason)
-    return build_loader(manifest, num_workers=data.num_workers, **common)
+        if data.loader == "dali":
+            raise DataError(f"data.loader=dali, but DALI cannot be used here: {reason}; install nvidia-dali (and its "
+                            "PyTorch plugin), or set data.loader: auto (falls back to torch) or torch")  # fmt: skip
+        logger.warning("rank %d: data.loader=auto falls back to the torch loader: %s", rank, reason)
+    torch_loader = build_loader(manifest, num_workers=data.num_workers, **common)
+    torch_loader.fallback_reason = reason
+    return torch_loader

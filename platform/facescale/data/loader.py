@@ -8,8 +8,12 @@ The pipeline, as explicit stages (each split runs them on its own):
 3. **Buffer shuffle.** Samples (still encoded) pass a seeded shuffle buffer that drains at the end of each pass.
 4. **Decode.** simplejpeg to RGB ``uint8``; labels are checked against ``num_classes``; a random horizontal flip
    in training.
-5. **Batch.** Each split yields ``uint8 [B, 3, H, W]`` batches; the main process normalises them to
-   ``(x - 127.5) / 127.5`` in ``float32``.
+5. **Batch.** Each split yields ``uint8 [B, 3, H, W]`` batches, delivered as they are (pinned by the DataLoader when
+   the training device is CUDA); the training device normalises them (``data.transforms.normalize_images``).
+
+**Workers** persist across epochs (``persistent_workers``). What an epoch needs to know (its number, first step and
+the splits' cursors) reaches them through a small shared-memory tensor the main process writes before it starts
+the epoch's iteration; each worker reads it when the DataLoader asks it to begin the epoch.
 
 **Epoch policy.** An epoch is ``steps_per_epoch = manifest.num_samples // (world_size * batch_size)`` steps, taken
 from the manifest, never by scanning. Every rank yields exactly that many batches of exactly ``batch_size``
@@ -53,8 +57,6 @@ from facescale.data.shards import Manifest, decode_image, iter_shard, load_manif
 logger = logging.getLogger(__name__)
 
 OnError = Literal["fail", "skip"]
-# InsightFace arcface_torch `dataset.py` normalises with mean 0.5, std 0.5 after ToTensor: (x/255 - 0.5) / 0.5.
-PIXEL_MEAN = PIXEL_STD = 127.5
 DEFAULT_SHUFFLE_BUFFER = 2000  # samples per split, still encoded (~5 kB each at 112x112); open_clip uses 1000-5000
 _STREAM_SHUFFLE, _STREAM_FLIP = 0, 1
 
@@ -66,6 +68,7 @@ class FaceLoader(Protocol):
     manifest: Manifest
     batch_size: int
     steps_per_epoch: int
+    fallback_reason: str | None  # set by build_train_loader: why this is not the loader data.loader asked for
 
     @property
     def stats(self) -> dict[str, int]:
@@ -73,7 +76,12 @@ class FaceLoader(Protocol):
         ...
 
     def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield exactly ``steps_per_epoch`` batches: ``float32 [B, 3, H, W]`` in ``[-1, 1]`` and ``int64 [B]``."""
+        """Yield exactly ``steps_per_epoch`` batches: ``uint8 [B, 3, H, W]`` images and ``int64 [B]`` labels.
+
+        Images are RGB, mirrored in training, channels first, not normalised (``normalize_images`` on the training
+        device does that); on the host, in pinned memory when the training device is CUDA, or already on the GPU
+        (DALI ``mixed``).
+        """
         ...
 
     def epoch_samples(
@@ -177,30 +185,43 @@ class _SplitStream(IterableDataset):
         self.num_splits = world_size * num_splits_per_rank
         self.batch_size, self.steps_per_epoch, self.seed, self.train = batch_size, steps_per_epoch, seed, train
         self.on_error, self.shuffle_buffer = on_error, shuffle_buffer
-        # Set by the main process before each epoch's workers start: the epoch, the first step to yield, and the
-        # raw-sample cursor of each split at that step (missing: derived as batches done * batch_size).
-        self.epoch, self.start_step = 0, 0
-        self.start_cursors: dict[int, int] = {}
+        # Written by the main process before each epoch, read by the (persistent) workers as it starts: the epoch,
+        # the first step to yield, and the raw-sample cursor of each local split at that step (-1: derived as
+        # batches done * batch_size). Shared memory, so workers forked or spawned once see every epoch's values.
+        self._epoch_state = torch.full((2 + num_splits_per_rank,), -1, dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int, start_step: int, start_cursors: dict[int, int]) -> None:
+        """Tell this process and the workers what the next epoch is (call before the DataLoader's ``iter``)."""
+        state = [epoch, start_step] + [start_cursors.get(self.rank * self.num_splits_per_rank + local, -1)
+                                       for local in range(self.num_splits_per_rank)]  # fmt: skip
+        self._epoch_state.copy_(torch.tensor(state, dtype=torch.int64))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
+        state = self._epoch_state.tolist()
+        epoch, start_step = state[0], state[1]
+        cursors = {self.rank * self.num_splits_per_rank + local: c for local, c in enumerate(state[2:]) if c >= 0}
+        return self._batches(worker, epoch, start_step, cursors)
+
+    def _batches(self, worker: int, epoch: int, start_step: int, start_cursors: dict[int, int]
+                 ) -> Iterator[dict[str, Any]]:  # fmt: skip
         # The DataLoader asks its workers for batches in turn, starting with worker 0, and step s of an epoch is
         # batch s // num_splits_per_rank of local split s % num_splits_per_rank. Started at step k, worker w runs
         # local split (w + k) % n, so worker 0 delivers step k and the turns line up with the uninterrupted run.
-        local = (worker + self.start_step) % self.num_splits_per_rank
+        local = (worker + start_step) % self.num_splits_per_rank
         split = self.rank * self.num_splits_per_rank + local
-        done = split_quota(self.start_step, self.num_splits_per_rank, local)  # this split's batches before start
-        cursor = self.start_cursors.get(split, done * self.batch_size)
+        done = split_quota(start_step, self.num_splits_per_rank, local)  # this split's batches before start
+        cursor = start_cursors.get(split, done * self.batch_size)
         stats: Counter[str] = Counter()
-        shard_ids = assign_shards(len(self.urls), self.num_splits, self.seed, self.epoch, self.train)[split]
-        raw = self._raw(split, shard_ids, stats)
+        shard_ids = assign_shards(len(self.urls), self.num_splits, self.seed, epoch, self.train)[split]
+        raw = self._raw(epoch, split, shard_ids, stats)
         # Fast-forward: the encoded samples of batches already trained on pass through the stream (so buffer
         # shuffle and wrap-around replay exactly) but are neither label-checked nor decoded.
         stats["fast_forwarded"] += sum(1 for _ in itertools.islice(raw, cursor))
         pass_size = sum(self.expected_counts[self.urls[i]] for i in shard_ids)
         samples = self._decoded(raw, cursor, pass_size, stats)
-        rng = np.random.default_rng([self.seed, self.epoch, split, _STREAM_FLIP])
+        rng = np.random.default_rng([self.seed, epoch, split, _STREAM_FLIP])
         if self.train:
             rng.random(done * self.batch_size)  # the flips of the batches before start: one draw per sample
         h, w = self.image_size
@@ -217,10 +238,10 @@ class _SplitStream(IterableDataset):
             yield {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels), "keys": keys,
                    "split": split, "cursor": cursor, "stats": dict(stats)}  # fmt: skip
 
-    def _raw(self, split: int, shard_ids: list[int], stats: Counter[str]) -> Iterator[dict[str, Any]]:
+    def _raw(self, epoch: int, split: int, shard_ids: list[int], stats: Counter[str]) -> Iterator[dict[str, Any]]:
         """Stages 2-3: the split's encoded samples in stream order, passing over its shards again and again."""
         for pass_index in itertools.count():
-            rng = np.random.default_rng([self.seed, self.epoch, split, _STREAM_SHUFFLE, pass_index])
+            rng = np.random.default_rng([self.seed, epoch, split, _STREAM_SHUFFLE, pass_index])
             order = shard_ids if pass_index == 0 or not self.train else rng.permutation(shard_ids).tolist()
             raw = self._read([self.urls[i] for i in order], stats)
             if self.train:
@@ -285,12 +306,16 @@ class _SplitStream(IterableDataset):
 class TorchFaceLoader:
     """``FaceLoader`` on a torch ``DataLoader`` over webdataset shards; build it with ``build_loader``."""
 
-    def __init__(self, manifest: Manifest, dataset: _SplitStream, num_workers: int) -> None:
+    fallback_reason: str | None = None  # the factory's: why this is not the loader asked for (None: it is)
+
+    def __init__(self, manifest: Manifest, dataset: _SplitStream, num_workers: int, pin_memory: bool = False) -> None:
         self.manifest = manifest
         self.batch_size = dataset.batch_size
         self.steps_per_epoch = dataset.steps_per_epoch
-        self.num_workers = num_workers
+        self.num_workers, self.pin_memory = num_workers, pin_memory
         self._dataset = dataset
+        self._loader: DataLoader | None = None  # built at the first epoch; its workers then serve every epoch
+        self._generation = 0
         self._finished: Counter[str] = Counter()
         self._current: dict[int, dict[str, int]] = {}  # split -> latest counters reported this epoch
         self._position: dict[str, Any] = position_record(self._fingerprint, 0, 0, {})
@@ -305,7 +330,7 @@ class TorchFaceLoader:
         return total
 
     def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield exactly ``steps_per_epoch`` batches: ``float32 [B, 3, H, W]`` in ``[-1, 1]`` and ``int64 [B]``."""
+        """Yield exactly ``steps_per_epoch`` batches: ``uint8 [B, 3, H, W]`` images and ``int64 [B]`` labels."""
         for images, labels, _ in self.epoch_samples(epoch):
             yield images, labels
 
@@ -313,6 +338,9 @@ class TorchFaceLoader:
         self, epoch: int, start_step: int = 0, resume: dict[str, Any] | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         """Like ``epoch_batches``, with the sample keys of each batch as a third element.
+
+        One epoch at a time (the workers are shared): starting another ends this one, and resuming it then raises
+        ``RuntimeError``.
 
         Args:
             epoch: The epoch.
@@ -322,21 +350,32 @@ class TorchFaceLoader:
         for counters in self._current.values():
             self._finished.update(counters)
         self._current = {}
+        self._generation += 1
+        generation = self._generation
         start_step = min(max(start_step, 0), self.steps_per_epoch)
-        # Workers are started per epoch (not persistent), so they see these values.
-        self._dataset.epoch, self._dataset.start_step = epoch, start_step
-        self._dataset.start_cursors = resume_cursors(resume, self._fingerprint, epoch, start_step)
-        self._position = position_record(self._fingerprint, epoch, start_step, self._dataset.start_cursors)
-        loader = DataLoader(self._dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=2 if self.num_workers > 0 else None)  # fmt: skip
+        cursors = resume_cursors(resume, self._fingerprint, epoch, start_step)
+        # Before iter(): the DataLoader tells its persistent workers to begin the epoch only then, and they read it.
+        self._dataset.set_epoch(epoch, start_step, cursors)
+        self._position = position_record(self._fingerprint, epoch, start_step, cursors)
+        if self._loader is None:
+            workers = self.num_workers > 0
+            self._loader = DataLoader(self._dataset, batch_size=None, num_workers=self.num_workers,
+                                      prefetch_factor=2 if workers else None, persistent_workers=workers,
+                                      pin_memory=self.pin_memory)  # fmt: skip
         count = start_step
-        for batch in loader:
+        batches = iter(self._loader)
+        while True:
+            if self._generation != generation:  # checked before taking a batch: it would be the other epoch's
+                raise RuntimeError(f"epoch_samples: another epoch started on this loader after {count} steps of "
+                                   "this one; a loader runs one epoch at a time")  # fmt: skip
+            batch = next(batches, None)
+            if batch is None:
+                break
             self._current[batch["split"]] = batch["stats"]
-            images = batch["images"].float().sub_(PIXEL_MEAN).div_(PIXEL_STD)
             count += 1
             self._position["step_in_epoch"] = count
             self._position["cursors"][str(batch["split"])] = batch["cursor"]
-            yield images, batch["labels"], batch["keys"]
+            yield batch["images"], batch["labels"], batch["keys"]
         assert count == self.steps_per_epoch, f"yielded up to step {count}, expected {self.steps_per_epoch}"
 
     def local_shards(self, epoch: int) -> list[int]:
@@ -372,6 +411,7 @@ def build_loader(
     on_error: OnError = "fail",
     train: bool = True,
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    pin_memory: bool | None = None,
 ) -> TorchFaceLoader:
     """Build the torch/webdataset loader of one rank (see the module docstring for the epoch and error policy).
 
@@ -385,6 +425,7 @@ def build_loader(
         on_error: ``"fail"`` raises on a corrupt image or unreadable shard; ``"skip"`` skips and counts it.
         train: Shuffle and flip; ``False`` reads shards and samples in manifest order without flips.
         shuffle_buffer: Samples in each split's shuffle buffer.
+        pin_memory: Batches in pinned memory, for asynchronous copies to a GPU (default: when CUDA is available).
 
     Returns:
         The loader.
@@ -415,4 +456,5 @@ def build_loader(
     dataset = _SplitStream(
         manifest, rank, world_size, splits_per_rank, batch_size, steps, seed, train, on_error, shuffle_buffer
     )
-    return TorchFaceLoader(manifest, dataset, num_workers)
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    return TorchFaceLoader(manifest, dataset, num_workers, pin_memory=pin)

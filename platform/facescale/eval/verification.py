@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from facescale.data.transforms import normalize_images
+
 THRESHOLDS = np.arange(0.0, 4.0, 0.01)
 
 
@@ -110,9 +112,10 @@ def load_bin(path: str | Path, image_size: tuple[int, int] = (112, 112)) -> tupl
     return images, issame
 
 
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``[N, H, W, 3]`` RGB → float ``[N, 3, H, W]`` normalised as (x − 127.5) / 127.5."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().sub_(127.5).div_(127.5)
+def _to_nchw(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` RGB → uint8 ``[N, 3, H, W]`` on the host (pinned for a CUDA device), as loaders batch."""
+    batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+    return batch.pin_memory() if device.type == "cuda" else batch
 
 
 @torch.no_grad()
@@ -135,10 +138,12 @@ def compute_embeddings(model: nn.Module | Callable[[torch.Tensor], torch.Tensor]
     was_training = isinstance(model, nn.Module) and model.training
     if isinstance(model, nn.Module):
         model.eval()
+    device = torch.device(device)
     chunks, norms = [], []
     try:
         for start in range(0, len(images), batch_size):
-            x = images_to_tensor(images[start:start + batch_size]).to(device)
+            # uint8 crosses to the device and is normalised there, as in training (DESIGN.md)
+            x = normalize_images(_to_nchw(images[start:start + batch_size], device), device)
             plain, flipped = model(x).float(), model(torch.flip(x, dims=[3])).float()
             chunks.append(torch.nn.functional.normalize(plain + flipped).cpu())
             norms.append(((plain.norm(dim=1) + flipped.norm(dim=1)) / 2).cpu())
