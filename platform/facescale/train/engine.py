@@ -9,6 +9,11 @@ The loop drives both through one interface, one optimizer step at a time::
     norm = engine.grad_norm()                                 # collective under DeepSpeed
     applied = engine.step()                                   # clip + update + zero grads
 
+``images`` are the model input in ``engine.input_dtype`` (``facescale.data.transforms.normalize_images`` makes it
+from the loaders' uint8 batches on the device). The training step keeps the norm on the device
+(``grad_norm_tensor``), folds it into its one host read (the non-finite flags), and tells ``step`` the verdict
+(``step(finite=...)``): the engines read nothing on the host themselves (DeepSpeed's own ZeRO step still does).
+
 Only the backbone is in the engine. The Partial FC classifier is already sharded by class, so it stays outside
 DDP's reduction and ZeRO's partitioning with its own optimizer; its gradients still flow from ``backward`` (the
 same scaled loss), so they are means over the accumulated micro-batches too -- times ``loss_scale`` under fp16.
@@ -75,7 +80,10 @@ class BackboneEngine:
         backbone: The bare backbone (unwrapped) for eval, export and state dicts.
         accum_steps: Micro-batches per optimizer step.
         optimizer: The torch SGD optimizer of the backbone.
+        input_dtype: The dtype ``forward`` wants its images in: the dtype the model runs in.
     """
+
+    input_dtype: torch.dtype = torch.float32
 
     def __init__(self, backbone: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig) -> None:
         self.backbone = backbone
@@ -126,19 +134,27 @@ class BackboneEngine:
     def grad_norm(self) -> float:
         """Global L2 norm of the backbone's gradients of this step (the same on every rank); inf/nan if any is not
         finite. Call after the last micro-batch's backward; collective under DeepSpeed (every rank calls it)."""
+        return float(self.grad_norm_tensor())
+
+    def grad_norm_tensor(self) -> torch.Tensor:
+        """:meth:`grad_norm` as a 0-d fp32 tensor on the training device, without reading it on the host."""
         self._require_boundary("grad_norm()")
         if self._norm is None:
             self._norm = self._compute_grad_norm()
-        return float(self._norm)
+        return self._norm
 
     def _compute_grad_norm(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def step(self) -> bool:
+    def step(self, finite: bool | None = None) -> bool:
         """Clips to ``train.grad_clip``, updates and zeroes the gradients; False when no update was applied.
 
         A step whose gradient norm is not finite is never applied (its gradients are dropped, as ``skip_step``);
         under fp16 DeepSpeed's loss scaler decides and lowers its scale. Collective under DeepSpeed.
+
+        Args:
+            finite: Whether this step's gradient norm is finite, when the caller already knows (the training step
+                reads one fused flag for the whole step); None reads the norm here (a host sync on a GPU).
         """
         raise NotImplementedError
 
@@ -196,6 +212,8 @@ class DDPEngine(BackboneEngine):
         device_ids = [device.index] if device.type == "cuda" else None
         self.model: nn.Module = DistributedDataParallel(backbone, device_ids=device_ids) if distributed else backbone
         self._bf16 = train.bf16
+        # Autocast runs the convolutions in bf16 and would cast fp32 images to it first: normalise into bf16 directly.
+        self.input_dtype = torch.bfloat16 if train.bf16 else torch.float32
 
     def _micro_batch_context(self, last: bool) -> contextlib.AbstractContextManager:
         # NOTE: no_sync skips DDP's gradient all-reduce: non-final micro-batches only accumulate locally, and the
@@ -218,13 +236,14 @@ class DDPEngine(BackboneEngine):
         # DDP's all-reduce left the same averaged gradients on every rank: a local norm is the global one.
         return torch.nn.utils.get_total_norm(self._grads(), norm_type=2.0)
 
-    def step(self) -> bool:
-        if not math.isfinite(self.grad_norm()):
+    def step(self, finite: bool | None = None) -> bool:
+        norm = self.grad_norm_tensor()
+        if not (math.isfinite(norm) if finite is None else finite):
             self.skip_step()
             return False
         if self.grad_clip is not None:
-            # Same rule as clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
-            torch.nn.utils.clip_grads_with_norm_(self.backbone.parameters(), self.grad_clip, self._norm)
+            # Same rule as clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1 (on the device).
+            torch.nn.utils.clip_grads_with_norm_(self.backbone.parameters(), self.grad_clip, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._done()

@@ -99,7 +99,7 @@ class DeepSpeedEngine(BackboneEngine):
         self.model, _, _, _ = deepspeed.initialize(args=argparse.Namespace(device_rank=device_rank), model=backbone,
                                                    optimizer=sgd, config=ds_config, dist_init_required=False)
         super().__init__(backbone, sgd, train)
-        self._dtype = _DTYPES[self.precision]
+        self._dtype = self.input_dtype = _DTYPES[self.precision]
 
     def _micro_batch_context(self, last: bool) -> contextlib.AbstractContextManager:
         # NOTE: ZeRO-1 and stage 0 reduce only in the backward of the boundary micro-batch; ZeRO-2/3 reduce-scatter
@@ -131,13 +131,16 @@ class DeepSpeedEngine(BackboneEngine):
             scaled = opt.scaled_global_norm()
         else:
             scaled = combine_grad_norm_groups(opt._get_norm_groups())
-        # DeepSpeed masks a non-finite partial norm to -1 (mask_nan_or_inf_with_val_inplace).
-        scaled = scaled.float().cpu()
-        return torch.where(scaled < 0, torch.tensor(float("inf")), scaled / self.loss_scale)
+        # DeepSpeed masks a non-finite partial norm to -1 (mask_nan_or_inf_with_val_inplace). Kept on the device: the
+        # training step reads it on the host only once per logging window.
+        scaled = scaled.float()
+        return torch.where(scaled < 0, torch.full_like(scaled, float("inf")), scaled / self.loss_scale)
 
-    def step(self) -> bool:
+    def step(self, finite: bool | None = None) -> bool:
         self._require_boundary("step()")
-        if self.precision != "fp16" and not math.isfinite(self.grad_norm()):
+        if finite is None and self.precision != "fp16":
+            finite = math.isfinite(self.grad_norm())
+        if self.precision != "fp16" and not finite:
             # DeepSpeed skips such a step itself only where its config checks overflow (bf16.check_grad_overflow):
             # refusing it here holds for every stage, precision and expert override.
             self.skip_step()

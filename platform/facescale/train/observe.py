@@ -36,7 +36,8 @@ class StepTimer:
     Args:
         device: The training device; on CUDA the device is synchronised at each phase boundary when ``sync``.
         sync: Synchronise an accelerator before reading the clock, so a phase is charged with its own kernels
-            (costs a little throughput on GPUs; without it GPU time lands in whichever phase waits for it).
+            (costs a little throughput on GPUs; without it GPU time lands in whichever phase waits for it -- mostly
+            "optimizer", where the step reads its non-finite flags). These are the only syncs the timer makes.
     """
 
     def __init__(self, device: torch.device, sync: bool = True) -> None:
@@ -82,7 +83,7 @@ class StepTimer:
         return out
 
     def breakdown(self) -> dict[str, float]:
-        """Share of the run's step time spent in each phase (the rest is "other": logging, lr, loss syncs)."""
+        """Share of the run's step time spent in each phase (the rest, "other": batches to the device, lr, logs)."""
         step = max(self.total.get("step", 0.0), 1e-9)
         shares = {name: self.total.get(name, 0.0) / step for name in PHASES}
         shares["other"] = max(0.0, 1.0 - sum(shares.values()))

@@ -7,6 +7,11 @@ Gradient accumulation (insightface's arcface_torch gets both of these wrong, its
 each micro-batch's loss by the number of micro-batches before backward, so the accumulated gradient is the mean
 over the whole step, for the backbone and for the classifier alike; and the learning-rate schedule advances once
 per optimizer step, not per micro-batch (the loop calls ``lr_at`` with the optimizer-step count).
+
+Host syncs (DESIGN.md: none in the hot path beyond one per logging window): the step keeps its losses and the
+gradient norm on the device and reads ONE value on the host, the fused non-finite flags of the whole step
+(:func:`nonfinite_flags`), which every rank needs anyway to take the same decision. The losses and the norm are
+read by the loop once per logging window. Only a non-finite step reads more, to say what was not finite.
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ import torch.distributed as dist
 from torch import nn
 
 from facescale.config import FaceScaleConfig
+from facescale.data.transforms import normalize_images
 from facescale.distill.loss import angular_distillation_loss
-from facescale.parallel.dist import all_reduce_values
+from facescale.parallel.dist import all_reduce_, all_reduce_values
 from facescale.train.observe import StepTimer
 
 STOP_TAG = "facescale.stop_reason"  # MLflow tag naming why a run stopped on non-finite values
+
+DeviceMicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (images, labels, teacher embeddings)
 
 
 class NonFiniteError(FloatingPointError):
@@ -34,12 +42,30 @@ class NonFiniteError(FloatingPointError):
 
 @dataclass
 class StepOutcome:
-    """What one optimizer step did."""
+    """What one optimizer step did. Tensors stay on the device: read them on the host once per logging window."""
 
-    losses: dict[str, float]  # this rank's mean over the micro-batches
-    grad_norm: float  # global backbone gradient norm before clipping
+    losses: dict[str, torch.Tensor]  # 0-d: this rank's mean over the micro-batches ("loss", + parts when distilling)
+    grad_norm: torch.Tensor  # 0-d: global backbone gradient norm before clipping
     applied: bool  # False: the update was skipped (non-finite under "skip", or the fp16 loss scaler)
     nonfinite: str | None = None  # why the step was non-finite, naming what was
+
+
+def to_device(images: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, device: torch.device,
+              dtype: torch.dtype) -> DeviceMicroBatch:
+    """One host micro-batch as the step takes it: uint8 images normalised on ``device`` in the model's ``dtype``.
+
+    Every copy is ``non_blocking``: from the loaders' pinned batches it overlaps with the device's work, and none
+    waits for the device.
+
+    Args:
+        images: uint8 ``[B, 3, H, W]`` (pinned when CUDA is available).
+        labels: int64 ``[B]``.
+        teacher: Cached teacher embeddings ``[B, D]``, or None.
+        device: The training device.
+        dtype: The model's input dtype (``engine.input_dtype``).
+    """
+    return (normalize_images(images, device, dtype), labels.to(device, non_blocking=True),
+            teacher.to(device, non_blocking=True) if teacher is not None else None)
 
 
 def any_rank(*flags: bool, device: torch.device | None = None) -> list[bool]:
@@ -60,36 +86,66 @@ def any_rank(*flags: bool, device: torch.device | None = None) -> list[bool]:
     return [v > 0 for v in reduced]
 
 
-def _grads_finite(module: nn.Module) -> bool:
-    for p in module.parameters():
-        g = p.grad
-        if g is None:
-            continue
-        values = g._values() if g.is_sparse else g
-        if not bool(torch.isfinite(values).all()):
-            return False
-    return True
+def _grads(module: nn.Module) -> list[torch.Tensor]:
+    """The module's gradient values (a sparse gradient's stored values)."""
+    return [p.grad._values() if p.grad.is_sparse else p.grad for p in module.parameters() if p.grad is not None]
+
+
+def nonfinite_flags(micro_losses: torch.Tensor, classifier: nn.Module, grad_norm: torch.Tensor) -> tuple[bool, bool]:
+    """``(loss non-finite, gradient non-finite)`` on any rank: the step's one host read.
+
+    Both flags are computed on the device (each loss, each classifier gradient, the backbone's gradient norm, which
+    is non-finite when any backbone gradient is), reduced over the ranks on the device, and read in one go.
+
+    Args:
+        micro_losses: ``[n]`` this rank's loss of each micro-batch (detached).
+        classifier: The classifier whose gradients (this rank's shard for Partial FC) are checked.
+        grad_norm: The backbone's global gradient norm (0-d, the same on every rank).
+
+    Returns:
+        The two flags, the same on every rank.
+    """
+    device = micro_losses.device
+    grads_ok = [torch.isfinite(grad_norm.to(device)), *(torch.isfinite(g).all() for g in _grads(classifier))]
+    flags = torch.stack([~torch.isfinite(micro_losses).all(), ~torch.stack(grads_ok).all()]).float()
+    # NOTE: all-reduce MAX of each rank's two non-finite flags, on the device: every rank must take the same
+    # decision (skip or step), or the next collective would pair mismatched operations and hang.
+    loss_bad, grads_bad = all_reduce_(flags, dist.ReduceOp.MAX, None).tolist()  # the one host read of the step
+    return loss_bad > 0, grads_bad > 0
+
+
+def _nonfinite_reasons(micro_losses: torch.Tensor, classifier: nn.Module, grad_norm: torch.Tensor,
+                       loss_bad: bool) -> str:
+    """What was not finite on this rank, for the log and the stop message (host reads: a non-finite step only)."""
+    n = micro_losses.numel()
+    reasons = [f"loss {v} in micro-batch {i + 1}/{n}" for i, v in enumerate(micro_losses.tolist())
+               if not math.isfinite(v)]
+    if loss_bad and not reasons:
+        reasons.append("non-finite loss on another rank")
+    if not all(bool(torch.isfinite(g).all()) for g in _grads(classifier)):
+        reasons.append("classifier gradient")
+    norm = float(grad_norm)
+    if not math.isfinite(norm):
+        reasons.append(f"backbone gradient norm {norm}")
+    return "; ".join(reasons) or "non-finite gradient on another rank"
 
 
 def _scale_grads(module: nn.Module, factor: float) -> None:
-    for p in module.parameters():
-        if p.grad is not None:
-            if p.grad.is_sparse:
-                p.grad._values().mul_(factor)
-            else:
-                p.grad.mul_(factor)
+    for g in _grads(module):
+        g.mul_(factor)
 
 
 def train_step(engine: Any, classifier: nn.Module, classifier_opt: torch.optim.Optimizer,
-               micro_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], cfg: FaceScaleConfig,
-               timer: StepTimer, device: torch.device, poison: str | None = None) -> StepOutcome:
+               micro_batches: list[DeviceMicroBatch], cfg: FaceScaleConfig, timer: StepTimer,
+               device: torch.device, poison: str | None = None) -> StepOutcome:
     """One optimizer step: for each micro-batch forward → classifier loss (+ distillation) → backward; then step.
 
     Args:
         engine: The backbone engine (``facescale.train.engine``): DDP or DeepSpeed.
         classifier: Linear head (DDP) or Partial FC (sharded, outside the engine).
         classifier_opt: The classifier's own optimizer.
-        micro_batches: ``(images, labels, teacher embeddings or None)`` on the device, ``grad_accum_steps`` of them.
+        micro_batches: ``(images, labels, teacher embeddings or None)`` on the device (:func:`to_device`), images
+            in ``engine.input_dtype``; ``grad_accum_steps`` of them.
         cfg: The run's config (distillation weight, non-finite policy).
         timer: Step-time breakdown.
         device: The training device (unused here: ``facescale.parallel.dist`` puts the non-finite flags on the
@@ -97,11 +153,11 @@ def train_step(engine: Any, classifier: nn.Module, classifier_opt: torch.optim.O
         poison: Fault injection for tests of the non-finite policy: ``"loss"`` makes this rank's loss NaN.
 
     Returns:
-        The step's losses, gradient norm and whether the update was applied.
+        The step's losses and gradient norm (device tensors) and whether the update was applied.
     """
-    totals: dict[str, float] = {}
-    local_bad: list[str] = []  # non-finite losses of this rank
     n = len(micro_batches)
+    micro_losses: list[torch.Tensor] = []
+    parts_sum: dict[str, torch.Tensor] = {}  # distillation: the loss's parts, summed over micro-batches
     for i, (images, labels, teacher) in enumerate(micro_batches):
         last = i == n - 1
         no_sync = classifier.no_sync() if (not last and hasattr(classifier, "no_sync")) else contextlib.nullcontext()
@@ -121,40 +177,32 @@ def train_step(engine: Any, classifier: nn.Module, classifier_opt: torch.optim.O
                 # Every rank runs backward even on a non-finite loss: the gradient all-reduce inside it is a
                 # collective, and the decision to skip is taken together afterwards.
                 engine.backward(loss)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            local_bad.append(f"loss {value} in micro-batch {i + 1}/{n}")
-        totals["loss"] = totals.get("loss", 0.0) + value / n
+        micro_losses.append(loss.detach())
         if teacher is not None:
             for name, part in parts.items():
-                totals[name] = totals.get(name, 0.0) + float(part.detach()) / n
+                parts_sum[name] = parts_sum[name] + part.detach() if name in parts_sum else part.detach()
 
     with timer.phase("optimizer"):
-        grad_norm = float(engine.grad_norm())
-        classifier_ok = _grads_finite(classifier)
-        loss_bad, grads_bad = any_rank(bool(local_bad), not classifier_ok)
-        grads_bad = grads_bad or not math.isfinite(grad_norm)
+        grad_norm = engine.grad_norm_tensor()
+        stacked = torch.stack(micro_losses)
+        losses = {"loss": stacked.mean(), **{name: total / n for name, total in parts_sum.items()}}
+        loss_bad, grads_bad = nonfinite_flags(stacked, classifier, grad_norm)
         # fp16: gradients that overflow while every loss is finite are the loss scaler's business -- DeepSpeed's
         # step skips the update and lowers the scale; it is not a non-finite step of the policy.
         overflow = grads_bad and not loss_bad and getattr(engine, "precision", "fp32") == "fp16"
         if (loss_bad or grads_bad) and not overflow:
-            reasons = list(local_bad) or (["non-finite loss on another rank"] if loss_bad else [])
-            if not classifier_ok:
-                reasons.append("classifier gradient")
-            if not math.isfinite(grad_norm):
-                reasons.append(f"backbone gradient norm {grad_norm}")
+            reasons = _nonfinite_reasons(stacked, classifier, grad_norm, loss_bad)
             engine.skip_step()
             classifier_opt.zero_grad(set_to_none=True)
-            return StepOutcome(totals, grad_norm, applied=False,
-                               nonfinite="; ".join(reasons) or "non-finite gradient on another rank")
+            return StepOutcome(losses, grad_norm, applied=False, nonfinite=reasons)
         scale = engine.loss_scale  # fp16: the classifier's gradients carry DeepSpeed's loss scale too
-        applied = engine.step()
+        applied = engine.step(finite=not grads_bad)
         if applied:
             if scale != 1.0:
                 _scale_grads(classifier, 1.0 / scale)
             classifier_opt.step()
         classifier_opt.zero_grad(set_to_none=True)
-    return StepOutcome(totals, grad_norm, applied=applied)
+    return StepOutcome(losses, grad_norm, applied=applied)
 
 
 def first_nonfinite(named: dict[str, nn.Module]) -> str | None:
