@@ -1,17 +1,30 @@
-"""The loop's bookkeeping without Ray: optimizer-step groups over epochs, the planned step count, elastic positions."""
+"""The loop without Ray: optimizer-step groups over epochs, the planned step count, elastic positions; and the whole
+launcher-agnostic worker (:func:`run_worker`) on uint8 batches with Ray unimportable, ``train.init_from`` from a
+local directory and from S3 (a real S3 API server on 127.0.0.1)."""
 
 from __future__ import annotations
 
 import itertools
+import json
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
-from facescale.config import load_config
-from facescale.data import build_loader
+import facescale.train.loop as loop
+from facescale.config import dump_config, load_config
+from facescale.data import build_loader, storage
 from facescale.data.synth import synthesize
+from facescale.tracking.mlflow_run import start_run
 from facescale.train.checkpoint import TrainProgress
-from facescale.train.loop import _rescale_position, planned_total_steps, step_groups
+from facescale.train.ckpt_store import resolve_checkpoint, verify_checkpoint
+from facescale.train.components import build_bare_backbone
+from facescale.train.context import WorkerContext
+from facescale.train.engine import build_engine
+from facescale.train.loop import _init_backbone, _mean_over_ranks, _rescale_position, planned_total_steps, step_groups
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +91,104 @@ def test_rescaled_position_rounds_down_to_whole_steps() -> None:
     _rescale_position(same, world_size=2, accum=2)
     assert same.step_in_epoch == 6 and same.local_loader_position == {"x": 1}
 
+
+
+# ------------------------------------------------------------------------------------------ the whole worker
+class _Uint8Loader:
+    """The loader contract the step takes: uint8 ``[B, 3, 112, 112]`` host batches (passed through once the loaders
+    deliver them; until then their normalised floats are mapped back to the uint8 pixels they came from)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def epoch_samples(self, *args: Any, **kwargs: Any):
+        for images, labels, keys in self._inner.epoch_samples(*args, **kwargs):
+            if images.dtype != torch.uint8:
+                images = (images * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
+            yield images, labels, keys
+
+
+@dataclass
+class _RecordingContext(WorkerContext):
+    reports: list[dict[str, Any]] = field(default_factory=list)
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        self.reports.append(dict(metrics))
+
+
+def _worker_config(shards: Path, tmp: Path, *extra: str):
+    return load_config(None, [
+        f"data.root={shards}", "data.val_bins=[]", "data.loader=torch", "data.num_workers=0",
+        "model.backbone=iresnet_nano", "model.embedding_size=32", "classifier.margin.type=cosface",
+        "classifier.margin.s=16", "train.batch_size=8", "train.log_every=2", "train.checkpoint_every=2",
+        "train.system_metrics_interval_s=null", f"tracking.uri=sqlite:///{tmp / 'mlruns.db'}",
+        f"tracking.artifact_root={tmp / 'artifacts'}", "tracking.log_model=false", *extra])
+
+
+def _run_worker(cfg, run_root: Path) -> tuple[_RecordingContext, dict[str, Any]]:
+    uri = cfg.tracking.uri
+    run_id = start_run(uri, cfg.tracking.experiment, cfg.tracking.artifact_root, None, {}, dump_config(cfg))
+    ctx = _RecordingContext(0, 1, 0, 0, torch.device("cpu"), str(run_root))
+    loop.run_worker(ctx, {"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": uri})
+    final = resolve_checkpoint(str(run_root))
+    return ctx, json.loads(verify_checkpoint(final)["meta"]["metrics"]["summary"])
+
+
+def test_run_worker_trains_on_uint8_batches_without_ray_and_resumes(shards: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    real = loop.build_train_loader
+    monkeypatch.setattr(loop, "build_train_loader", lambda *args, **kwargs: _Uint8Loader(real(*args, **kwargs)))
+    monkeypatch.setitem(sys.modules, "ray", None)  # any `import ray` in the worker fails
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the worker's thread count stays in the worker
+    ctx, summary = _run_worker(_worker_config(shards, tmp_path, "train.max_steps=4"), tmp_path / "first")
+    assert [r["step"] for r in ctx.reports] == [2, 4, 4]  # two logging windows, then the final report
+    assert ctx.reports[0]["checkpoint"].rstrip("/").endswith("checkpoint_00000002")
+    assert summary["steps"] == 4 and summary["resumed_from"] is None
+    assert ctx.reports[-1]["train/loss"] > 0 and ctx.reports[-1]["train/grad_norm"] > 0
+
+    cfg = _worker_config(shards, tmp_path, "train.max_steps=6", f"train.resume_from={tmp_path / 'first'}")
+    ctx, summary = _run_worker(cfg, tmp_path / "second")
+    assert summary["resumed_from"].rstrip("/").endswith("checkpoint_00000004"), summary
+    assert (summary["steps"], summary["steps_this_attempt"], summary["resumes"]) == (6, 2, 1)
+    assert [r["step"] for r in ctx.reports] == [6, 6]
+
+
+def test_window_means_are_read_in_one_host_read() -> None:
+    values = {"loss": torch.tensor(2.5), "grad_norm": torch.tensor(7.0), "cls_loss": 1.5}
+    assert _mean_over_ranks(values) == {"cls_loss": 1.5, "grad_norm": 7.0, "loss": 2.5}
+
+
+def _save_backbone(directory: Path, cfg) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    backbone = build_bare_backbone(cfg, torch.device("cpu"))
+    directory.mkdir(parents=True, exist_ok=True)
+    arch = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size}
+    torch.save({"backbone": backbone.state_dict(), "arch": arch}, directory / "model.pt")
+    return backbone.state_dict()
+
+
+def _init_from(source: str, cfg):
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": source})})
+    torch.manual_seed(2)
+    engine = build_engine(cfg, build_bare_backbone(cfg, torch.device("cpu")), torch.device("cpu"))
+    _init_backbone(engine, cfg)
+    return engine.backbone.state_dict()
+
+
+def test_init_from_a_local_directory_or_s3_without_ray(tmp_path: Path, bucket: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)
+    cfg = load_config(None, ["model.backbone=iresnet_nano", "model.embedding_size=32"])
+    saved = _save_backbone(tmp_path / "ckpt", cfg)
+    storage.upload_file(tmp_path / "ckpt" / "model.pt", f"s3://{bucket}/runs/ckpt/model.pt")
+    for source in [str(tmp_path / "ckpt"), f"s3://{bucket}/runs/ckpt", f"s3://{bucket}/runs/ckpt/"]:
+        loaded = _init_from(source, cfg)
+        assert all(torch.equal(loaded[k], v) for k, v in saved.items()), source
+    other = load_config(None, ["model.backbone=iresnet_nano", "model.embedding_size=64"])
+    with pytest.raises(ValueError, match="train.init_from: .* holds .*embedding_size.: 32"):
+        _init_from(f"s3://{bucket}/runs/ckpt", other)
+    with pytest.raises(ValueError, match="neither a local directory nor an s3:// URI"):
+        _init_from("gs://bucket/ckpt", cfg)

@@ -38,6 +38,8 @@ def test_two_worker_run_logs_to_mlflow(tiny_data, local_ray, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["model.backbone"] == "iresnet_tiny"
     assert run.data.params["scaling.num_workers"] == "2"
+    assert run.data.tags["facescale.loader"] == "DaliFaceLoader"  # data.loader: auto, and DALI imports here
+    assert "facescale.loader_fallback" not in run.data.tags
     history = client.get_metric_history(result.run_id, "train/loss")
     steps = [m.step for m in history]
     assert steps == sorted(set(steps)) and steps[-1] == 24, "each logged step once, up to the last"

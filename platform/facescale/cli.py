@@ -47,6 +47,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from facescale.train.launch import format_results, run_training
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.scaling.launcher == "torchrun":
+        from facescale.train.torchrun import run_torchrun  # no Ray on this path
+
+        result = run_torchrun(cfg)
+        if result is not None:  # rank 0
+            print(format_results(result))
+        return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+        raise ConfigError(f"this process is one of {os.environ['WORLD_SIZE']} that torchrun started, but "
+                          "scaling.launcher is ray (each would start its own Ray run): add scaling.launcher=torchrun")
     result = run_training(cfg)
     print(format_results(result))
     return 0
@@ -102,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_index_command(data)  # index: DALI index files for shard sets written without them
 
-    train = sub.add_parser("train", help="train a backbone with Ray Train")
+    train = sub.add_parser("train", help="train a backbone (Ray Train, or torchrun: scaling.launcher=torchrun)")
     _add_config_args(train)
     train.set_defaults(func=_cmd_train)
 

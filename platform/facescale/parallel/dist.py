@@ -14,8 +14,10 @@ a CPU backend, so they skip two copies.
 
 from __future__ import annotations
 
+import pickle
 import socket
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -169,6 +171,32 @@ def broadcast_(tensor: torch.Tensor, src: int, group: dist.ProcessGroup | None) 
     if staged is not tensor:
         tensor.copy_(staged)
     return tensor
+
+
+def broadcast_object(obj: Any, src: int, group: dist.ProcessGroup | None) -> Any:
+    """``obj`` as global rank ``src`` has it, on every rank (pickled; for small host values, e.g. a run's ids).
+
+    Two broadcasts through :func:`broadcast_` (the pickle's length, then its bytes), so the tensors go where the
+    group's backend takes them, as for every other helper here.
+
+    Args:
+        obj: The value on ``src`` (ignored on the other ranks); picklable.
+        src: The global rank whose value wins.
+        group: The process group (``None``: the default one, or a single process).
+
+    Returns:
+        ``src``'s value; ``obj`` itself without other ranks.
+    """
+    rank, world_size = rank_and_world_size(group)
+    if world_size == 1:
+        return obj
+    data = pickle.dumps(obj) if rank == src else b""
+    # NOTE: broadcast from src of the pickle's length, then of its bytes: every rank ends with src's value.
+    size = int(broadcast_(torch.tensor([len(data)], dtype=torch.int64), src, group)[0])
+    payload = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if rank == src
+               else torch.empty(size, dtype=torch.uint8))
+    broadcast_(payload, src, group)
+    return obj if rank == src else pickle.loads(payload.numpy().tobytes())
 
 
 def barrier(group: dist.ProcessGroup | None) -> None:

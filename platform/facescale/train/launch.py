@@ -1,7 +1,9 @@
 """Driver side of a training run: validate inputs, create the MLflow run, start Ray, run the TorchTrainer.
 
 Everything that can be checked before Ray starts is checked here (config, dataset manifest, verification
-files), so a typo costs a second, not a cluster start.
+files), so a typo costs a second, not a cluster start. The torchrun launcher (``train/torchrun.py``) shares the
+parts that know nothing of Ray: the input checks, the paths made absolute, the process-group backend, the end of
+a run (stop reason, final metrics) and the results table. Ray itself is imported only by the functions that use it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from facescale.data import load_manifest
 from facescale.distill.cache import read_meta as read_cache_meta
 from facescale.tracking.mlflow_run import end_run, reopen_run, resolve_local_uri, start_run
 from facescale.train.ckpt_store import resolve_checkpoint, verify_checkpoint
+from facescale.train.context import process_group_backend
 from facescale.train.node_check import PathSpec, check_paths_on_nodes, is_local
 from facescale.train.step import STOP_TAG, NonFiniteError
 
@@ -74,13 +77,37 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path and "://" not in path else path
 
 
-def process_group_backend(use_gpu: bool) -> str:
-    """The torch.distributed backend of the workers' process group.
+def absolute_paths(cfg: FaceScaleConfig) -> tuple[FaceScaleConfig, str]:
+    """A copy of ``cfg`` with its local paths absolute (as this process sees them), and the storage root.
 
-    On GPU the group has both backends: NCCL for CUDA tensors and gloo for the CPU tensors that small host-side
-    collectives may still hand it (``facescale.parallel.dist`` places tensors on the group's device either way).
+    Returns:
+        The copy, and ``scaling.storage_path`` made absolute (a URL stays as it is).
     """
-    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.root = _absolute(cfg.data.root) or cfg.data.root  # s3:// roots stay URLs
+    cfg.data.val_bins = [str(Path(p).resolve()) for p in cfg.data.val_bins]
+    cfg.train.resume_from = _absolute(cfg.train.resume_from)
+    cfg.train.init_from = _absolute(cfg.train.init_from)
+    cfg.distill.teacher_cache = _absolute(cfg.distill.teacher_cache)
+    storage = cfg.scaling.storage_path
+    return cfg, storage if "://" in storage else str(Path(storage).resolve())
+
+
+def raise_if_stopped(tracking_uri: str, run_id: str) -> None:
+    """Raises the workers' deliberate stop (a non-finite policy decision), which they record as an MLflow tag.
+
+    Raises:
+        NonFiniteError: Naming the step and what was not finite.
+    """
+    stop = MlflowClient(tracking_uri).get_run(run_id).data.tags.get(STOP_TAG)  # set by the workers
+    if stop:
+        raise NonFiniteError(stop)
+
+
+def final_metrics(run_root: str) -> tuple[dict[str, Any], str | None]:
+    """The run's final metrics and its last committed checkpoint: the workers' last commit carries the metrics."""
+    final = resolve_checkpoint(run_root)
+    return (dict(verify_checkpoint(final)["meta"].get("metrics") or {}) if final else {}), final
 
 
 def local_path_specs(given: FaceScaleConfig, cfg: FaceScaleConfig, storage: str) -> list[PathSpec]:
@@ -141,14 +168,8 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, paren
     from facescale.train.loop import train_worker
 
     check_inputs(cfg)
-    given, cfg = cfg, cfg.model_copy(deep=True)
-    cfg.data.root = _absolute(cfg.data.root) or cfg.data.root  # s3:// roots stay URLs
-    cfg.data.val_bins = [str(Path(p).resolve()) for p in cfg.data.val_bins]
-    cfg.train.resume_from = _absolute(cfg.train.resume_from)
-    cfg.train.init_from = _absolute(cfg.train.init_from)
-    cfg.distill.teacher_cache = _absolute(cfg.distill.teacher_cache)
-    storage = cfg.scaling.storage_path
-    storage = storage if "://" in storage else str(Path(storage).resolve())
+    given = cfg
+    cfg, storage = absolute_paths(cfg)
     init_ray(cfg)
     # Before the MLflow run exists: a path some node cannot see costs seconds and leaves nothing behind.
     check_paths_on_nodes(local_path_specs(given, cfg, storage), cfg.scaling.per_worker_resources(),
@@ -181,14 +202,11 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, paren
         result = trainer.fit()
         if result.error is not None:
             raise result.error
-        stop = MlflowClient(tracking_uri).get_run(run_id).data.tags.get(STOP_TAG)  # set by the workers
-        if stop:
-            raise NonFiniteError(stop)
+        raise_if_stopped(tracking_uri, run_id)
         ok = True
     finally:
         end_run(tracking_uri, run_id, ok)
-    final = resolve_checkpoint(run_root)  # the workers' last commit carries the run's final metrics
-    metrics = dict(verify_checkpoint(final)["meta"].get("metrics") or {}) if final else {}
+    metrics, final = final_metrics(run_root)
     return TrainResult(run_id, tracking_uri, metrics, final, time.perf_counter() - t0, cfg)
 
 

@@ -1,14 +1,19 @@
-"""The per-worker training loop that Ray Train runs on every worker.
+"""The per-worker training loop, the same under either launcher (Ray Train or torchrun; ``train/context.py``).
 
-It reads as named steps: load micro-batches → optimizer step (``facescale.train.step``) → report → checkpoint. Rank
-checks live in the :class:`~facescale.tracking.mlflow_run.Tracker` and the objects of ``observe.py``.
+It reads as named steps: load micro-batches → to the device → optimizer step (``facescale.train.step``) → report →
+checkpoint. Rank checks live in the :class:`~facescale.tracking.mlflow_run.Tracker` and the objects of
+``observe.py``; who this worker is and where it reports come from its :class:`~facescale.train.context.WorkerContext`.
 
 Recovery: checkpoints are committed to the run's storage (``facescale.train.ckpt_store``) every
 ``train.checkpoint_every`` steps. When a worker dies, Ray Train (``scaling.max_failures``) restarts the worker
 group, and every worker resumes from the newest committed checkpoint of the run: backbone and its optimizer (the
 engine's), classifier and its optimizer (Partial FC by class range), progress, RNG and each rank's data position.
 The same happens when the run is started again under the same Ray Train run name, also on another number of
-workers (elastic resume; see :func:`_rescale_position`).
+workers (elastic resume; see :func:`_rescale_position`). Under torchrun nothing restarts a worker; a run continues
+from its checkpoints through ``train.resume_from``.
+
+Host syncs: one per step (the step's non-finite flags, ``train/step.py``) and one per logging window (the losses and
+the gradient norm, :func:`_mean_over_ranks`); the phase breakdown adds its own only under ``train.step_breakdown_sync``.
 """
 
 from __future__ import annotations
@@ -25,41 +30,62 @@ import torch
 import torch.distributed as dist
 
 from facescale.config import FaceScaleConfig
-from facescale.data import build_train_loader
+from facescale.data import build_train_loader, storage
 from facescale.distill.cache import TeacherCache
+from facescale.parallel.dist import all_reduce_, barrier, rank_and_world_size
 from facescale.tracking.mlflow_run import Tracker
 from facescale.train.checkpoint import TrainCheckpoint, TrainProgress, load_backbone_state, unwrap
 from facescale.train.ckpt_store import CheckpointStore, local_copy, resolve_checkpoint
 from facescale.train.components import build_bare_backbone, build_classifier, build_classifier_optimizer
+from facescale.train.context import WorkerContext
 from facescale.train.engine import build_engine
 from facescale.train.observe import StepLogger, StepTimer, SystemMonitor, Verifier, format_summary
 from facescale.train.schedule import lr_at
-from facescale.train.step import STOP_TAG, NonFiniteError, any_rank, first_nonfinite, train_step
+from facescale.train.step import (
+    STOP_TAG,
+    NonFiniteError,
+    StepOutcome,
+    any_rank,
+    first_nonfinite,
+    to_device,
+    train_step,
+)
 
 log = logging.getLogger("facescale.train")
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 
-def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    if not dist.is_initialized():
-        return values
+def _mean_over_ranks(values: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """Global means of this rank's scalars (host floats or 0-d device tensors), read on the host in one go.
+
+    The loop calls it once per logging window with the step's losses and gradient norm: the window's host read.
+    """
     names = sorted(values)
-    t = torch.tensor([values[n] for n in names], dtype=torch.float64)
-    # NOTE: all-reduce SUM of each rank's scalar losses, divided by world size: the logged losses are global means.
-    dist.all_reduce(t)
-    return {n: float(v) / dist.get_world_size() for n, v in zip(names, t.tolist())}
+    device = next((v.device for v in values.values() if torch.is_tensor(v)), torch.device("cpu"))
+    local = torch.stack([torch.as_tensor(values[n], dtype=torch.float64, device=device) for n in names])
+    _, world_size = rank_and_world_size(None)
+    # NOTE: all-reduce SUM of each rank's scalars, divided by world size: the logged losses are global means (the
+    # gradient norm is the same on every rank). parallel.dist puts the tensor where the group's backend takes it.
+    totals = all_reduce_(local, dist.ReduceOp.SUM, None).tolist()
+    return {n: v / world_size for n, v in zip(names, totals)}
 
 
-def _batches(loader: Any, progress: TrainProgress) -> Iterator[MicroBatch]:
-    """``(images, labels, keys)`` of the current epoch from the saved position on (seen batches are not decoded)."""
+def _batches(loader: Any, progress: TrainProgress, teacher: TeacherCache | None = None) -> Iterator[MicroBatch]:
+    """``(images, labels, keys)`` of the current epoch from the saved position on (seen batches are not decoded).
+
+    ``teacher``, when given, first selects the teacher embeddings of the shards this rank reads in the epoch.
+    """
+    if teacher is not None:
+        teacher.select(loader.local_shards(progress.epoch))  # this rank holds only its share (DESIGN.md)
     resume = progress.local_loader_position
     for batch in loader.epoch_samples(progress.epoch, start_step=progress.step_in_epoch, resume=resume):
         progress.local_loader_position = loader.local_position()  # after this batch: what a checkpoint now saves
         yield batch
 
 
-def step_groups(loader: Any, progress: TrainProgress, accum: int) -> Iterator[list[MicroBatch]]:
+def step_groups(loader: Any, progress: TrainProgress, accum: int,
+                teacher: TeacherCache | None = None) -> Iterator[list[MicroBatch]]:
     """Groups of ``accum`` micro-batches, one per optimizer step, endlessly over epochs.
 
     ``progress.step_in_epoch`` counts micro-batches. An epoch ends after ``steps_per_epoch // accum`` groups: the
@@ -71,7 +97,7 @@ def step_groups(loader: Any, progress: TrainProgress, accum: int) -> Iterator[li
     while True:
         group: list[MicroBatch] = []
         if progress.step_in_epoch < usable:
-            for batch in _batches(loader, progress):
+            for batch in _batches(loader, progress, teacher):
                 progress.step_in_epoch += 1
                 group.append(batch)
                 if len(group) == accum:
@@ -115,11 +141,18 @@ def _rescale_position(progress: TrainProgress, world_size: int, accum: int) -> N
 
 
 def _init_backbone(engine: Any, cfg: FaceScaleConfig) -> None:
-    """Starts from another run's backbone weights (``train.init_from``), refusing a different architecture."""
-    import ray.train
+    """Starts from another run's backbone weights (``train.init_from``), refusing a different architecture.
 
+    ``train.init_from`` is a local directory or an ``s3://`` prefix holding ``model.pt`` (fetched here).
+    """
     source = cfg.train.init_from
-    with ray.train.Checkpoint(source).as_directory() as local:  # a local directory, or a URI (s3://) fetched here
+    with tempfile.TemporaryDirectory(prefix="facescale-init-") as tmp:
+        local = source
+        if storage.is_s3_url(source):
+            local = tmp
+            storage.download_file(f"{source.rstrip('/')}/model.pt", Path(tmp) / "model.pt")
+        elif "://" in source:
+            raise ValueError(f"train.init_from: {source} is neither a local directory nor an s3:// URI")
         state, arch = load_backbone_state(local)
     want = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size}
     if arch and arch != want:
@@ -128,8 +161,7 @@ def _init_backbone(engine: Any, cfg: FaceScaleConfig) -> None:
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    barrier(None)  # names the worker's GPU under NCCL (see barrier's docstring)
 
 
 def _commit_checkpoint(ckpt: TrainCheckpoint, store: CheckpointStore, rank: int, device: torch.device,
@@ -182,14 +214,41 @@ def _full_precision_backbone(engine: Any, cfg: FaceScaleConfig, device: torch.de
 
 def train_worker(payload: dict[str, Any]) -> None:
     """Ray Train entry point on each worker. ``payload``: resolved config, MLflow run, the run's storage root."""
-    import ray.train
-    import ray.train.torch
+    from facescale.train.context import ray_context
 
+    run_worker(ray_context(payload["run_root"], bool(payload["config"]["scaling"]["use_gpu"])), payload)
+
+
+def _nonfinite_policy(outcome: StepOutcome, step: int, consecutive_bad: int, progress: TrainProgress,
+                      cfg: FaceScaleConfig, rank: int, store: CheckpointStore) -> int:
+    """Counts a non-finite step and stops the run when the policy says so; returns the consecutive count.
+
+    Raises:
+        NonFiniteError: Under ``train.nonfinite=stop``, or after ``train.max_consecutive_nonfinite`` in a row.
+    """
+    if outcome.nonfinite is None:
+        return 0
+    consecutive_bad += 1
+    progress.nonfinite_skipped += 1
+    msg = f"non-finite step {step}: {outcome.nonfinite} (rank {rank})"
+    if cfg.train.nonfinite == "stop" or consecutive_bad >= cfg.train.max_consecutive_nonfinite:
+        why = ("train.nonfinite=stop" if cfg.train.nonfinite == "stop"
+               else f"{consecutive_bad} in a row (train.max_consecutive_nonfinite)")
+        raise NonFiniteError(f"{msg}; stopping ({why}); the last committed checkpoint is {store.latest() or 'none'}")
+    log.warning("%s; update skipped (train.nonfinite=skip, %d so far)", msg, progress.nonfinite_skipped)
+    return consecutive_bad
+
+
+def run_worker(ctx: WorkerContext, payload: dict[str, Any]) -> None:
+    """The training loop of one worker, whichever launcher started it.
+
+    Args:
+        ctx: Who this worker is, its device, the run's storage root and where it reports (``train/context.py``).
+        payload: ``config`` (the resolved config as JSON), ``run_id`` and ``tracking_uri`` of the MLflow run.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = FaceScaleConfig.model_validate(payload["config"])
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    rank, world_size, device = ctx.rank, ctx.world_size, ctx.device
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     np.random.seed(cfg.train.seed + rank)
@@ -204,11 +263,11 @@ def train_worker(payload: dict[str, Any]) -> None:
     progress = TrainProgress(world_size=world_size)
     arch = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size}
     ckpt = TrainCheckpoint(engine.backbone, classifier, replicated, progress, arch=arch, engine=engine)
-    store = CheckpointStore(payload["run_root"], rank, world_size, _barrier, keep_last=cfg.train.keep_checkpoints)
+    store = CheckpointStore(ctx.run_root, rank, world_size, _barrier, keep_last=cfg.train.keep_checkpoints)
 
     resumed_from = _resume_point(store, cfg)
     if resumed_from is not None:
-        with local_copy(resumed_from) as directory:
+        with local_copy(resumed_from, wanted=ckpt.files_for_rank(rank)) as directory:  # only this rank's share
             ckpt.load(directory, rank)
         progress.resumes += 1
         log.info("rank %d resumed at step %d (epoch %d, micro-batch %d) from %s", rank, progress.step,
@@ -218,30 +277,35 @@ def train_worker(payload: dict[str, Any]) -> None:
         _init_backbone(engine, cfg)
     progress.world_size = world_size
     total_steps = planned_total_steps(cfg, progress, loader.steps_per_epoch)
-    teacher = TeacherCache(cfg.distill.teacher_cache, cfg.data.root) if cfg.distill.teacher_cache else None
+    teacher = (TeacherCache(cfg.distill.teacher_cache, cfg.data.root, shards=loader.local_shards(progress.epoch))
+               if cfg.distill.teacher_cache else None)  # fmt: skip
     if teacher is not None and teacher.embedding_size != cfg.model.embedding_size:
         raise ValueError(f"distill.teacher_cache: teacher embeddings are {teacher.embedding_size}-d, "
                          f"model.embedding_size is {cfg.model.embedding_size}")
 
     tracker = Tracker(payload["tracking_uri"], payload["run_id"], rank)
+    tracker.set_tag("facescale.loader", type(loader).__name__)
+    if getattr(loader, "fallback_reason", None):  # data.loader: auto fell back to torch: say why, in the run
+        tracker.set_tag("facescale.loader_fallback", loader.fallback_reason)
     logger = StepLogger(tracker, rank, cfg.train.batch_size * world_size * accum, total_steps,
                         logged_through=tracker.last_step("train/loss"))
     timer = StepTimer(device, sync=cfg.train.step_breakdown_sync)
-    monitor = SystemMonitor(tracker, ctx.get_local_rank(), ctx.get_node_rank(), cfg.train.system_metrics_interval_s,
+    monitor = SystemMonitor(tracker, ctx.local_rank, ctx.node_rank, cfg.train.system_metrics_interval_s,
                             resumed=resumed_from is not None)
     verifier = Verifier(cfg, tracker, rank, device)
     engine.backbone.train()
     classifier.train()
     metrics: dict[str, Any] = {}
     first_step, consecutive_bad, last_checkpoint = progress.step, 0, resumed_from
-    groups = step_groups(loader, progress, accum)
+    groups = step_groups(loader, progress, accum, teacher)
     try:
         while progress.step < total_steps:
             with timer.phase("data_wait"):  # load micro-batches (+ cached teacher embeddings)
                 group = next(groups)
-            micro = [(images.to(device), labels.to(device),
-                      teacher.lookup(keys).to(device) if teacher is not None else None)
-                     for images, labels, keys in group]
+            # uint8 to the device, normalised there; the copies are asynchronous, and the step's one host read
+            # completes them before the next batch is loaded (so a loader may reuse its pinned buffers).
+            micro = [to_device(images, labels, teacher.lookup(keys) if teacher is not None else None, device,
+                               engine.input_dtype) for images, labels, keys in group]
             lr = lr_at(progress.step, total_steps, cfg.train.lr, cfg.train.warmup_steps, cfg.train.lr_power)
             engine.set_lr(lr)
             for group_ in classifier_opt.param_groups:
@@ -250,27 +314,17 @@ def train_worker(payload: dict[str, Any]) -> None:
             poison = "loss" if step_number in faults.nonfinite_loss_steps and rank == faults.rank else None
             outcome = train_step(engine, classifier, classifier_opt, micro, cfg, timer, device, poison)  # step
             progress.step = step_number
-            if outcome.nonfinite is not None:
-                consecutive_bad += 1
-                progress.nonfinite_skipped += 1
-                msg = f"non-finite step {step_number}: {outcome.nonfinite} (rank {rank})"
-                if cfg.train.nonfinite == "stop" or consecutive_bad >= cfg.train.max_consecutive_nonfinite:
-                    why = ("train.nonfinite=stop" if cfg.train.nonfinite == "stop"
-                           else f"{consecutive_bad} in a row (train.max_consecutive_nonfinite)")
-                    raise NonFiniteError(f"{msg}; stopping ({why}); the last committed checkpoint is "
-                                         f"{store.latest() or 'none'}")
-                log.warning("%s; update skipped (train.nonfinite=skip, %d so far)", msg, progress.nonfinite_skipped)
-            else:
-                consecutive_bad = 0
+            consecutive_bad = _nonfinite_policy(outcome, step_number, consecutive_bad, progress, cfg, rank, store)
             if faults.nonfinite_weights_step == step_number and rank == faults.rank:
                 with torch.no_grad():
                     next(engine.backbone.parameters()).fill_(float("nan"))
             timer.step_done()
             logger.step_done()
             if progress.step % cfg.train.log_every == 0 or progress.step == total_steps:  # report
-                extra = {**timer.flush(), "train/grad_norm": outcome.grad_norm,
+                window = _mean_over_ranks({**outcome.losses, "grad_norm": outcome.grad_norm})  # the host read
+                extra = {**timer.flush(), "train/grad_norm": window.pop("grad_norm"),
                          "train/nonfinite_skipped": progress.nonfinite_skipped}
-                metrics = logger.flush(progress.step, _mean_over_ranks(outcome.losses), lr, extra)
+                metrics = logger.flush(progress.step, window, lr, extra)
                 metrics["step"] = progress.step
                 if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
                     metrics.update(verifier.run(_full_precision_backbone(engine, cfg, device), progress.step))
@@ -278,7 +332,7 @@ def train_worker(payload: dict[str, Any]) -> None:
                 every = cfg.train.checkpoint_every
                 if every and progress.step % every == 0 and progress.step < total_steps:  # the last one: below
                     last_checkpoint = metrics["checkpoint"] = _commit_checkpoint(ckpt, store, rank, device)
-                ray.train.report(metrics)
+                ctx.report(metrics)
                 timer.restart_clock()
                 logger.restart_clock()
 
@@ -306,12 +360,13 @@ def train_worker(payload: dict[str, Any]) -> None:
                              **{f"time/share_{k}": v for k, v in summary["breakdown"].items()}}, progress.step)
         metrics.update({"step": progress.step, "checkpoint": last_checkpoint, "summary": json.dumps(summary)})
         _commit_checkpoint(ckpt, store, rank, device, metrics=metrics)
-        ray.train.report(metrics)
+        ctx.report(metrics)
     except NonFiniteError as err:
         # A deliberate stop, not a failure to retry (a restart would meet the same values again): every rank took
-        # the same decision; rank 0 records why in the MLflow run, and the driver raises it (train/launch.py).
+        # the same decision; rank 0 records why in the MLflow run, and the driver raises it (train/launch.py,
+        # train/torchrun.py).
         log.error("%s", err)
         tracker.set_tag(STOP_TAG, str(err))
-        ray.train.report({"step": progress.step})
+        ctx.report({"step": progress.step})
     finally:
         monitor.finish()
