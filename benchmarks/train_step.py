@@ -4,8 +4,9 @@ Three ways to train the same backbone on batches of the same size:
 
 - ``bare``: a plain PyTorch loop: backbone → linear layer → cross-entropy → backward → SGD step, on one batch held
   in memory (no loader, no Partial FC, no logging). The ceiling.
-- ``step``: FaceScale's step code (``facescale.train.step.train_step``: backbone engine, Partial FC with its
-  margin and sparse optimizer, non-finite checks, step-time breakdown) on the same in-memory batch.
+- ``step``: FaceScale's step code (``facescale.train.step``: uint8 batch to the device and normalised there,
+  backbone engine, Partial FC with its margin and sparse optimizer, the fused non-finite check, step-time
+  breakdown) on the same in-memory batch. The bare loop normalises its uint8 batch on the device too.
 - ``full`` (``--full``; needs Ray, DALI and MLflow): a whole ``facescale train`` run on one Ray Train worker, with
   the DALI loader reading synthetic shards, Partial FC, logging to MLflow and a checkpoint at the end. Its
   throughput is the median of the run's logging windows (``train/samples_per_s``), so start-up is excluded.
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, table, update_section, write_json  # noqa: E402
 
 from facescale.config import FaceScaleConfig, load_config  # noqa: E402
+from facescale.data.transforms import normalize_images  # noqa: E402
 from facescale.models import build_backbone  # noqa: E402
 from facescale.train.components import (  # noqa: E402
     build_bare_backbone,
@@ -43,7 +45,7 @@ from facescale.train.components import (  # noqa: E402
 )
 from facescale.train.engine import build_engine  # noqa: E402
 from facescale.train.observe import StepTimer  # noqa: E402
-from facescale.train.step import train_step  # noqa: E402
+from facescale.train.step import to_device, train_step  # noqa: E402
 
 NUM_CLASSES = 1000
 
@@ -53,11 +55,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _batch(batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A host batch as the loaders deliver it: uint8 images (pinned when CUDA is available) and int64 labels."""
     g = torch.Generator().manual_seed(0)
-    images = (torch.randint(0, 256, (batch_size, 3, 112, 112), generator=g).float() - 127.5) / 127.5
+    images = torch.randint(0, 256, (batch_size, 3, 112, 112), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=g)
-    return images.to(device), labels.to(device)
+    if torch.cuda.is_available():
+        images, labels = images.pin_memory(), labels.pin_memory()
+    return images, labels
 
 
 def _timed(step: Any, steps: int, warmup: int, device: torch.device) -> float:
@@ -78,9 +83,12 @@ def run_bare(cfg: FaceScaleConfig, device: torch.device, steps: int, warmup: int
     backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size).to(device).train()
     head = torch.nn.Linear(cfg.model.embedding_size, NUM_CLASSES).to(device)
     opt = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.01, momentum=0.9, weight_decay=5e-4)
-    images, labels = _batch(cfg.train.batch_size, device)
+    host_images, host_labels = _batch(cfg.train.batch_size)
 
     def step() -> None:
+        # The same input work as the framework's step: uint8 to the device, normalised there.
+        images = normalize_images(host_images, device)
+        labels = host_labels.to(device, non_blocking=True)
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
             embeddings = backbone(images)
@@ -97,10 +105,11 @@ def run_step(cfg: FaceScaleConfig, device: torch.device, steps: int, warmup: int
     classifier = build_classifier(cfg, NUM_CLASSES, device)
     classifier_opt = build_classifier_optimizer(cfg, classifier)
     timer = StepTimer(device, sync=cfg.train.step_breakdown_sync)
-    images, labels = _batch(cfg.train.batch_size, device)
+    images, labels = _batch(cfg.train.batch_size)
 
     def step() -> None:
-        train_step(engine, classifier, classifier_opt, [(images, labels, None)], cfg, timer, device)
+        batch = to_device(images, labels, None, device, engine.input_dtype)  # as the loop does
+        train_step(engine, classifier, classifier_opt, [batch], cfg, timer, device)
         timer.step_done()
 
     seconds = _timed(step, steps, warmup, device)
