@@ -8,19 +8,15 @@ on 127.0.0.1; and the device placement for NCCL groups, which is mocked (see ``t
 from __future__ import annotations
 
 import ast
-import datetime
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import facescale.parallel.dist as fdist
-from facescale.parallel.dist import free_loopback_port
+from gloo_ranks import spawn as _spawn
 
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = [REPO / "platform" / "facescale", REPO / "jobs"]
@@ -129,25 +125,6 @@ engine.step(); self.model.broadcast(t); store.barrier()
 
 
 # ------------------------------------------------------------------------------------- real 2-rank gloo group
-def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
-    fn(rank, world_size, *args)
-    dist.barrier()  # rank 0 hosts the TCP store: nobody leaves before everyone is done with it
-    dist.destroy_process_group()
-    # Leave without interpreter finalization (gloo threads torn down there once aborted a rank in CI, see
-    # tests/test_partial_fc.py); the work above is done and checked.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _spawn(fn, world_size: int, *args) -> None:
-    os.environ.setdefault("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))
-    mp.spawn(_entry, args=(world_size, free_loopback_port(), fn, args), nprocs=world_size, join=True)
-
-
 def _helpers_suite(rank: int, world_size: int) -> None:
     from facescale.train.loop import _barrier, _mean_over_ranks
     from facescale.train.step import any_rank

@@ -8,25 +8,21 @@ engine with its own optimizer, as in the training loop.
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
-import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from facescale.config import load_config
 from facescale.heads.config import MarginConfig, build_margin
 from facescale.models import build_backbone
 from facescale.parallel import PartialFC, build_partial_fc_optimizer
-from facescale.parallel.dist import free_loopback_port
 from facescale.train.engine import DDPEngine, EngineError, build_engine
 from facescale.train.engine_config import build_deepspeed_config
+from gloo_ranks import spawn
 
 EMB, CLASSES, B = 32, 12, 4  # embedding size, identities, per-rank micro-batch
 KINDS = {"ddp": ["train.engine=ddp"],
@@ -37,28 +33,6 @@ KINDS = {"ddp": ["train.engine=ddp"],
 # DDP and ZeRO reduce gradients in a different order (bucketed all-reduce vs reduce-scatter of flat partitions);
 # the fp32 rounding differences grow over steps. Measured here: <= 1.2e-6 relative on the losses over 8 steps.
 LOSS_RTOL = 2e-5
-
-
-
-def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
-    torch.set_num_threads(1)
-    # DeepSpeed calls gloo collectives torch marks as deprecated, once per bucket per step: keep the log readable.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=120))
-    fn(rank, world_size, *args)
-    dist.barrier()  # rank 0 hosts the TCP store: nobody leaves before everyone is done with it
-    dist.destroy_process_group()
-    # Leave without interpreter finalization (gloo threads torn down there once aborted a rank in CI, see
-    # tests/test_partial_fc.py); the work above is done and checked.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def spawn(fn, world_size: int, *args) -> None:
-    os.environ.setdefault("PYTHONPATH", os.pathsep.join(p for p in sys.path if p))
-    mp.spawn(_entry, args=(world_size, free_loopback_port(), fn, args), nprocs=world_size, join=True)
 
 
 def _cfg(kind: str, *extra: str):

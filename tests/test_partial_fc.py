@@ -6,44 +6,19 @@ test with that rank's traceback). References are computed in the ranks too, from
 
 from __future__ import annotations
 
-import datetime
 import os
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from facescale.heads.config import MarginConfig, build_margin
 from facescale.parallel import PartialFC, SparseRowAdamW, SparseRowSGD, load_partial_fc, save_partial_fc
-from facescale.parallel.dist import free_loopback_port
 from facescale.parallel.partial_fc import init_centers
+from gloo_ranks import spawn
 
 MARGINS = ["arcface", "cosface", "magface", "curricularface"]
-
-
-
-def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
-    fn(rank, world_size, *args)
-    # rank 0 hosts the TCP store: nobody leaves before everyone is done with it
-    dist.barrier()
-    dist.destroy_process_group()
-    # The rank's work is done and checked (a failure above raised, and spawn reports it). Leave without interpreter
-    # finalization: in a CI run, a rank once aborted there ("terminate called without an active exception",
-    # SIGABRT) after a clean destroy -- gloo/c10d threads torn down during finalization, cf. pytorch/pytorch#179291.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def spawn(fn, world_size: int, *args) -> None:
-    os.environ.setdefault("PYTHONPATH", os.pathsep.join(p for p in __import__("sys").path if p))
-    mp.spawn(_entry, args=(world_size, free_loopback_port(), fn, args), nprocs=world_size, join=True)
 
 
 def _global_batch(seed: int, num_rows: int, dim: int, num_classes: int, dtype=torch.float64):
