@@ -146,16 +146,22 @@ def _fixed_batch(cfg: FaceScaleConfig, num_classes: int) -> tuple[torch.Tensor, 
     return images, labels
 
 
+def _step(run: tuple[Any, Any, Any], cfg: FaceScaleConfig, batch: tuple[torch.Tensor, torch.Tensor],
+          timer: StepTimer, device: torch.device) -> Any:
+    """One real optimizer step of ``run`` (engine, classifier, its optimizer) on a host uint8 batch."""
+    engine, classifier, opt = run
+    micro = [to_device(*batch, None, device, engine.input_dtype)]
+    return train_step(engine, classifier, opt, micro, cfg, timer, device)
+
+
 def check_step(device: torch.device, tiny: bool, steps: int, num_classes: int) -> dict[str, Any]:
     """The real step on a fixed uint8 batch: finite every step, and the loss falls."""
     cfg = _config(device, tiny, "iresnet_nano" if tiny else "iresnet50")
-    engine, classifier, opt = _build_run(cfg, num_classes, device)
+    run, batch = _build_run(cfg, num_classes, device), _fixed_batch(cfg, num_classes)
     timer = StepTimer(device, sync=False)
-    images, labels = _fixed_batch(cfg, num_classes)
     losses, applied = [], []
     for _ in range(steps):
-        batch = to_device(images, labels, None, device, engine.input_dtype)
-        outcome = train_step(engine, classifier, opt, [batch], cfg, timer, device)
+        outcome = _step(run, cfg, batch, timer, device)
         losses.append(outcome.losses["loss"])
         applied.append(outcome.applied)
     values = [float(v) for v in torch.stack(losses).cpu()]  # one host read for the whole run
@@ -170,12 +176,10 @@ def check_host_syncs(device: torch.device, tiny: bool, num_classes: int) -> dict
     if device.type != "cuda":
         return {"syncs_per_step": None, "summary": "n/a on CPU (torch.cuda.set_sync_debug_mode needs CUDA)"}
     cfg = _config(device, tiny, "iresnet_nano" if tiny else "iresnet50")
-    engine, classifier, opt = _build_run(cfg, num_classes, device)
+    run, batch = _build_run(cfg, num_classes, device), _fixed_batch(cfg, num_classes)
     timer = StepTimer(device, sync=False)
-    images, labels = _fixed_batch(cfg, num_classes)
     for _ in range(3):
-        train_step(engine, classifier, opt, [to_device(images, labels, None, device, engine.input_dtype)], cfg,
-                   timer, device)
+        _step(run, cfg, batch, timer, device)
     torch.cuda.synchronize()
     counts, where = [], []
     for _ in range(3):
@@ -183,8 +187,7 @@ def check_host_syncs(device: torch.device, tiny: bool, num_classes: int) -> dict
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                train_step(engine, classifier, opt, [to_device(images, labels, None, device, engine.input_dtype)],
-                           cfg, timer, device)
+                _step(run, cfg, batch, timer, device)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = [w for w in caught if "synchroniz" in str(w.message)]
@@ -198,12 +201,11 @@ def check_host_syncs(device: torch.device, tiny: bool, num_classes: int) -> dict
 def check_checkpoint(device: torch.device, tiny: bool, num_classes: int) -> dict[str, Any]:
     """Save through the atomic store, load into fresh objects, compare everything that was saved."""
     cfg = _config(device, tiny, "iresnet_nano")
-    engine, classifier, opt = _build_run(cfg, num_classes, device)
+    run, batch = _build_run(cfg, num_classes, device), _fixed_batch(cfg, num_classes)
     timer = StepTimer(device, sync=False)
-    images, labels = _fixed_batch(cfg, num_classes)
     for _ in range(2):
-        train_step(engine, classifier, opt, [to_device(images, labels, None, device, engine.input_dtype)], cfg,
-                   timer, device)
+        _step(run, cfg, batch, timer, device)
+    engine, classifier, _ = run
     progress = TrainProgress(step=2, world_size=1)
     arch = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size}
     with tempfile.TemporaryDirectory(prefix="facescale-gpu-check-") as tmp:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pickle
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -82,6 +82,17 @@ def _placement(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.d
     return tensor.device if tensor.device.type in backend_device_types(group) else collective_device(group)
 
 
+def _in_place(tensor: torch.Tensor, group: dist.ProcessGroup | None,
+              collective: Callable[[torch.Tensor], Any]) -> torch.Tensor:
+    """Runs an in-place ``collective`` on ``tensor`` where the group takes it; the result lands in ``tensor``."""
+    device = _placement(tensor, group)
+    staged = tensor if device == tensor.device else tensor.to(device)
+    collective(staged)
+    if staged is not tensor:
+        tensor.copy_(staged)
+    return tensor
+
+
 def all_gather_rows(local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Concatenates equally sized ``[B, ...]`` tensors from every rank into ``[W * B, ...]`` (no autograd).
 
@@ -121,13 +132,8 @@ def all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType, group: dist.P
     """
     if rank_and_world_size(group)[1] == 1:
         return tensor
-    device = _placement(tensor, group)
-    staged = tensor if device == tensor.device else tensor.to(device)
     # NOTE: all-reduce with the caller's op; the callers say what they reduce and why.
-    dist.all_reduce(staged, op=op, group=group)
-    if staged is not tensor:
-        tensor.copy_(staged)
-    return tensor
+    return _in_place(tensor, group, lambda staged: dist.all_reduce(staged, op=op, group=group))
 
 
 def all_reduce_values(values: Sequence[float], op: dist.ReduceOp.RedOpType,
@@ -164,13 +170,8 @@ def broadcast_(tensor: torch.Tensor, src: int, group: dist.ProcessGroup | None) 
     """
     if rank_and_world_size(group)[1] == 1:
         return tensor
-    device = _placement(tensor, group)
-    staged = tensor if device == tensor.device else tensor.to(device)
     # NOTE: broadcast from src: every rank ends with src's value (the callers say why one rank's value wins).
-    dist.broadcast(staged, src=src, group=group)
-    if staged is not tensor:
-        tensor.copy_(staged)
-    return tensor
+    return _in_place(tensor, group, lambda staged: dist.broadcast(staged, src=src, group=group))
 
 
 def broadcast_object(obj: Any, src: int, group: dist.ProcessGroup | None) -> Any:
