@@ -49,26 +49,29 @@ def data(tmp_path_factory):
 
 
 def ijb_files(root, images):
-    """An IJB-style set from .bin images: 6 templates of 2 media each, pairs of templates."""
+    """An IJB-style set from .bin images: 6 templates of 2 media each, pairs of templates, detector scores."""
     img_dir = root / "ijb_images"
     img_dir.mkdir()
-    lines = []
+    lines, scores = [], []
     for i, img in enumerate(images[:24]):
         (img_dir / f"{i}.jpg").write_bytes(simplejpeg.encode_jpeg(img, quality=95))
         lines.append(f"{i}.jpg {i // 4} {i // 2}")
+        scores.append(f"{i}.jpg 38 52 74 52 56 72 42 92 71 92 {0.5 + i / 48:.3f}")  # name, 5 landmarks, score
     (root / "tid_mid.txt").write_text("\n".join(lines) + "\n")
     pairs = [f"{a} {b} {int(a == b)}" for a in range(6) for b in range(6) if a <= b]
     (root / "pairs.txt").write_text("\n".join(pairs) + "\n")
-    return root / "tid_mid.txt", root / "pairs.txt", img_dir
+    (root / "name_5pts_score.txt").write_text("\n".join(scores) + "\n")
+    return root / "tid_mid.txt", root / "pairs.txt", img_dir, root / "name_5pts_score.txt"
 
 
 def test_eval_checkpoint_all_protocols(data, tmp_path, capsys):
     images, issame = load_bin(data["bin"])
-    meta, pairs, img_dir = ijb_files(tmp_path, images)
+    meta, pairs, img_dir, scores = ijb_files(tmp_path, images)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     out = tmp_path / "out"
     rc = main(["eval", "--model", str(data["ckpt"]), "--bin", str(data["bin"]), "--ijb-meta", str(meta),
-               "--ijb-pairs", str(pairs), "--ijb-images", str(img_dir), "--id-synthetic", "--id-enrolled", "6",
+               "--ijb-pairs", str(pairs), "--ijb-images", str(img_dir), "--ijb-scores", str(scores),
+               "--id-synthetic", "--id-enrolled", "6",
                "--id-non-mated", "4", "--id-rendered-distractors", "20", "--id-max-distractors", "3000",
                "--distractor-counts", "10", "1000", "--out", str(out), "--tracking-uri", uri,
                "--artifact-root", str(tmp_path / "art")])
@@ -80,6 +83,7 @@ def test_eval_checkpoint_all_protocols(data, tmp_path, capsys):
     expected = evaluate(compute_embeddings(data["model"], images), issame)
     assert sets["verification"]["accuracy_mean"] == pytest.approx(expected["accuracy_mean"])
     assert sets["pairs"]["num_templates"] == 6 and sets["pairs"]["num_genuine"] == 6
+    assert sets["pairs"]["weighting"] == "both" and "IJB weighting: both" in printed
     assert sets["synthetic_1n"]["distractor_counts"] == [0, 10, 1000, 3000]
     for png in ("roc.png", "det.png", "quality_rejection.png", "rank1_vs_distractors.png"):
         assert (out / png).stat().st_size > 1000
@@ -90,6 +94,7 @@ def test_eval_checkpoint_all_protocols(data, tmp_path, capsys):
     assert run.info.status == "FINISHED"
     assert run.data.metrics["verification/accuracy"] == pytest.approx(expected["accuracy_mean"])
     assert "synthetic_1n/rank1_at_3000" in run.data.metrics and "pairs/tpr_at_fpr_1e-1" in run.data.metrics
+    assert run.data.params["ijb_weighting"] == "both" and run.data.tags["facescale.ijb_weighting"] == "both"
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/roc.png", "plots/det.png"}
 
 

@@ -32,6 +32,11 @@ def add_eval_commands(sub: Any) -> None:
     ev.add_argument("--ijb-meta", help="IJB 'image template media' file")
     ev.add_argument("--ijb-pairs", help="IJB 'template1 template2 label' file")
     ev.add_argument("--ijb-images", help="directory of the aligned 112x112 crops named in --ijb-meta")
+    ev.add_argument("--ijb-scores", help="IJB detector scores, 'image x1 y1 ... x5 y5 score' per line "
+                    "(InsightFace's ijbc_name_5pts_score.txt); needed by --ijb-weighting detector and both")
+    ev.add_argument("--ijb-weighting", choices=("none", "norm", "detector", "both"), default="both",
+                    help="image weights before template pooling: none (unit features), norm (embedding norm), "
+                    "detector (detector score), both (norm x score, as InsightFace publishes IJB results; default)")
     ev.add_argument("--id-folder", help="1:N from a folder with gallery/<id>/, probes/<id>/ and distractors/")
     ev.add_argument("--id-synthetic", action="store_true", help="1:N on rendered synthetic identities")
     ev.add_argument("--id-enrolled", type=int, default=100, help="synthetic: enrolled identities")
@@ -79,6 +84,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
     """Everything that can be checked without the model: files exist and parse (raises the typed errors)."""
     from facescale.eval.ijb import MetaFileError, read_template_media, read_template_pairs
     from facescale.eval.images import ImageFolderError
+    from facescale.eval.suite import load_ijb_scores
     from facescale.eval.verification import check_bin
 
     if not (args.bin or args.ijb_meta or args.ijb_pairs or args.id_folder or args.id_synthetic):
@@ -90,10 +96,12 @@ def _check_inputs(args: argparse.Namespace) -> None:
     for path in args.bin:
         check_bin(path)
     ijb = [args.ijb_meta, args.ijb_pairs, args.ijb_images]
-    if any(ijb) and not all(ijb):
+    if (any(ijb) or args.ijb_scores) and not all(ijb):
         raise MetaFileError("IJB evaluation needs all of --ijb-meta, --ijb-pairs and --ijb-images")
     if all(ijb):
-        read_template_pairs(args.ijb_pairs, read_template_media(args.ijb_meta))
+        meta = read_template_media(args.ijb_meta)
+        read_template_pairs(args.ijb_pairs, meta)
+        load_ijb_scores(meta, args.ijb_weighting, args.ijb_scores)
         if not Path(args.ijb_images).is_dir():
             raise ImageFolderError(f"--ijb-images: directory not found: {args.ijb_images}")
     if args.id_folder and not (Path(args.id_folder) / "gallery").is_dir():
@@ -120,8 +128,9 @@ def _run_protocols(args: argparse.Namespace, module: Any) -> list[Any]:
         log.info("verification on %s", path)
         reports.append(suite.run_bin(module, path, **kw))
     if args.ijb_meta:
-        log.info("IJB templates from %s and %s", args.ijb_meta, args.ijb_pairs)
-        reports.append(suite.run_ijb(module, args.ijb_meta, args.ijb_pairs, args.ijb_images, **kw))
+        log.info("IJB templates from %s and %s, %s weighting", args.ijb_meta, args.ijb_pairs, args.ijb_weighting)
+        reports.append(suite.run_ijb(module, args.ijb_meta, args.ijb_pairs, args.ijb_images,
+                                     weighting=args.ijb_weighting, scores_path=args.ijb_scores, **kw))
     if args.id_folder:
         log.info("1:N identification from %s", args.id_folder)
         reports.append(suite.run_identification_folder(module, args.id_folder, counts=counts, **kw))
@@ -152,6 +161,9 @@ def _log_to_mlflow(args: argparse.Namespace, loaded: Any, metrics: dict[str, flo
               "embedding_size": loaded.embedding_size, "bins": ",".join(args.bin), "ijb_pairs": args.ijb_pairs or "",
               "id_folder": args.id_folder or "", "id_synthetic": args.id_synthetic}
     tags = {"facescale.kind": "eval", "facescale.model": loaded.source}
+    if args.ijb_meta:  # IJB numbers depend on the weighting: the run says which one made them
+        params.update({"ijb_weighting": args.ijb_weighting, "ijb_scores": args.ijb_scores or ""})
+        tags["facescale.ijb_weighting"] = args.ijb_weighting
     run_id = start_run(uri, args.experiment, args.artifact_root, args.run_name, params,
                        json.dumps(vars(args), default=str, indent=2), tags=tags)
     ok = False

@@ -32,7 +32,8 @@ def _cmd_from_folder(args: argparse.Namespace) -> int:
     from facescale.data.convert import from_folder
 
     report = from_folder(args.root, args.out, samples_per_shard=args.samples_per_shard, seed=args.seed,
-                         resize=args.resize, on_error=args.on_error, num_threads=args.threads)  # fmt: skip
+                         resize=args.resize, on_error=args.on_error, num_threads=args.threads,
+                         landmarks=args.landmarks)  # fmt: skip
     _print_report(report)
     return 0
 
@@ -71,7 +72,8 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", choices=("stretch", "center_crop", "off"), default="stretch",
                    help="images that are not 112x112: resize (stretch), crop to square then resize, or skip")
     p.add_argument("--on-error", choices=("skip", "fail"), default="skip",
-                   help="undecodable images: count and skip them, or stop at the first")
+                   help="undecodable images (and, with --landmarks, images without usable landmarks): "
+                   "count and skip them, or stop at the first")
     p.add_argument("--threads", type=int, help="image threads (default: from-rec 1, from-folder CPU count up to 8)")
 
 
@@ -89,6 +91,10 @@ def add_data_commands(data: argparse._SubParsersAction) -> None:
 
     folder = data.add_parser("from-folder", help="convert a folder with one sub-folder per identity into shards")
     folder.add_argument("--root", required=True, help="folder of identity folders; sorted names get ids 0..N-1")
+    folder.add_argument("--landmarks", metavar="CSV",
+                        help="align each image to the ArcFace 112x112 template from its 5 landmarks: rows "
+                        "'path,x1,y1,...,x5,y5' (left eye, right eye, nose, left/right mouth corner; path relative "
+                        "to --root); replaces --resize; images without usable landmarks follow --on-error")
     _add_convert_args(folder)
     folder.set_defaults(func=_guarded(_cmd_from_folder))
 

@@ -13,6 +13,15 @@ RGB, resized if needed and re-encoded as JPEG. ``resize`` chooses what happens t
 ``"off"`` skips it. An image that cannot be decoded is skipped under ``on_error="skip"`` (the default: one bad file
 in millions should not stop a conversion) and raises ``ConvertError`` naming it under ``"fail"``.
 
+**Alignment from landmarks** (``from_folder(landmarks=...)``, ``--landmarks``). With a CSV of five detected
+points per image (format and rules in :mod:`facescale.data.align`), each image is aligned to the ArcFace 112x112
+template by a similarity transform and warped, as InsightFace's ``norm_crop`` prepares its training sets, instead
+of being resized (``resize`` does not apply then). An image without a row, with a malformed row or with a
+degenerate one (coincident, collinear or mirrored points, an absurd fit) is a counted skip -- ``no landmarks``,
+``malformed landmarks``, ``degenerate landmarks`` -- whose message names the image, the CSV and its line; under
+``on_error="fail"`` the first one raises ``ConvertError`` with that message. A row naming an image the folder does
+not have is always an error, raised before anything is written (``LandmarksError``).
+
 **Class ids of a folder.** Sub-folders of ``root`` that contain at least one image file (by extension), sorted by
 name (Python string order, i.e. by code point), get ids ``0 .. N-1``; ``classes.json`` beside the manifest lists
 the names in id order. Ids depend only on the file listing, never on which images decode, so a re-run with a fixed
@@ -37,6 +46,7 @@ import simplejpeg
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from facescale.data.align import DegenerateLandmarks, LandmarkRow, LandmarkTable, align_face, read_landmarks
 from facescale.data.errors import DataError, LabelError
 from facescale.data.recordio import InsightFaceRec, first_label
 from facescale.data.shards import IMAGE_SIZE, MANIFEST_NAME, ShardSetWriter
@@ -79,6 +89,7 @@ class ConvertReport:
         skipped: Skipped images by reason.
         resized: Written images that were resized.
         reencoded: Written images that were re-encoded (not a JPEG of the target size and colour encoding).
+        aligned: Written images aligned from landmarks (also counted as re-encoded).
         num_classes: Classes in the manifest.
         notes: Other findings (ignored files, label disagreements), by kind.
         examples: The first few skip messages, naming each file or record.
@@ -91,6 +102,7 @@ class ConvertReport:
     skipped: dict[str, int] = field(default_factory=dict)
     resized: int = 0
     reencoded: int = 0
+    aligned: int = 0
     num_classes: int = 0
     notes: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
@@ -106,8 +118,9 @@ class ConvertReport:
         """One human-readable paragraph."""
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
         notes = "".join(f"; {n} {kind}" for kind, n in sorted(self.notes.items()))
+        aligned = f"{self.aligned} aligned from landmarks, " if self.aligned else ""
         return (f"{self.source}: read {self.read}, wrote {self.written} samples of {self.num_classes} classes to "
-                f"{self.out} ({self.resized} resized, {self.reencoded} re-encoded); "
+                f"{self.out} ({aligned}{self.resized} resized, {self.reencoded} re-encoded); "
                 f"skipped {sum(self.skipped.values())} ({reasons}){notes}")  # fmt: skip
 
 
@@ -157,6 +170,41 @@ def prepare_image(data: bytes, where: str, image_size: tuple[int, int] = IMAGE_S
         image = image.resize((target_w, target_h), Image.Resampling.BICUBIC)
     jpeg = simplejpeg.encode_jpeg(np.asarray(image), quality=JPEG_QUALITY, colorspace="RGB")
     return jpeg, resized, True
+
+
+def prepare_aligned(data: bytes, where: str, row: LandmarkRow | None,
+                    table: LandmarkTable) -> tuple[bytes, dict[str, Any]]:
+    """Align source image bytes to the ArcFace template with their landmarks row; the JPEG stored in a shard.
+
+    Args:
+        data: Encoded image (any format Pillow reads).
+        where: Names the image in skip messages.
+        row: Its landmarks row, or None if the CSV has none.
+        table: The landmarks CSV (named in skip messages).
+
+    Returns:
+        ``(jpeg, key.json fields saying where the alignment came from)``.
+
+    Raises:
+        _Skip: No row, a malformed or degenerate row, or an undecodable image.
+    """
+    if row is None:
+        raise _Skip("no landmarks", f"{where}: no landmarks: {table.path} has no row for it")
+    at = f"{table.path}:{row.line}"
+    if row.points is None:
+        raise _Skip("malformed landmarks", f"{where}: {at}: {row.problem}")
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            image = np.asarray(opened.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exn:
+        raise _Skip("corrupt image", f"{where}: corrupt image: {exn}") from exn
+    try:
+        aligned, alignment = align_face(image, row.points)
+    except DegenerateLandmarks as exn:
+        raise _Skip("degenerate landmarks", f"{where}: {at}: degenerate landmarks: {exn}") from exn
+    jpeg = simplejpeg.encode_jpeg(aligned, quality=JPEG_QUALITY, colorspace="RGB")
+    return jpeg, {"landmarks_line": row.line, "align_rms_px": round(alignment.rms_residual_px, 3),
+                  "align_scale": round(alignment.scale, 5), "align_rotation_deg": round(alignment.rotation_deg, 3)}
 
 
 def _ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], num_threads: int) -> Iterator[_R]:
@@ -352,39 +400,51 @@ def from_folder(
     on_error: OnError = "skip",
     num_threads: int | None = None,
     progress: bool = True,
+    landmarks: str | os.PathLike[str] | None = None,
 ) -> ConvertReport:
     """Convert a folder with one sub-folder per identity into shuffled shards in ``out``.
 
     Class ids are the sorted sub-folder names' positions (see the module docstring); ``out/classes.json`` holds the
-    names in id order.
+    names in id order. With ``landmarks``, images are aligned to the ArcFace template instead of resized.
 
     Args:
         root: Folder of identity folders (images may sit in nested folders inside an identity's folder).
         out: Output directory.
         samples_per_shard: Samples per shard.
         seed: Seed of the global shuffle.
-        resize: Policy for images that are not 112x112.
-        on_error: ``"skip"`` counts undecodable images; ``"fail"`` raises on the first.
+        resize: Policy for images that are not 112x112 (not used with ``landmarks``).
+        on_error: ``"skip"`` counts undecodable images (and, with ``landmarks``, images without usable landmarks);
+            ``"fail"`` raises on the first.
         num_threads: Threads reading and re-encoding images (default: CPU count, at most 8; Pillow's decode and
             resize release the GIL: 122 -> 207 img/s from 1 to 2 threads for 250x250 inputs on 2 cores).
         progress: Show a progress bar.
+        landmarks: CSV of five landmarks per image (:mod:`facescale.data.align`): align each image with them.
 
     Returns:
         The report (also in ``out/convert_report.json``).
 
     Raises:
-        ConvertError: A missing or empty ``root``; under ``on_error="fail"``, an unreadable image.
+        ConvertError: A missing or empty ``root``; under ``on_error="fail"``, an unreadable image (or one without
+            usable landmarks, named with the CSV line).
+        LandmarksError: The landmarks CSV is unreadable, or names an image the folder does not have (file, line).
     """
     root, out = Path(root), Path(out)
     names, images, notes = list_folder(root)
+    table = read_landmarks(landmarks) if landmarks is not None else None
+    if table is not None:  # a CSV for another folder: stop before anything is written
+        table.check_images(path.relative_to(root).as_posix() for path, _ in images)
     report = ConvertReport(source=str(root), out=str(out), num_classes=len(names), notes=dict(notes))
     order = np.random.default_rng(seed).permutation(len(images))
 
     def prepare(index: int) -> _Prepared:
         path, label = images[index]
-        meta = {"source": "folder", "path": path.relative_to(root).as_posix(), "class": names[label]}
+        relative = path.relative_to(root).as_posix()
+        meta: dict[str, Any] = {"source": "folder", "path": relative, "class": names[label]}
         key = f"f{index:010d}"
         try:
+            if table is not None:
+                jpeg, provenance = prepare_aligned(path.read_bytes(), str(path), table.get(relative), table)
+                return key, (jpeg, False, True), label, {**meta, **provenance}
             return key, prepare_image(path.read_bytes(), str(path), resize=resize), label, meta
         except OSError as exn:
             return key, _Skip("unreadable file", f"{path}: {exn}"), label, meta
@@ -395,8 +455,10 @@ def from_folder(
     out.joinpath(CLASSES_NAME).write_text(json.dumps({"root": str(root.resolve()), "classes": names}, indent=1))
     prepared = _ordered_map(prepare, order.tolist(), num_threads or _default_threads())
     _write_all(writer, report, prepared, on_error, len(order), progress)
-    return _finish(writer, report, out, f"image folder {root.resolve()}")
+    report.aligned = report.written if table is not None else 0
+    aligned = f", aligned to the ArcFace template with {table.path.resolve()}" if table is not None else ""
+    return _finish(writer, report, out, f"image folder {root.resolve()}{aligned}")
 
 
 __all__ = ["CLASSES_NAME", "MANIFEST_NAME", "REPORT_NAME", "ConvertError", "ConvertReport", "from_folder",
-           "from_rec", "list_folder", "prepare_image"]  # fmt: skip
+           "from_rec", "list_folder", "prepare_aligned", "prepare_image"]  # fmt: skip

@@ -57,7 +57,9 @@ def format_report(rep: Report) -> str:
     if isinstance(rep, IjbReport):
         head = (f"== {rep.name}: {rep.num_images} images, {rep.num_templates} templates, "
                 f"{rep.roc.num_pos} genuine / {rep.roc.num_neg} impostor template pairs ==")
-        return "\n\n".join([head, _tpr_table(rep.tpr_at_fpr)])
+        scores = f", detector scores from {rep.scores_path}" if rep.scores_path else ""
+        weighting = f"IJB weighting: {rep.weighting} ({rep.weighting_description}{scores})"
+        return "\n\n".join([head, weighting, _tpr_table(rep.tpr_at_fpr)])
     res = rep.result
     comp = ", ".join(f"{k} {v}" for k, v in rep.composition.items())
     head = (f"== {rep.name} (1:N): {res.num_gallery} enrolled, {res.num_mated} mated / {res.num_non_mated} "
@@ -99,7 +101,8 @@ def report_dict(rep: Report) -> dict[str, Any]:
                 "tpr_at_fpr": {format_fpr(t): x for t, x in rep.tpr_at_fpr.items()}, "quality": rep.quality}
     if isinstance(rep, IjbReport):
         return {"kind": "ijb", "name": rep.name, "num_images": rep.num_images, "num_templates": rep.num_templates,
-                "num_genuine": rep.roc.num_pos, "num_impostor": rep.roc.num_neg,
+                "num_genuine": rep.roc.num_pos, "num_impostor": rep.roc.num_neg, "weighting": rep.weighting,
+                "weighting_description": rep.weighting_description, "detector_scores": rep.scores_path,
                 "tpr_at_fpr": {format_fpr(t): x for t, x in rep.tpr_at_fpr.items()}}
     res = rep.result
     return {"kind": "identification", "name": rep.name, "composition": rep.composition,
@@ -120,7 +123,9 @@ def write_plots(reports: Sequence[Report], out_dir: str | Path) -> list[Path]:
         The written files.
     """
     out = Path(out_dir)
-    curves = {r.name: r.roc for r in reports if isinstance(r, (BinReport, IjbReport))}
+    # An IJB curve's label names its weighting: the same model gives other curves under another one.
+    curves = {(f"{r.name} ({r.weighting} weighting)" if isinstance(r, IjbReport) else r.name): r.roc
+              for r in reports if isinstance(r, (BinReport, IjbReport))}
     written = []
     if curves:
         written.append(plots.plot_roc_log(curves, out / "roc.png", title="Verification ROC"))

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from facescale.data.transforms import normalize_images
 from facescale.eval.identification import (
     DISTRACTOR_COUNTS,
     FPIR_TARGETS,
@@ -20,7 +21,19 @@ from facescale.eval.identification import (
     array_chunks,
     identify,
 )
-from facescale.eval.ijb import pool_templates, read_template_media, read_template_pairs, template_pair_scores
+from facescale.eval.ijb import (
+    WEIGHTING_DESCRIPTIONS,
+    IjbWeighting,
+    MetaFileError,
+    TemplateMedia,
+    pool_templates,
+    read_detector_scores,
+    read_template_media,
+    read_template_pairs,
+    scores_for_images,
+    template_pair_scores,
+    weight_features,
+)
 from facescale.eval.images import ImageFolderError, list_identity_folder, list_images, read_aligned_image, read_images
 from facescale.eval.quality import REJECT_FRACTIONS, accuracy_vs_rejection
 from facescale.eval.rates import FPR_TARGETS, Roc, compute_roc, pair_scores, tpr_at_fpr
@@ -52,13 +65,26 @@ class BinReport:
 
 @dataclass
 class IjbReport:
-    """1:1 template verification on IJB-style meta files."""
+    """1:1 template verification on IJB-style meta files.
+
+    Attributes:
+        weighting: How image features were weighted before pooling (:func:`facescale.eval.ijb.weight_features`):
+            the numbers depend on it, so every report names it.
+        scores_path: The detector-score file, when the weighting used one.
+    """
 
     name: str
     num_images: int
     num_templates: int
     roc: Roc
     tpr_at_fpr: dict[float, dict[str, float]]
+    weighting: str
+    scores_path: str | None = None
+
+    @property
+    def weighting_description(self) -> str:
+        """The weighting in words."""
+        return WEIGHTING_DESCRIPTIONS[self.weighting]
 
 
 @dataclass
@@ -94,19 +120,75 @@ def run_bin(model: torch.nn.Module, path: str | Path, batch_size: int = 128, dev
                      quality=accuracy_vs_rejection(emb, issame, norms, reject_fractions))
 
 
-def _embed_paths(model: torch.nn.Module, paths: list[Path], batch_size: int, device: str) -> np.ndarray:
+@torch.no_grad()
+def flip_sum_features(model: torch.nn.Module, images: np.ndarray, batch_size: int = 128,
+                      device: str = "cpu") -> np.ndarray:
+    """Un-normalised flip sums ``f(x) + f(flip(x))``: the protocol's embedding before its L2 normalisation.
+
+    :func:`compute_embeddings` returns them normalised; IJB's norm weighting needs the norm too (``ijb_11.py``
+    adds the two halves of its flip-test feature and keeps the sum's norm).
+
+    Args:
+        model: Backbone (run in eval mode; its mode is restored afterwards).
+        images: uint8 ``[N, H, W, 3]`` RGB.
+        batch_size: Images per forward pass.
+        device: Device of the model.
+
+    Returns:
+        float32 ``[N, D]``.
+    """
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
+            x = normalize_images(batch.contiguous(), device)  # uint8 crosses to the device, normalised there
+            chunks.append((model(x).float() + model(torch.flip(x, dims=[3])).float()).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks).numpy() if chunks else np.empty((0, 0), np.float32)
+
+
+def _embed_paths(model: torch.nn.Module, paths: list[Path], batch_size: int, device: str,
+                 embed: Any = compute_embeddings) -> np.ndarray:
     """Reads and embeds files in slices, so only one slice of images is in memory at a time."""
     chunks = []
     step = max(batch_size, 256)
     for s in range(0, len(paths), step):
         imgs = np.stack([read_aligned_image(p) for p in paths[s:s + step]])
-        chunks.append(compute_embeddings(model, imgs, batch_size=batch_size, device=device))
+        chunks.append(embed(model, imgs, batch_size=batch_size, device=device))
     return np.concatenate(chunks)
 
 
+def load_ijb_scores(meta: TemplateMedia, weighting: IjbWeighting,
+                    scores_path: str | Path | None) -> np.ndarray | None:
+    """The detector score of each image-list line, if ``weighting`` uses them (a cheap check before the model).
+
+    Args:
+        meta: The image list.
+        weighting: The IJB weighting.
+        scores_path: The detector-score file (``*_name_5pts_score.txt``), or None.
+
+    Returns:
+        ``[L]`` scores in image-list order, or None for ``none``/``norm``.
+
+    Raises:
+        MetaFileError: Scores needed but no file given, or the file malformed or lacking an image.
+    """
+    if weighting not in ("detector", "both"):
+        return None
+    if scores_path is None:
+        raise MetaFileError(f"IJB weighting {weighting!r} multiplies each image by its face detector score: give "
+                            "the detector-score file (--ijb-scores, e.g. ijbc_name_5pts_score.txt), or choose "
+                            "--ijb-weighting norm or none")
+    return scores_for_images(read_detector_scores(scores_path), meta)
+
+
 def run_ijb(model: torch.nn.Module, meta_path: str | Path, pairs_path: str | Path, images_root: str | Path,
-            batch_size: int = 128, device: str = "cpu", fpr_targets: tuple[float, ...] = FPR_TARGETS) -> IjbReport:
-    """IJB-style 1:1: embed every image of the image list, pool templates, score template pairs.
+            batch_size: int = 128, device: str = "cpu", fpr_targets: tuple[float, ...] = FPR_TARGETS,
+            weighting: IjbWeighting = "both", scores_path: str | Path | None = None) -> IjbReport:
+    """IJB-style 1:1: embed every image of the image list, weight, pool templates, score template pairs.
 
     Args:
         model: Backbone in eval mode.
@@ -116,22 +198,28 @@ def run_ijb(model: torch.nn.Module, meta_path: str | Path, pairs_path: str | Pat
         batch_size: Images per forward pass.
         device: Device for the model.
         fpr_targets: FPR targets.
+        weighting: ``none``, ``norm``, ``detector`` or ``both`` (default, as InsightFace publishes IJB results;
+            see :mod:`facescale.eval.ijb`).
+        scores_path: Detector-score file; required by ``detector`` and ``both``.
 
     Returns:
         The report.
     """
     meta = read_template_media(meta_path)
     pairs = read_template_pairs(pairs_path, meta)  # checked before the (slow) embedding pass
+    detector_scores = load_ijb_scores(meta, weighting, scores_path)
     root = Path(images_root)
     if len(meta.images) <= 50_000:
-        emb = compute_embeddings(model, read_images(root, meta.images, desc="ijb images"), batch_size=batch_size,
-                                 device=device)
+        raw = flip_sum_features(model, read_images(root, meta.images, desc="ijb images"), batch_size=batch_size,
+                                device=device)
     else:
-        emb = _embed_paths(model, [root / n for n in meta.images], batch_size, device)
-    template_ids, features = pool_templates(emb, meta.templates, meta.media)
+        raw = _embed_paths(model, [root / n for n in meta.images], batch_size, device, embed=flip_sum_features)
+    weighted = weight_features(raw, weighting, detector_scores)
+    template_ids, features = pool_templates(weighted, meta.templates, meta.media)
     roc = compute_roc(template_pair_scores(template_ids, features, pairs), pairs.labels)
     return IjbReport(name=Path(pairs_path).stem, num_images=len(meta.images), num_templates=len(template_ids),
-                     roc=roc, tpr_at_fpr=tpr_at_fpr(roc, fpr_targets))
+                     roc=roc, tpr_at_fpr=tpr_at_fpr(roc, fpr_targets), weighting=weighting,
+                     scores_path=str(scores_path) if detector_scores is not None else None)
 
 
 def run_identification_folder(model: torch.nn.Module, root: str | Path, batch_size: int = 128,

@@ -79,7 +79,8 @@ def load_bin(path: str | Path, image_size: tuple[int, int] = (112, 112)) -> tupl
     """Loads an InsightFace verification ``.bin``.
 
     The file is a pickled tuple ``(images, issame)``: ``images`` a list of 2N encoded images (JPEG/PNG bytes,
-    as InsightFace ships them) or uint8 arrays ``[H, W, 3]``, pairs interleaved ``[a0, b0, a1, b1, ...]``;
+    as InsightFace ships them, or the same bytes as 1-D uint8 numpy arrays) or decoded uint8 arrays ``[H, W, 3]``,
+    pairs interleaved ``[a0, b0, a1, b1, ...]``;
     ``issame`` a list of N booleans. Python-2 pickles (InsightFace's originals) load with ``encoding='bytes'``.
 
     Args:
@@ -97,19 +98,43 @@ def load_bin(path: str | Path, image_size: tuple[int, int] = (112, 112)) -> tupl
     raw_images, issame = _read_bin(path)
     images = np.empty((len(raw_images), *image_size, 3), dtype=np.uint8)
     for i, item in enumerate(raw_images):
-        try:
-            if isinstance(item, (bytes, bytearray, memoryview)):
-                arr = _decode_jpeg(bytes(item))
-            else:
-                arr = np.asarray(item)
-                if arr.dtype != np.uint8:
-                    raise ValueError(f"dtype {arr.dtype}, expected uint8")
-        except Exception as exc:  # noqa: BLE001 -- decoder errors vary by backend; re-raised naming the image
-            raise BinFormatError(f"{path}: image {i} cannot be decoded: {exc}") from exc
+        encoded = _encoded_bytes(item)
+        if encoded is not None:
+            try:
+                arr = _decode_jpeg(encoded)
+            except Exception as exc:  # noqa: BLE001 -- decoder errors vary by backend; re-raised naming the image
+                raise BinFormatError(f"{path}: image {i} cannot be decoded ({_describe(item)}): {exc}") from exc
+        else:
+            arr = np.asarray(item)
+            if arr.dtype != np.uint8 or arr.ndim != 3:
+                raise BinFormatError(f"{path}: image {i} is {_describe(item)}: expected encoded JPEG/PNG bytes "
+                                     f"(bytes or a 1-D uint8 array) or a decoded uint8 {(*image_size, 3)} array")
         if arr.shape != (*image_size, 3):
             raise BinFormatError(f"{path}: image {i} has shape {arr.shape}, expected {(*image_size, 3)}")
         images[i] = arr
     return images, issame
+
+
+def _encoded_bytes(item: Any) -> bytes | None:
+    """The encoded image an item of a ``.bin`` holds, or None if it is not an encoded image.
+
+    Encoded images come as ``bytes`` (Python-2 ``str`` loaded with ``encoding='bytes'``) or, in ``.bin`` files
+    re-saved with numpy (``np.frombuffer(jpeg, np.uint8)``, as some converters write them), as 1-D uint8 arrays of
+    the same bytes. A decoded image is a 3-D ``[H, W, 3]`` array and is returned as None.
+    """
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    if isinstance(item, np.ndarray) and item.ndim == 1 and item.dtype == np.uint8:
+        return item.tobytes()
+    return None
+
+
+def _describe(item: Any) -> str:
+    if isinstance(item, np.ndarray):
+        return f"a {item.dtype} array of shape {item.shape}"
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return f"{len(item)} encoded bytes"
+    return f"a {type(item).__name__}"
 
 
 def _to_nchw(images: np.ndarray, device: torch.device) -> torch.Tensor:
