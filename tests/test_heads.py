@@ -85,3 +85,30 @@ def test_linear_classifier_loss_and_label_check():
     assert emb.grad is not None and torch.isfinite(emb.grad).all()
     with pytest.raises(ValueError, match=r"label 5 is outside \[0, num_classes=5\)"):
         head(emb, torch.tensor([0, 1, 2, 5]))
+
+
+# ------------------------------------------------------------- the linear classifier's label check, 2 gloo ranks
+def _collective_label_worker(rank: int, world_size: int) -> None:
+    from facescale.config import FaceScaleConfig
+    from facescale.train.components import build_classifier
+
+    cfg = FaceScaleConfig.model_validate({"model": {"embedding_size": 8}})
+    head = build_classifier(cfg, 10, torch.device("cpu"))  # DDP-wrapped, with the builder's collectives
+    assert isinstance(head, torch.nn.parallel.DistributedDataParallel)
+    labels = torch.tensor([1, 2, 3]) if rank == 0 else torch.tensor([4, 10, 5])
+    with pytest.raises(ValueError, match=r"label 10 is outside \[0, num_classes=10\) \(on rank 1\)"):
+        head(torch.randn(3, 8), labels)
+    # batch sizes may differ under DDP; a negative label on rank 0 stops rank 1 too
+    size = 2 if rank == 0 else 4
+    labels = torch.tensor([-3, 0]) if rank == 0 else torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"label -3 is outside .* \(on rank 0\)"):
+        head(torch.randn(size, 8), labels)
+    # the group is still usable: a good batch trains on both ranks
+    head(torch.randn(3, 8), torch.tensor([0, 9, 4])).backward()
+
+
+@pytest.mark.timeout(90)
+def test_linear_classifier_label_check_is_collective():
+    from gloo_ranks import spawn
+
+    spawn(_collective_label_worker, 2)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from facescale.heads.adaface import AdaFaceLoss
 from facescale.heads.curricularface import CurricularFaceLoss
 from facescale.heads.magface import MagFaceLoss
 from facescale.heads.margin import MARGIN_PRESETS, CombinedMarginLoss
@@ -20,6 +22,7 @@ _TYPE_KEYS = {
     "m2": {"arcface", "cosface", "combined", "curricularface"},
     "l_a": {"magface"}, "u_a": {"magface"}, "l_m": {"magface"}, "u_m": {"magface"}, "lambda_g": {"magface"},
     "t_momentum": {"curricularface"},
+    "m": {"adaface"}, "h": {"adaface"}, "t_alpha": {"adaface"},
 }
 
 
@@ -27,12 +30,13 @@ class MarginConfig(BaseModel):
     """Margin loss on cosine logits. ``type`` picks preset margins; explicit m1/m2/m3 override them.
 
     ``magface`` (Meng et al., CVPR 2021) reads ``l_a, u_a, l_m, u_m, lambda_g``; ``curricularface`` (Huang et al.,
-    CVPR 2020) reads ``m2`` (its angular margin, default 0.5) and ``t_momentum``.
+    CVPR 2020) reads ``m2`` (its angular margin, default 0.5) and ``t_momentum``; ``adaface`` (Kim et al., CVPR 2022)
+    reads ``m``, ``h`` and ``t_alpha`` (the EMA rate of the embedding-norm statistics).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["arcface", "cosface", "combined", "magface", "curricularface"] = "arcface"
+    type: Literal["arcface", "cosface", "combined", "magface", "curricularface", "adaface"] = "arcface"
     s: float = Field(64.0, gt=0)
     m1: float | None = None
     m2: float | None = None
@@ -44,6 +48,9 @@ class MarginConfig(BaseModel):
     u_m: float = Field(0.8, ge=0)
     lambda_g: float = Field(35.0, ge=0)
     t_momentum: float = Field(0.01, gt=0, le=1)
+    m: float = Field(0.4, ge=0, lt=math.pi)
+    h: float = Field(0.333, gt=0)
+    t_alpha: float = Field(0.01, gt=0, le=1)
 
     @model_validator(mode="after")
     def _keys_match_type(self) -> MarginConfig:
@@ -59,6 +66,10 @@ class ClassifierConfig(BaseModel):
     ``partial_fc`` shards the class centers over the ranks (``facescale.parallel.PartialFC``); its optimizer state
     is stored per ``state_dtype`` (``None``: the default, int8 block-quantised momentum / first moment) and
     ``second_moment`` (AdamW); ``dense_state`` is the arcface_torch v2 baseline (dense gradient, fp32 state).
+
+    ``subcenters`` (both types) gives each class K centers (``facescale.heads.subcenter``). Every margin type works
+    with them: margins see the max-pooled class cosines ``[B, C]``, and their state is per row or a scalar
+    (CurricularFace's ``t``, AdaFace's norm EMA), never per center.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -71,6 +82,12 @@ class ClassifierConfig(BaseModel):
     state_dtype: Literal["fp32", "bf16", "int8"] | None = None
     second_moment: Literal["full", "row"] = "row"
     dense_state: bool = False
+    # Sub-center ArcFace (Deng et al., ECCV 2020): K centers per class, the class cosine is the max over them.
+    subcenters: int = Field(1, ge=1)
+    # The paper's cleaning step: from this epoch on only each class's dominant sub-center counts and samples
+    # farther than drop_angle_deg from it are dropped from the loss.
+    drop_non_dominant_after_epochs: int | None = Field(None, ge=0)
+    drop_angle_deg: float = Field(75.0, gt=0, le=180)
 
     @model_validator(mode="after")
     def _partial_fc_keys(self) -> ClassifierConfig:
@@ -79,6 +96,10 @@ class ClassifierConfig(BaseModel):
         if self.type != "partial_fc" and changed:
             keys = ", ".join(changed)
             raise ValueError(f"classifier keys {keys} apply only to classifier type 'partial_fc'")
+        if self.drop_non_dominant_after_epochs is not None and self.subcenters == 1:
+            raise ValueError("classifier.drop_non_dominant_after_epochs needs classifier.subcenters > 1")
+        if self.drop_angle_deg != 75.0 and self.drop_non_dominant_after_epochs is None:
+            raise ValueError("classifier.drop_angle_deg applies only with classifier.drop_non_dominant_after_epochs")
         return self
 
 
@@ -86,6 +107,8 @@ def build_margin(cfg: MarginConfig) -> nn.Module:
     """Builds the margin callable named by ``cfg``."""
     if cfg.type == "magface":
         return MagFaceLoss(s=cfg.s, l_a=cfg.l_a, u_a=cfg.u_a, l_m=cfg.l_m, u_m=cfg.u_m, lambda_g=cfg.lambda_g)
+    if cfg.type == "adaface":
+        return AdaFaceLoss(s=cfg.s, m=cfg.m, h=cfg.h, t_alpha=cfg.t_alpha)
     if cfg.type == "curricularface":
         return CurricularFaceLoss(s=cfg.s, m=0.5 if cfg.m2 is None else cfg.m2, t_momentum=cfg.t_momentum)
     m1, m2, m3 = MARGIN_PRESETS.get(cfg.type, (1.0, 0.0, 0.0))

@@ -3,7 +3,9 @@
 Each rank writes its class range as ``partial_fc_classes_<start>_<end>.pt`` (center rows plus every row-indexed
 optimizer state tensor) into the trainer's checkpoint directory; rank 0 then writes ``partial_fc.json``, the
 manifest: num_classes, embedding_size, dtype, the ranges and their files, the sampler step, scalar optimizer state
-and the margin's state (CurricularFace's ``t``). Hyperparameters (lr, momentum) are recorded for reference but
+and the margin's state (CurricularFace's ``t``, AdaFace's norm EMA). With sub-centers (K rows per class, class-major)
+a range file holds its classes' K rows each and their sub-center counts; the manifest records K, which must match
+on load. Hyperparameters (lr, momentum) are recorded for reference but
 not restored: the run's config and scheduler own them. Loading reads whichever range files overlap this rank's range,
 memory-mapped, so a checkpoint written by W ranks loads onto any W'.
 
@@ -48,7 +50,7 @@ def _split_state(optimizer: torch.optim.Optimizer | None, pfc: PartialFC) -> tup
     rows, scalars = {}, {}
     state = optimizer.state.get(pfc.weight, {}) if optimizer is not None else {}
     for key, value in state.items():
-        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == pfc.num_local:
+        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == pfc.weight.shape[0]:
             rows[key] = value.detach().cpu()
         elif torch.is_tensor(value) and value.numel() == 1:
             scalars[key] = {"value": value.item(), "dtype": str(value.dtype).removeprefix("torch.")}
@@ -84,6 +86,9 @@ def save_partial_fc(pfc: PartialFC, optimizer: torch.optim.Optimizer | None, dir
     class_end = pfc.class_start + pfc.num_local
     payload = {"class_start": pfc.class_start, "class_end": class_end, "weight": pfc.weight.detach().cpu(),
                "optimizer_state": row_state}
+    if pfc.subcenters is not None:  # per class: rides with the class range, so it reshards with the centers
+        payload["subcenter_hits"] = pfc.subcenters.hits.detach().cpu()
+        payload["subcenter_dominant"] = pfc.subcenters.dominant.detach().cpu()
     _write_atomic(directory / _range_file(pfc.class_start, class_end), lambda tmp: torch.save(payload, tmp))
     # NOTE: barrier -- every range file must be on disk before rank 0 publishes the manifest that lists it.
     barrier(pfc.process_group)
@@ -107,6 +112,8 @@ def save_partial_fc(pfc: PartialFC, optimizer: torch.optim.Optimizer | None, dir
                 "scalar_state": scalar_state,
             },
             "margin_state": margin_state,
+            "subcenters": pfc.num_subcenters,
+            "subcenter_dominant_only": int(pfc.subcenters.cleaning) if pfc.subcenters is not None else 0,
         }
         _write_atomic(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     # NOTE: barrier -- no rank reports the checkpoint complete before the manifest exists.
@@ -139,6 +146,10 @@ def load_partial_fc(pfc: PartialFC, optimizer: torch.optim.Optimizer | None, dir
         if manifest[key] != ours:
             raise ValueError(f"Partial FC checkpoint {directory / MANIFEST_NAME} has {key}={manifest[key]} but the "
                              f"model is configured with {key}={ours}")
+    saved_k = int(manifest.get("subcenters", 1))  # manifests written before sub-centers existed: K = 1
+    if saved_k != pfc.num_subcenters:
+        raise ValueError(f"Partial FC checkpoint {directory / MANIFEST_NAME} has subcenters={saved_k} but the model is "
+                         f"configured with classifier.subcenters={pfc.num_subcenters}")
     saved_optimizer = manifest["optimizer"]
     if optimizer is not None and saved_optimizer is not None and saved_optimizer["class"] != type(optimizer).__name__:
         raise ValueError(f"Partial FC checkpoint {directory} holds {saved_optimizer['class']} state, the run uses "
@@ -163,7 +174,7 @@ def load_partial_fc(pfc: PartialFC, optimizer: torch.optim.Optimizer | None, dir
     layout: dict[str, torch.Tensor] = {}
     if load_state:
         # Refuse a mismatched optimizer before touching anything (meta tensors carry only shape and dtype).
-        layout = {k: torch.empty((pfc.num_local, *v.shape[1:]), dtype=v.dtype, device="meta")
+        layout = {k: torch.empty((pfc.weight.shape[0], *v.shape[1:]), dtype=v.dtype, device="meta")
                   for k, v in blobs[0]["optimizer_state"].items()}
         layout.update({k: torch.empty((), dtype=getattr(torch, v["dtype"]), device="meta")
                        for k, v in saved_optimizer["scalar_state"].items()})
@@ -172,14 +183,25 @@ def load_partial_fc(pfc: PartialFC, optimizer: torch.optim.Optimizer | None, dir
             check(pfc.weight, layout)
     row_state = {k: torch.empty(v.shape, dtype=v.dtype, device=pfc.weight.device)
                  for k, v in layout.items() if v.dim()}
+    k, sub = pfc.num_subcenters, pfc.subcenters
+    hits = dominant = None
+    if sub is not None:
+        hits, dominant = torch.empty_like(sub.hits), torch.empty_like(sub.dominant)
     with torch.no_grad():
         for entry, blob in zip(overlapping, blobs):
             lo, hi = max(start, entry["start"]), min(end, entry["end"])
             src, dst = slice(lo - entry["start"], hi - entry["start"]), slice(lo - start, hi - start)
-            pfc.weight[dst] = blob["weight"][src]
+            # Center rows (and their optimizer state) are K per class, class-major.
+            src_rows, dst_rows = slice(src.start * k, src.stop * k), slice(dst.start * k, dst.stop * k)
+            pfc.weight[dst_rows] = blob["weight"][src_rows]
             for key, value in row_state.items():
-                value[dst] = blob["optimizer_state"][key][src]
+                value[dst_rows] = blob["optimizer_state"][key][src_rows]
+            if sub is not None:
+                hits[dst] = blob["subcenter_hits"][src]
+                dominant[dst] = blob["subcenter_dominant"][src]
     del blobs
+    if sub is not None:
+        sub.load_block(hits, dominant, bool(manifest["subcenter_dominant_only"]))
     pfc.sampler_step = int(manifest["sampler_step"])
     if margin_state:
         margin.load_state_dict({k: torch.tensor(v, dtype=margin_state[k].dtype, device=margin_state[k].device)

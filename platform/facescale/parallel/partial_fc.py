@@ -15,6 +15,11 @@ Each rank owns a contiguous block of class centers. Per step:
     logits = margin(cos, labels-in-block)
     loss = softmax cross-entropy over the union of all ranks' columns   (max and sum all-reduces)
 
+Sub-centers (Deng et al., "Sub-center ArcFace", ECCV 2020; ``subcenters=K``): each class has K center rows, laid
+out class-major inside the rank's block (row ``c * K + k``); classes are sampled as above and then expanded to their K
+rows, the cosine of a class is the max over its K rows (before the margin), and the cleaning step
+(``drop_after_epochs``) is decided per rank for its own classes, with the drop of a sample made global by one sum.
+
 Only the sampled rows receive a gradient, returned as a sparse tensor with exactly those rows, so the optimizer
 (``facescale.parallel.optim``) touches nothing else. Gradient convention: the embedding gradient this module
 returns is ``world_size * d(loss)/d(local_embeddings)``, which is exactly right once DDP averages the backbone's
@@ -34,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facescale.heads.margin import IGNORE_LABEL
+from facescale.heads.subcenter import SubCenters
 from facescale.parallel.dist import (
     all_gather_rows,
     all_reduce_,
@@ -158,8 +164,8 @@ class _DistSoftmaxCrossEntropy(torch.autograd.Function):
     """Mean softmax cross-entropy over logits whose class dimension is split across the ranks of ``group``."""
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, local_target: torch.Tensor,
-                group: dist.ProcessGroup | None) -> torch.Tensor:
+    def forward(ctx: Any, logits: torch.Tensor, local_target: torch.Tensor, group: dist.ProcessGroup | None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         num_rows = logits.shape[0]
         max_logit = logits.max(dim=1).values
         # NOTE: all-reduce (max) of each row's largest logit -- one shift shared by all ranks keeps exp() finite
@@ -177,17 +183,27 @@ class _DistSoftmaxCrossEntropy(torch.autograd.Function):
         all_reduce_(row_stats, dist.ReduceOp.SUM, group)
         sum_exp, target_shifted = row_stats
         probs.div_(sum_exp.unsqueeze(1))
-        ctx.save_for_backward(probs, rows, cols)
-        return (sum_exp.log() - target_shifted).mean()
+        per_row = sum_exp.log() - target_shifted
+        if keep is None:  # the mean over every row
+            weights = None
+            loss = per_row.mean()
+        else:  # the mean over kept rows (``keep`` is identical on every rank); no kept row -> 0
+            weights = keep.to(per_row.dtype) / keep.sum().clamp_min(1).to(per_row.dtype)
+            loss = (per_row * weights).sum()
+        ctx.save_for_backward(probs, rows, cols, weights)
+        return loss
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        probs, rows, cols = ctx.saved_tensors
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        probs, rows, cols, weights = ctx.saved_tensors
         # The softmax buffer becomes the gradient in place (a second backward then fails loudly, as it should).
         grad = probs
         grad[rows, cols] -= 1.0
-        grad.mul_(grad_loss / grad.shape[0])
-        return grad, None, None
+        if weights is None:
+            grad.mul_(grad_loss / grad.shape[0])
+        else:
+            grad.mul_(weights.unsqueeze(1) * grad_loss)
+        return grad, None, None, None
 
 
 def filter_inter_class(cos_logits: torch.Tensor, local_target: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -209,7 +225,8 @@ class PartialFC(nn.Module):
     Args:
         margin_loss: Callable ``(cos_logits [N, C], labels [N], **extras) -> scaled logits``; labels are columns in
             this rank's block or ``-1``. Extras are passed when the margin declares them: ``needs_norms``
-            (``norms=`` un-normalised embedding norms; with a ``regularizer(norms)`` added to the loss, MagFace) and
+            (``norms=`` un-normalised norms of the gathered global batch -- so AdaFace's norm statistics are global
+            and identical on every rank; with a ``regularizer(norms)`` added to the loss, MagFace) and
             ``needs_global_sum`` (``global_sum=`` a sum over ranks, CurricularFace).
         embedding_size: Embedding dimension ``D``.
         num_classes: Number of identities over all ranks.
@@ -221,12 +238,16 @@ class PartialFC(nn.Module):
         sparse_grad: Gradient of ``weight`` as a sparse tensor with only the sampled rows; ``False`` gives the
             dense arcface_torch v2 behaviour (for the dense baseline optimizer).
         device: Where the centers live; move later with ``.to()`` like any module.
+        subcenters: Center rows per class (Sub-center ArcFace); 1 is plain Partial FC.
+        drop_after_epochs: Sub-center cleaning from this epoch on (see :meth:`set_epoch`); ``None`` never.
+        drop_angle_deg: Cleaning drops samples farther than this from their class's dominant sub-center.
     """
 
     def __init__(self, margin_loss: MarginCallable, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
                  process_group: dist.ProcessGroup | None = None, seed: int = 0,
                  inter_class_filter: float | None = None, sparse_grad: bool = True,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, subcenters: int = 1, drop_after_epochs: int | None = None,
+                 drop_angle_deg: float = 75.0) -> None:
         super().__init__()
         self.rank, self.world_size = rank_and_world_size(process_group)
         if not 0.0 < sample_rate <= 1.0:
@@ -235,6 +256,10 @@ class PartialFC(nn.Module):
             raise ValueError(f"num_classes={num_classes} is smaller than the world size {self.world_size}")
         if embedding_size <= 0:
             raise ValueError(f"embedding_size must be positive, got {embedding_size}")
+        if subcenters < 1:
+            raise ValueError(f"subcenters must be >= 1, got {subcenters}")
+        if drop_after_epochs is not None and subcenters == 1:
+            raise ValueError("dropping non-dominant sub-centers needs subcenters > 1")
         self.margin_loss = margin_loss
         self.process_group = process_group
         self.embedding_size, self.num_classes = embedding_size, num_classes
@@ -243,8 +268,13 @@ class PartialFC(nn.Module):
         self.class_start, class_end = class_range(num_classes, self.rank, self.world_size)
         self.num_local = class_end - self.class_start
         self.num_sample = int(self.sample_rate * self.num_local)
-        self.weight = nn.Parameter(init_centers(num_classes, self.class_start, self.num_local, embedding_size, seed,
-                                                device=device))
+        k = self.num_subcenters = int(subcenters)
+        # Rows are class-major over all classes (global row c * K + k), so the initial matrix is world-size independent.
+        self.weight = nn.Parameter(init_centers(num_classes * k, self.class_start * k, self.num_local * k,
+                                                embedding_size, seed, device=device))
+        self.subcenters = (SubCenters(self.num_local, k, drop_after_epochs, drop_angle_deg).to(device)
+                           if k > 1 else None)
+        self._dropped = torch.zeros((), dtype=torch.float64)
         # Counts training forwards; seeds the sampler, saved with the module so a resumed run samples the same.
         self.sampler_step = 0
         # Local rows used by the last forward (``None`` = all); for inspection and tests.
@@ -254,7 +284,29 @@ class PartialFC(nn.Module):
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, rank={self.rank}/"
                 f"{self.world_size}, class_start={self.class_start}, num_local={self.num_local}, "
-                f"sample_rate={self.sample_rate}, inter_class_filter={self.inter_class_filter}")
+                f"sample_rate={self.sample_rate}, inter_class_filter={self.inter_class_filter}, "
+                f"subcenters={self.num_subcenters}")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the loop at each epoch start: switches sub-center cleaning on at its epoch (per rank, for its
+        own classes; no collective)."""
+        if self.subcenters is not None:
+            self.subcenters.set_epoch(epoch)
+
+    def stats(self) -> dict[str, float]:
+        """Sub-center cleaning counters: samples of the global batch dropped since the last call (the same on every
+        rank) and whether only dominant sub-centers count. Empty without sub-centers. No collective."""
+        if self.subcenters is None:
+            return {}
+        dropped, self._dropped = float(self._dropped), torch.zeros_like(self._dropped)
+        return {"classifier/dropped_samples": dropped, "classifier/dominant_only": float(self.subcenters.cleaning)}
+
+    def expand_rows(self, class_rows: torch.Tensor | None) -> torch.Tensor | None:
+        """Local center rows of local classes ``class_rows`` (sorted in, sorted out): each class's K rows."""
+        k = self.num_subcenters
+        if class_rows is None or k == 1:
+            return class_rows
+        return (class_rows.unsqueeze(1) * k + torch.arange(k, device=class_rows.device)).reshape(-1)
 
     def get_extra_state(self) -> dict[str, int]:
         return {"sampler_step": self.sampler_step}
@@ -280,7 +332,7 @@ class PartialFC(nn.Module):
         load_partial_fc(self, self._optimizer, directory)
 
     def sample_rows(self, positive_rows: torch.Tensor, step: int) -> torch.Tensor | None:
-        """Sorted local rows to score: every positive plus uniform negatives; ``None`` means all rows.
+        """Sorted local classes to score: every positive plus uniform negatives; ``None`` means all classes.
 
         The count is ``max(int(sample_rate * num_local), number of positives)``.
         """
@@ -348,9 +400,11 @@ class PartialFC(nn.Module):
         in_block = (labels >= self.class_start) & (labels < self.class_start + self.num_local)
         local_target = torch.where(in_block, labels - self.class_start, IGNORE_LABEL)
         positive_rows = torch.unique(local_target[in_block])
-        rows = self.sample_rows(positive_rows, self.sampler_step)
-        if rows is not None:
-            local_target = torch.where(in_block, torch.searchsorted(rows, local_target.clamp_min(0)), IGNORE_LABEL)
+        classes = self.sample_rows(positive_rows, self.sampler_step)
+        if classes is not None:
+            local_target = torch.where(in_block, torch.searchsorted(classes, local_target.clamp_min(0)), IGNORE_LABEL)
+        # Sampling picks classes; a class's K sub-center rows come together.
+        rows = self.expand_rows(classes)
         self.last_sampled_rows = rows
         catch_up = getattr(self._optimizer, "catch_up_rows", None)
         if catch_up is not None and rows is not None and self.training and torch.is_grad_enabled():
@@ -358,6 +412,18 @@ class PartialFC(nn.Module):
             catch_up(self.weight, rows)
 
         cos = _ShardCosine.apply(F.normalize(embeddings), self.weight, rows, self.sparse_grad)
+        keep = None
+        sub = self.subcenters
+        if sub is not None:
+            cos, winner = sub.pool(cos, classes)
+            if self.training and not sub.cleaning:
+                sub.hits.add_(sub.count_hits(winner, local_target, classes))
+            if self.training and sub.cleaning:
+                # NOTE: all-reduce (sum) of per-row drop flags -- a row's class lives on one rank, which decides;
+                # the sum gives every rank the same rows to drop from the (distributed) mean.
+                flags = self._global_sum(sub.drop_flags(cos, local_target))
+                keep = flags == 0
+                self._dropped = self._dropped.to(flags.device) + flags.sum().double()
         if self.inter_class_filter is not None:
             cos = filter_inter_class(cos, local_target, self.inter_class_filter)
         extras: dict[str, Any] = {}
@@ -368,7 +434,7 @@ class PartialFC(nn.Module):
             extras["global_sum"] = self._global_sum
         logits = self.margin_loss(cos, local_target, **extras)
         del cos
-        loss = _DistSoftmaxCrossEntropy.apply(logits, local_target, self.process_group)
+        loss = _DistSoftmaxCrossEntropy.apply(logits, local_target, self.process_group, keep)
         regularizer = getattr(self.margin_loss, "regularizer", None)
         if norms is not None and regularizer is not None:
             # Every rank computes the full-batch regulariser; its gradient is summed over W ranks by the all-gather's

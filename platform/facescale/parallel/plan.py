@@ -12,6 +12,9 @@ batch, D = embedding size (fp32 unless noted):
     optimizer    center gradient + chunked temporaries (sparse); + a dense gradient copy (torch SGD, v2 baseline)
     peak         persistent + max(forward, backward, optimizer)
 
+With K sub-centers per class (Sub-center ArcFace) the centers, their optimizer state and the center gradient are
+K times larger, and forward and backward each hold one more cosine matrix of K * N*S*4 (before the max over K).
+
 Communication per rank and step counts bytes sent by ring algorithms: all-gather (W-1)/W of the gathered
 size, all-reduce 2(W-1)/W, reduce-scatter (W-1)/W. The backbone's own DDP all-reduce is not included.
 Measured against real runs in ``benchmarks/plan_vs_measured.py``.
@@ -57,6 +60,7 @@ class PlanReport:
     state_dtype: str
     dense: bool
     margin: str
+    subcenters: int
     num_local: int
     num_sampled: int
     global_batch: int
@@ -80,7 +84,8 @@ class PlanReport:
 
 def estimate(identities: int, world_size: int, batch_size: int, sample_rate: float, embedding_size: int = 512,
              optimizer: str = "sgd", state_dtype: str | None = None, second_moment: str = "row", dense: bool = False,
-             margin: str = "arcface", inter_class_filter: bool = False, embedding_bytes: int = 4) -> PlanReport:
+             margin: str = "arcface", inter_class_filter: bool = False, embedding_bytes: int = 4,
+             subcenters: int = 1) -> PlanReport:
     """Predicts Partial FC memory per rank and communication per step.
 
     Args:
@@ -96,6 +101,7 @@ def estimate(identities: int, world_size: int, batch_size: int, sample_rate: flo
         margin: Margin type (CurricularFace keeps more logit-sized buffers).
         inter_class_filter: Whether the PFC v2 filter is on.
         embedding_bytes: Bytes per embedding element on the wire (4 fp32, 2 bf16).
+        subcenters: Center rows per class (Sub-center ArcFace's K).
 
     Returns:
         The report; ``format_plan`` renders it.
@@ -105,24 +111,29 @@ def estimate(identities: int, world_size: int, batch_size: int, sample_rate: flo
                          f"{identities}, {world_size}, {batch_size}, {sample_rate}")
     if optimizer not in ("sgd", "adamw"):
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    if subcenters < 1:
+        raise ValueError(f"subcenters must be >= 1, got {subcenters}")
+    k = subcenters
     d, w, n = embedding_size, world_size, batch_size * world_size
     num_local = -(-identities // w)
     num_sample = int(sample_rate * num_local)
     # Positives are always kept; with labels spread evenly a rank sees about N / W of them.
     num_sampled = num_local if num_sample >= num_local else min(num_local, max(num_sample, -(-n // w)))
-    centers = num_local * d * 4
-    state = num_local * state_bytes_per_row(optimizer, d, state_dtype, second_moment, dense)
-    sampled_grad = num_sampled * d * 4
-    center_grad = sampled_grad + (num_local * d * 4 if dense and num_sampled < num_local else 0)
+    centers = k * num_local * d * 4
+    state = k * num_local * state_bytes_per_row(optimizer, d, state_dtype, second_moment, dense)
+    sampled_grad = k * num_sampled * d * 4
+    center_grad = sampled_grad + (k * num_local * d * 4 if dense and num_sampled < num_local else 0)
     logits = n * num_sampled * 4
     fwd_copies, bwd_copies = _LOGIT_COPIES["curricularface" if margin == "curricularface" else "additive"]
     if inter_class_filter:
         fwd_copies += _FILTER_COPIES
     chunk_rows = max(1, CHUNK_BYTES // (d * 4))
-    workspace = 2 * CHUNK_BYTES + n * min(chunk_rows, num_sampled) * 4
-    forward = int(fwd_copies * logits) + workspace
-    backward = max(int(bwd_copies * logits), logits + center_grad + workspace)
-    step_temps = num_local * d * 4 if dense else 3 * STEP_CHUNK_BYTES
+    workspace = 2 * CHUNK_BYTES + n * min(chunk_rows, k * num_sampled) * 4
+    # Sub-centers: the cosines of all K rows per class (and their gradient) before the max over K.
+    subcenter_cos = k * logits if k > 1 else 0
+    forward = int(fwd_copies * logits) + subcenter_cos + workspace
+    backward = max(int(bwd_copies * logits) + subcenter_cos, logits + subcenter_cos + center_grad + workspace)
+    step_temps = k * num_local * d * 4 if dense else 3 * STEP_CHUNK_BYTES
     optimizer_step = center_grad + step_temps
     embeddings = 4 * n * d * 4
     persistent = centers + state
@@ -141,7 +152,7 @@ def estimate(identities: int, world_size: int, batch_size: int, sample_rate: flo
     return PlanReport(
         identities=identities, world_size=w, batch_size=batch_size, sample_rate=sample_rate, embedding_size=d,
         optimizer=optimizer, state_dtype="fp32" if dense else (state_dtype or default_state_dtype(optimizer)),
-        dense=dense, margin=margin, num_local=num_local, num_sampled=num_sampled, global_batch=n,
+        dense=dense, margin=margin, subcenters=k, num_local=num_local, num_sampled=num_sampled, global_batch=n,
         centers_bytes=centers, optimizer_state_bytes=state, center_grad_bytes=center_grad, logits_bytes=logits,
         forward_bytes=forward, backward_bytes=backward, optimizer_step_bytes=optimizer_step,
         embeddings_bytes=embeddings, persistent_bytes=persistent, peak_bytes=peak,
@@ -162,7 +173,7 @@ def format_plan(report: PlanReport) -> str:
     lines = [
         f"Partial FC plan: {r.identities:,} identities on {r.world_size} ranks, batch {r.batch_size}/rank "
         f"(global {r.global_batch:,}), sample rate {r.sample_rate}, embedding {r.embedding_size}, "
-        f"{r.optimizer} ({kind}), margin {r.margin}",
+        f"{r.optimizer} ({kind}), margin {r.margin}" + (f", {r.subcenters} sub-centers" if r.subcenters > 1 else ""),
         f"  classes per rank          {r.num_local:>14,}   sampled per step {r.num_sampled:,}",
         "per-rank memory",
         f"  centers (fp32)            {_size(r.centers_bytes):>14}",
@@ -193,7 +204,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--second-moment", choices=["full", "row"], default="row")
     parser.add_argument("--dense", action="store_true", help="the arcface_torch v2 baseline (dense fp32 state)")
     parser.add_argument("--margin", default="arcface",
-                        choices=["arcface", "cosface", "combined", "magface", "curricularface"])
+                        choices=["arcface", "cosface", "combined", "magface", "curricularface", "adaface"])
+    parser.add_argument("--subcenters", type=int, default=1, help="centers per class (Sub-center ArcFace's K)")
     parser.add_argument("--inter-class-filter", action="store_true", help="PFC v2 inter-class filter on")
     parser.add_argument("--memory-gib", type=float, default=None, help="per-rank budget; exit 1 if the peak exceeds")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -203,7 +215,8 @@ def run_plan(args: argparse.Namespace) -> int:
     """Prints the plan for parsed ``facescale plan`` arguments; returns the exit code."""
     report = estimate(args.identities, args.world_size, args.batch_size, args.sample_rate, args.embedding,
                       optimizer=args.optimizer, state_dtype=args.state_dtype, second_moment=args.second_moment,
-                      dense=args.dense, margin=args.margin, inter_class_filter=args.inter_class_filter)
+                      dense=args.dense, margin=args.margin, inter_class_filter=args.inter_class_filter,
+                      subcenters=args.subcenters)
     if args.json:
         print(json.dumps({**asdict(report), "comm_total_bytes": report.comm_total_bytes}, indent=1))
     else:
