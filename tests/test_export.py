@@ -7,6 +7,10 @@ import torch
 from facescale.export import OnnxParityError, check_parity, export_onnx
 from facescale.models import build_backbone, list_backbones
 
+# The ViTs share one code path: vit_t (19 M parameters) stands for vit_s/b/l (76-256 M), whose export would cost
+# seconds and hundreds of MB per test run.
+HEAVY = {"vit_s", "vit_b", "vit_l"}
+
 
 def calibrated(name, seed=0):
     """A backbone whose BatchNorm statistics are measured on random faces-range inputs, as a trained model's are.
@@ -27,7 +31,7 @@ def calibrated(name, seed=0):
     return model.eval()
 
 
-@pytest.mark.parametrize("name", list_backbones())
+@pytest.mark.parametrize("name", [n for n in list_backbones() if n not in HEAVY])
 def test_every_backbone_exports_with_parity(name, tmp_path):
     model = calibrated(name)
     res = export_onnx(model, tmp_path / f"{name}.onnx", metadata={"backbone": name}, parity_batches=(2,))

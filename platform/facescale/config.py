@@ -49,12 +49,54 @@ class DataConfig(_Strict):
                              "of a node); it must hold the shard being read and the prefetched ones")
 
 
+class ViTOptions(_Strict):
+    """``model.vit``: training-time regularisers of the ``vit_*`` backbones; null keeps the backbone's default
+    (arcface_torch's: 0.1 / 0.1 for vit_t, vit_s, vit_b; 0.05 / 0.05 for vit_l). Both are off in eval and export."""
+
+    mask_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of the 144 patch tokens dropped at "
+                                     "random per sample in training (arcface_torch's mask_ratio)")
+    drop_path: float | None = Field(None, ge=0.0, lt=1.0, description="stochastic-depth rate of the last block, "
+                                    "linear from 0 at the first (arcface_torch's drop_path_rate)")
+
+
+# Backbones whose names start with this take ``model.vit`` and ``model.activation_checkpointing`` (tests check the
+# registry agrees). A name test, not a registry lookup: the config tree loads without importing torch.
+VIT_PREFIX = "vit_"
+
+
 class ModelConfig(_Strict):
     """Backbone choice (see ``facescale.models.list_backbones()``)."""
 
     backbone: str = "iresnet_tiny"
     embedding_size: int = Field(512, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    vit: ViTOptions = ViTOptions()
+    activation_checkpointing: bool = Field(False, description="recompute each transformer block in the backward "
+                                           "pass (torch.utils.checkpoint): ~1 extra forward for much less activation "
+                                           "memory; vit_* backbones only, meant for vit_b and vit_l")
+
+    @model_validator(mode="after")
+    def _options_fit_backbone(self) -> ModelConfig:
+        if self.backbone.startswith(VIT_PREFIX):
+            if self.dropout:
+                raise ValueError(f"model.dropout: backbone {self.backbone!r} has no dropout; use model.vit.drop_path")
+            return self
+        set_keys = [f"model.vit.{k}" for k, v in self.vit.model_dump().items() if v is not None]
+        if self.activation_checkpointing:
+            set_keys.append("model.activation_checkpointing")
+        if set_keys:
+            raise ValueError(f"{', '.join(set_keys)}: only the vit_* backbones take this, not {self.backbone!r}")
+        return self
+
+    def backbone_kwargs(self) -> dict[str, Any]:
+        """The constructor arguments beyond ``embedding_size`` that this section sets (for ``build_backbone``)."""
+        kwargs: dict[str, Any] = {}
+        if self.dropout:
+            kwargs["dropout"] = self.dropout
+        kwargs.update({k: v for k, v in self.vit.model_dump().items() if v is not None})
+        if self.activation_checkpointing:
+            kwargs["activation_checkpointing"] = True
+        return kwargs
 
 
 class FaultInjection(_Strict):
@@ -73,9 +115,16 @@ class TrainConfig(_Strict):
     batch_size: int = Field(64, gt=0)
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd", description="backbone and classifier optimizer: sgd (momentum, L2 weight decay) or adamw (decoupled "
+        "weight decay, Loshchilov & Hutter, ICLR 2019; the ViT recipe, see configs/vit_b.yaml); torch's own "
+        "implementations in both engines, Partial FC's sparse AdamW for its centers")
     lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (train.optimizer: sgd)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW moment decay rates (train.optimizer: adamw)")
+    eps: float = Field(1e-8, gt=0, description="AdamW denominator epsilon (train.optimizer: adamw)")
+    weight_decay: float = Field(5e-4, ge=0, description="sgd: L2 penalty added to the gradient; adamw: decoupled, "
+                                "the weights shrink by lr * weight_decay per step")
     warmup_steps: int = Field(0, ge=0)
     lr_power: float = Field(2.0, gt=0, description="polynomial decay power after warm-up")
     grad_clip: float | None = Field(5.0, gt=0, description="max global grad norm of the backbone; null disables")
@@ -105,6 +154,12 @@ class TrainConfig(_Strict):
     system_metrics_interval_s: float | None = Field(10.0, gt=0, description="sampling interval of the system "
                                                     "metrics logged to MLflow (per node); null disables them")
     inject_faults: FaultInjection = FaultInjection()
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> TrainConfig:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"train.betas must both be in [0, 1), got {list(self.betas)}")
+        return self
 
 
 class ScalingConfig(_Strict):
@@ -184,7 +239,7 @@ class FaceScaleConfig(_Strict):
         if c.type == "linear" and c.margin.type in ("magface", "curricularface"):
             raise ValueError(f"classifier.margin.type {c.margin.type!r} needs classifier.type: partial_fc "
                              "(the linear classifier passes no embedding norms or cross-rank sums)")
-        if c.type == "partial_fc" and not c.dense_state and self.train.momentum == 0:
+        if c.type == "partial_fc" and not c.dense_state and self.train.optimizer == "sgd" and self.train.momentum == 0:
             raise ValueError("train.momentum must be > 0 with classifier.type: partial_fc (sparse SGD state)")
         return self
 

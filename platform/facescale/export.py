@@ -6,9 +6,11 @@ normalised as ``(pixel - 127.5) / 127.5``; it returns ``embedding`` float32 ``[b
 
 Exporter: the TorchScript-based one (``dynamo=False``). torch 2.13 defaults to the dynamo exporter, which needs
 the ``onnxscript`` package and goes through ``torch.export``; every registered backbone is plain convolutions,
-BatchNorm, PReLU and pooling, which the TorchScript exporter covers in about a second per model with no extra
-dependency. It is deprecated upstream: moving to ``dynamo=True`` means pinning ``onnxscript`` and re-running
-the parity test over every backbone (``tests/test_export.py``).
+BatchNorm, PReLU and pooling, or (the ViTs) LayerNorm, linear layers and ``scaled_dot_product_attention`` (exported
+as MatMul/Softmax from opset 14), which the TorchScript exporter covers in seconds per model with no extra
+dependency. Export runs in eval mode, so the ViTs' patch masking and drop-path are not in the graph. The exporter
+is deprecated upstream: moving to ``dynamo=True`` means pinning ``onnxscript`` and re-running the parity test over
+every backbone (``tests/test_export.py``).
 
 Parity: after writing, the file is loaded in onnxruntime (CPU) and run on random inputs at batch sizes other
 than the export example's (which also proves the batch axis is dynamic); the largest absolute difference of

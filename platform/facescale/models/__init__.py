@@ -5,7 +5,7 @@ Use :func:`build_backbone` with a name from :func:`list_backbones`; every backbo
 """
 
 # Importing the model modules registers their constructors.
-from . import iresnet, mobilefacenet, vargfacenet  # noqa: F401
+from . import iresnet, mobilefacenet, vargfacenet, vit  # noqa: F401
 from .registry import DuplicateBackboneError, UnknownBackboneError, build_backbone, list_backbones, register_backbone
 
 __all__ = [

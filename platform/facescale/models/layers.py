@@ -9,6 +9,8 @@ Every backbone file builds on these instead of redefining them:
 * :func:`build_variable_group_conv` — a convolution whose number of groups follows the input width so that each
   group sees a fixed number of channels (Zhang et al., "VarGNet", 2019).
 * :func:`build_features_bn` — the BatchNorm1d that closes an embedding head, optionally with its scale frozen at 1.
+* :class:`DropPath` — stochastic depth on a residual branch (Huang et al., "Deep Networks with Stochastic Depth",
+  ECCV 2016), as timm's ``DropPath``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ConvBNAct", "SEModule", "build_features_bn", "build_variable_group_conv", "init_weights"]
+__all__ = ["ConvBNAct", "DropPath", "SEModule", "build_features_bn", "build_variable_group_conv", "init_weights"]
 
 
 class ConvBNAct(nn.Sequential):
@@ -50,6 +52,38 @@ class ConvBNAct(nn.Sequential):
         if act:
             layers.append(nn.PReLU(out_channels))
         super().__init__(*layers)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a residual branch per sample with probability ``p``.
+
+    Kept samples are scaled by ``1 / (1 - p)`` so the expected output is unchanged; in eval mode (or at ``p = 0``)
+    this is the identity. Wrap the *branch*, not the sum: ``x + drop_path(branch(x))``.
+
+    Args:
+        p: Drop probability in ``[0, 1)``.
+
+    Raises:
+        ValueError: If ``p`` is outside ``[0, 1)``.
+    """
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop-path probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Drop whole samples of ``x`` (any shape ``[B, ...]``) in training; the identity otherwise."""
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        # One Bernoulli draw per sample, broadcast over the other dimensions.
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class SEModule(nn.Module):

@@ -45,8 +45,10 @@ from facescale.train.engine_config import build_deepspeed_config
 
 log = logging.getLogger("facescale.train.engine")
 
-# SGD hyperparameters that checkpoints carry per param group (the tensors live in "state").
-_HPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+# SGD and AdamW hyperparameters that checkpoints carry per param group (the tensors live in "state").
+_HPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "betas", "eps", "amsgrad")
+# Per-parameter state tensors of each optimizer; AdamW's "step" is a 0-d count, the others have the parameter's shape.
+_STATE_KEYS = {"sgd": ("momentum_buffer",), "adamw": ("step", "exp_avg", "exp_avg_sq")}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -54,9 +56,38 @@ class EngineError(RuntimeError):
     """An engine used out of order, or a state that does not fit the backbone (names the key)."""
 
 
-def _build_sgd(params: Any, train: TrainConfig) -> torch.optim.SGD:
-    # The same optimizer as components.build_optimizers: plain torch SGD (DeepSpeed's fused ones JIT-compile).
+def build_backbone_optimizer(params: Any, train: TrainConfig) -> torch.optim.Optimizer:
+    """The backbone's optimizer named by ``train.optimizer``: torch SGD or torch AdamW, in both engines.
+
+    Plain torch implementations (foreach), never DeepSpeed's fused ones, which JIT-compile for minutes on first use.
+    AdamW decays the weights decoupled from the gradient (Loshchilov & Hutter, "Decoupled Weight Decay
+    Regularization", ICLR 2019): ``w -= lr * weight_decay * w`` before the Adam update; SGD adds ``weight_decay * w``
+    to the gradient. Every parameter decays alike, as in arcface_torch.
+
+    Args:
+        params: The backbone's parameters.
+        train: ``train``: optimizer, lr, momentum (sgd), betas and eps (adamw), weight_decay.
+
+    Returns:
+        The optimizer.
+    """
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=train.lr, betas=train.betas, eps=train.eps,
+                                 weight_decay=train.weight_decay)
     return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+
+
+def _state_keys(train: TrainConfig) -> tuple[str, ...]:
+    if train.optimizer == "sgd" and train.momentum == 0:
+        return ()  # SGD keeps no state without momentum
+    return _STATE_KEYS[train.optimizer]
+
+
+def _state_tensor(key: str, value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A saved optimizer state tensor placed as the optimizer keeps it for ``p``."""
+    if key == "step":  # AdamW's count: a CPU fp32 scalar (torch's layout unless capturable/fused)
+        return value.detach().to("cpu", torch.float32).clone()
+    return value.to(p.device, p.dtype).clone()
 
 
 def _cpu_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -79,7 +110,7 @@ class BackboneEngine:
     Attributes:
         backbone: The bare backbone (unwrapped) for eval, export and state dicts.
         accum_steps: Micro-batches per optimizer step.
-        optimizer: The torch SGD optimizer of the backbone.
+        optimizer: The torch SGD or AdamW optimizer of the backbone (``train.optimizer``).
         input_dtype: The dtype ``forward`` wants its images in: the dtype the model runs in.
     """
 
@@ -90,7 +121,8 @@ class BackboneEngine:
         self.optimizer = optimizer
         self.accum_steps = train.grad_accum_steps
         self.grad_clip = train.grad_clip
-        self._state_keys = ("momentum_buffer",) if train.momentum > 0 else ()  # SGD keeps no state without momentum
+        self.optimizer_name = train.optimizer
+        self._state_keys = _state_keys(train)
         self._at_boundary = False  # inside or after the last micro-batch of this optimizer step
         self._norm: torch.Tensor | None = None  # cached grad norm of this optimizer step
 
@@ -172,7 +204,7 @@ class BackboneEngine:
         Returns:
             ``{"backbone": state_dict (params + buffers, unwrapped names, fp32),
             "optimizer": {"state": {param_name: {"momentum_buffer": Tensor}}, "param_groups": [hyperparameters]}}``
-            with every tensor on the CPU.
+            with every tensor on the CPU (AdamW: ``{"step", "exp_avg", "exp_avg_sq"}`` per parameter).
         """
         raise NotImplementedError
 
@@ -201,13 +233,18 @@ class BackboneEngine:
         unknown = sorted(set(opt_state) - params)
         if unknown:
             raise EngineError(f"optimizer.state names parameters this backbone does not have: {unknown[:5]}")
+        saved_keys = {k for entry in opt_state.values() for k in entry}
+        if saved_keys and not saved_keys <= set(self._state_keys):
+            raise EngineError(f"optimizer.state holds {sorted(saved_keys)}, not the state of this run's "
+                              f"train.optimizer {self.optimizer_name!r} ({list(self._state_keys)}): resume with the "
+                              "optimizer the checkpoint was saved with, or start from it with train.init_from")
 
 
 class DDPEngine(BackboneEngine):
     """Torch DDP (the bare backbone when there is no process group or one rank); bf16 by autocast."""
 
     def __init__(self, backbone: nn.Module, device: torch.device, train: TrainConfig) -> None:
-        super().__init__(backbone, _build_sgd(backbone.parameters(), train), train)
+        super().__init__(backbone, build_backbone_optimizer(backbone.parameters(), train), train)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         device_ids = [device.index] if device.type == "cuda" else None
         self.model: nn.Module = DistributedDataParallel(backbone, device_ids=device_ids) if distributed else backbone
@@ -270,8 +307,7 @@ class DDPEngine(BackboneEngine):
         self.optimizer.state.clear()
         for name, entry in opt["state"].items():
             p = params[name]
-            self.optimizer.state[p] = {k: entry[k].to(p.device, p.dtype).clone() for k in self._state_keys
-                                       if k in entry}
+            self.optimizer.state[p] = {k: _state_tensor(k, entry[k], p) for k in self._state_keys if k in entry}
         self._load_param_groups(opt["param_groups"])
 
 

@@ -64,7 +64,7 @@ def build_deepspeed_config(train: TrainConfig) -> dict[str, Any]:
         "bf16": {"enabled": precision == "bf16"},
         # loss_scale 0: dynamic loss scaling (DeepSpeed's default for fp16), so overflowing steps are skipped.
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0},
-        # We pass a torch SGD: DeepSpeed's fused optimizers JIT-compile for minutes on first use.
+        # No "optimizer" block: we pass a torch SGD or AdamW (DeepSpeed's fused optimizers JIT-compile for minutes).
         # DeepSpeed casts parameters to bf16/fp16 but keeps buffers fp32 unless told; BatchNorm then meets low-precision
         # weights and fp32 running stats and refuses the mix. The whole module in one dtype works (fp32 masters
         # stay in the optimizer).

@@ -17,7 +17,7 @@ from torch import nn
 
 from facescale.config import TrainConfig
 from facescale.parallel.dist import free_loopback_port
-from facescale.train.engine import _DTYPES, BackboneEngine, EngineError, _build_sgd, _cpu_fp32, _rank0
+from facescale.train.engine import _DTYPES, BackboneEngine, EngineError, _cpu_fp32, _rank0, build_backbone_optimizer
 
 log = logging.getLogger("facescale.train.engine")
 
@@ -68,7 +68,7 @@ def bind_device(device: torch.device, zero_stage: int) -> int:
 
 
 class DeepSpeedEngine(BackboneEngine):
-    """DeepSpeed ZeRO stage 0-3 around the backbone, with a torch SGD (master weights and its state in fp32).
+    """DeepSpeed ZeRO stage 0-3 around the backbone, with a torch SGD or AdamW (master weights and state in fp32).
 
     The accumulation boundary is set explicitly per micro-batch (``set_gradient_accumulation_boundary``), so
     DeepSpeed reduces and steps exactly where the loop says, and ``step`` is called once per optimizer step.
@@ -93,12 +93,14 @@ class DeepSpeedEngine(BackboneEngine):
                               f"on {device} (DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')!r})")
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines repeat the config per rank
         _skip_cpu_shm_op(device)
-        sgd = _build_sgd(backbone.parameters(), train)
+        # A client torch optimizer (SGD or AdamW): DeepSpeed's own "optimizer" config block would pick its fused Adam,
+        # which JIT-compiles for minutes. ZeRO wraps it and steps it on the fp32 master partitions.
+        optimizer = build_backbone_optimizer(backbone.parameters(), train)
         # args.device_rank: DeepSpeed's engine sets and uses this device instead of cuda:LOCAL_RANK (engine.py,
         # _set_distributed_vars); no args.local_rank, which it would check against LOCAL_RANK.
         self.model, _, _, _ = deepspeed.initialize(args=argparse.Namespace(device_rank=device_rank), model=backbone,
-                                                   optimizer=sgd, config=ds_config, dist_init_required=False)
-        super().__init__(backbone, sgd, train)
+                                                   optimizer=optimizer, config=ds_config, dist_init_required=False)
+        super().__init__(backbone, optimizer, train)
         self._dtype = self.input_dtype = _DTYPES[self.precision]
 
     def _micro_batch_context(self, last: bool) -> contextlib.AbstractContextManager:
@@ -192,13 +194,17 @@ class DeepSpeedEngine(BackboneEngine):
                 with self._frozen(p):
                     backbone[name] = _cpu_fp32(p)
         opt_state: dict[str, dict[str, torch.Tensor]] = {}
-        if self._has_optimizer_state():  # SGD creates its state at the first step, on every rank alike
+        if self._has_optimizer_state():  # torch optimizers create their state at the first step, on every rank alike
+            step = self._step_count()
             for name, p in params.items():
                 if not p.requires_grad:
                     continue
-                full = {k: safe_get_full_optimizer_state(p, k) for k in self._state_keys}  # NOTE: collective
+                # NOTE: collective for each key (ZeRO gathers the partitions of the parameter's state).
+                full = {k: safe_get_full_optimizer_state(p, k) for k in self._state_keys if k != "step"}
                 opt_state[name] = {k: _cpu_fp32(v if v is not None else self.optimizer.state[p][k])
                                    for k, v in full.items()}
+                if step is not None:
+                    opt_state[name]["step"] = step.clone()
         return {"backbone": backbone, "optimizer": {"state": opt_state, "param_groups": self._param_groups_state()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -226,6 +232,8 @@ class DeepSpeedEngine(BackboneEngine):
                     continue
                 entry = opt["state"].get(name, {})
                 for key in self._state_keys:
+                    if key == "step":
+                        continue  # one count per flat partition, set below
                     # A parameter that had no state (no gradient yet) starts from zeros, as SGD would.
                     value = entry[key].to(device, torch.float32) if key in entry else torch.zeros_like(saved[name],
                                                                                                         device=device)
@@ -233,6 +241,12 @@ class DeepSpeedEngine(BackboneEngine):
                         self.optimizer.state[p][key] = value.clone()
                     else:
                         safe_set_full_optimizer_state(p, value, key)
+            steps = [entry["step"] for entry in opt["state"].values() if "step" in entry]
+            if "step" in self._state_keys and steps:
+                # Every parameter steps together, so the saved counts agree; the largest is the one that did.
+                count = max(steps, key=float).detach().to("cpu", torch.float32)
+                for state in self.optimizer.state.values():
+                    state["step"] = count.clone()
         self._load_param_groups(opt["param_groups"])
 
     def _refresh_module_weights(self) -> None:
@@ -244,8 +258,16 @@ class DeepSpeedEngine(BackboneEngine):
             for sub_group in range(len(opt.fp16_groups)):
                 opt._reassign_or_swap_out_partitioned_parameters(sub_group)
 
+    def _step_count(self) -> torch.Tensor | None:
+        """AdamW's step count (a CPU fp32 scalar, the same in every flat partition); None for SGD."""
+        if "step" not in self._state_keys:
+            return None
+        counts = [s["step"] for s in self.optimizer.state.values() if "step" in s]
+        return _cpu_fp32(torch.as_tensor(counts[0])) if counts else None
+
     def _ensure_optimizer_state(self) -> None:
-        """Creates zero SGD state before the first step (SGD makes it lazily), linked to DeepSpeed's fragments."""
+        """Creates zero optimizer state before the first step (torch makes it lazily), linked to DeepSpeed's
+        fragments (only tensors shaped like a partition are linked: AdamW's 0-d ``step`` is set per partition)."""
         if not self._state_keys or self._has_optimizer_state():
             return
         opt = self.model.optimizer
@@ -256,7 +278,8 @@ class DeepSpeedEngine(BackboneEngine):
         else:
             flats = list(opt.fp32_partitioned_groups_flat)
         for flat in flats:
-            self.optimizer.state[flat] = {key: torch.zeros_like(flat) for key in self._state_keys}
+            self.optimizer.state[flat] = {key: torch.tensor(0.0) if key == "step" else torch.zeros_like(flat)
+                                          for key in self._state_keys}
         if self.zero_stage in (1, 2):
             opt._lazy_init_hp_params_optimizer_state()
 
