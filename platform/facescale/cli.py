@@ -12,8 +12,15 @@ import sys
 from collections.abc import Sequence
 
 from facescale.config import ConfigError, FaceScaleConfig, load_config
+from facescale.console import set_verbose
 
 log = logging.getLogger("facescale")
+
+
+def _add_verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="show every log line of Ray Train, MLflow and the workers (default: one progress line per "
+                        "stage; the full logs are in Ray's log files and MLflow either way)")
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -75,8 +82,11 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     records = [res.records[s] for s in spec.stage_names()]
     print(f"\nFaceScale recursive distillation: {spec.name}, run id {res.pipeline_run_id}")
     print(format_summary(records, res.skipped, res.champion, res.stage_times_s))
-    print(f"registered model {res.registered_model}: aliases {', '.join(spec.stage_names())}, champion -> "
-          f"{res.champion}")
+    from facescale.tracking.lineage import safe_name
+
+    aliases = ", ".join(map(safe_name, spec.stage_names()))
+    champion = safe_name(res.champion) if res.champion else "none"
+    print(f"registered model {res.registered_model}: aliases {aliases}, champion -> {champion}")
     print(f"MLflow parent run {res.parent_run_id} at {res.tracking_uri}; plots: {', '.join(map(str, res.plots))}")
     print(f"wall time {res.wall_time_s:.0f} s")
     return 0
@@ -114,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a backbone (Ray Train, or torchrun: scaling.launcher=torchrun)")
     _add_config_args(train)
+    _add_verbose_arg(train)
     train.set_defaults(func=_cmd_train)
 
     distill = sub.add_parser("distill", help="run a recursive-distillation pipeline (teacher → generations)")
@@ -121,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--run-id", help="pipeline run id; re-using one resumes that run (default: new)")
     distill.add_argument("overrides", nargs="*", help="dotted overrides of the spec, e.g. generations=3 "
                          "config.train.lr=0.1")
+    _add_verbose_arg(distill)
     distill.set_defaults(func=_cmd_distill)
 
     from facescale.parallel.plan import add_plan_arguments
@@ -139,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``facescale`` console script."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = build_parser().parse_args(argv)
+    set_verbose(bool(getattr(args, "verbose", False)))  # read by the launchers (facescale/console.py)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -7,18 +7,34 @@ actually talks to MLflow.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
+from facescale.console import MLFLOW_PYTORCH_LOGGER, quiet_logger
+
+if TYPE_CHECKING:
+    from facescale.data import Manifest
+
+log = logging.getLogger("facescale.tracking")
+
 MLFLOW_PARAM_VALUE_MAX = 6000  # MLflow 3 param value length limit
+# The MLflow 3 UI opens an experiment on its GenAI overview (traces) unless this tag says what the experiment is.
+# Key and value as the UI sets them (mlflow/server/js: setExperimentTag "mlflow.experimentKind"; ExperimentKind
+# CUSTOM_MODEL_DEVELOPMENT = "custom_model_development", shown as "Machine learning").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
+DATASET_DIGEST_LEN = 12  # MLflow stores at most 36 characters; 12 hex digits, as `facescale data` prints the digest
+NONFINITE_METRIC = "train/nonfinite_metrics"  # how many metric values MLflow refused (NaN/inf) were dropped
+NONFINITE_TAG = "facescale.nonfinite_metrics"  # "name@first step,..." of the dropped metrics
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -43,9 +59,15 @@ def resolve_local_uri(uri: str) -> str:
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str) -> str:
-    """Experiment id for ``name``; a new one stores artifacts under ``artifact_root`` (local dir or URI)."""
+    """Experiment id for ``name``; a new one stores artifacts under ``artifact_root`` (local dir or URI).
+
+    The experiment is marked a model-training one (:data:`EXPERIMENT_KIND_TAG`), also when it exists without the
+    tag, so the UI opens on its runs; a kind someone chose in the UI is left as it is.
+    """
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if not exp.tags.get(EXPERIMENT_KIND_TAG):
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_TRAINING)
         return exp.experiment_id
     if "://" not in artifact_root:
         location = Path(artifact_root).resolve().as_uri()
@@ -53,7 +75,30 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str
         location = artifact_root
     # A tracking server with --serve-artifacts picks its own location; only pass ours for local stores.
     is_server = client.tracking_uri.startswith(("http://", "https://"))
-    return client.create_experiment(name, artifact_location=None if is_server else location)
+    return client.create_experiment(name, artifact_location=None if is_server else location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND_TRAINING})
+
+
+def dataset_entity(root: str, manifest: Manifest) -> Dataset:
+    """The MLflow dataset of a shard set: named after its directory, digest and counts from its manifest.
+
+    Args:
+        root: ``data.root`` (a local path, absolute, or an ``s3://`` prefix): the dataset's source.
+        manifest: The shard set's manifest (DESIGN.md: shard URLs, samples, classes, content digest).
+    """
+    source_type = "s3" if root.startswith("s3://") else "local"
+    name = root.rstrip("/").rsplit("/", 1)[-1] or root
+    profile = {"num_samples": manifest.num_samples, "num_classes": manifest.num_classes,
+               "num_shards": len(manifest.shards), "image_size": list(manifest.image_size),
+               "digest": manifest.digest, "creator": manifest.creator}
+    return Dataset(name=name, digest=manifest.digest[:DATASET_DIGEST_LEN], source_type=source_type,
+                   source=json.dumps({"uri": root}), profile=json.dumps(profile))
+
+
+def log_dataset_input(tracking_uri: str, run_id: str, root: str, manifest: Manifest, context: str = "training") -> None:
+    """Logs the run's training data as an MLflow dataset input (the runs list shows it; ``context`` tags its use)."""
+    MlflowClient(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(
+        dataset_entity(root, manifest), tags=[InputTag("mlflow.data.context", context)])])
 
 
 def start_run(tracking_uri: str, experiment: str, artifact_root: str, run_name: str | None,
@@ -100,14 +145,44 @@ class Tracker:
         self.run_id = run_id
         self.tracking_uri = tracking_uri
         self._client = MlflowClient(tracking_uri) if self.enabled else None
+        self._nonfinite: dict[str, int] | None = None  # dropped metric name -> first step (read from the run once)
+        self._nonfinite_count = 0
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Logs finite values; a NaN/inf one (MLflow would store it, and plots break) is dropped and counted.
+
+        Each dropped value adds one to ``train/nonfinite_metrics`` (logged with the batch), the run's
+        ``facescale.nonfinite_metrics`` tag lists each dropped metric with the step it first was, and the first
+        drop of each name is a warning.
+        """
         if not self.enabled:
             return
         ts = int(1000 * time.time())
         batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if np.isfinite(v)]
+        dropped = [k for k, v in metrics.items() if not np.isfinite(v)]
+        if dropped:
+            batch.append(Metric(NONFINITE_METRIC, float(self._count_nonfinite(dropped, step)), ts, step))
         for start in range(0, len(batch), 1000):
             self._client.log_batch(self.run_id, metrics=batch[start:start + 1000])
+
+    def _count_nonfinite(self, names: list[str], step: int) -> int:
+        """Counts dropped values and tags new names; returns the run's total so far (also over restarts)."""
+        if self._nonfinite is None:  # the first drop of this attempt: continue what an earlier attempt recorded
+            run = self._client.get_run(self.run_id)
+            self._nonfinite = {}
+            for item in filter(None, run.data.tags.get(NONFINITE_TAG, "").split(",")):
+                name, _, first = item.rpartition("@")
+                self._nonfinite[name] = int(first) if first.isdigit() else 0
+            self._nonfinite_count = int(run.data.metrics.get(NONFINITE_METRIC, 0))
+        new = [n for n in names if n not in self._nonfinite]
+        for name in new:
+            self._nonfinite[name] = step
+            log.warning("metric %s is not finite at step %d: not logged to MLflow (counted in %s, named in tag %s; "
+                        "later ones are counted without a warning)", name, step, NONFINITE_METRIC, NONFINITE_TAG)
+        if new:
+            self.set_tag(NONFINITE_TAG, ",".join(f"{n}@{s}" for n, s in self._nonfinite.items()))
+        self._nonfinite_count += len(names)
+        return self._nonfinite_count
 
     def set_tag(self, key: str, value: str) -> None:
         if self.enabled:
@@ -143,10 +218,12 @@ class Tracker:
         was_training = model.training
         model.eval()
         try:
-            with mlflow.start_run(run_id=self.run_id):
-                # Pickle format: loads back as the nn.Module (train mode, any batch size) wherever facescale is
-                # installed; MLflow 3's default pt2 export would freeze it to the example's shape and eval mode.
-                # Explicit requirements skip MLflow's slow subprocess-based inference of them.
+            # Pickle format: loads back as the nn.Module (train mode, any batch size) wherever facescale is
+            # installed; MLflow 3's default pt2 export would freeze it to the example's shape and eval mode. MLflow
+            # warns of pickle on every such call (logger mlflow.pytorch; no argument turns it off but pt2): the
+            # choice is deliberate, so that logger is quiet for this call only (not under --verbose).
+            # Explicit requirements skip MLflow's slow subprocess-based inference of them.
+            with mlflow.start_run(run_id=self.run_id), quiet_logger(MLFLOW_PYTORCH_LOGGER):
                 info = mlflow.pytorch.log_model(model, name=name, input_example=example,
                                                 serialization_format="pickle",
                                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],

@@ -18,10 +18,11 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from facescale.config import FaceScaleConfig, dump_config
-from facescale.data import load_manifest
+from facescale.config import ConfigError, FaceScaleConfig, dump_config
+from facescale.console import RunProgress, is_verbose, ray_runtime_env, ray_train_log_level
+from facescale.data import ManifestError, load_manifest
 from facescale.distill.cache import read_meta as read_cache_meta
-from facescale.tracking.mlflow_run import end_run, reopen_run, resolve_local_uri, start_run
+from facescale.tracking.mlflow_run import end_run, log_dataset_input, reopen_run, resolve_local_uri, start_run
 from facescale.train.ckpt_store import resolve_checkpoint, verify_checkpoint
 from facescale.train.context import process_group_backend
 from facescale.train.node_check import PathSpec, check_paths_on_nodes, is_local
@@ -43,8 +44,16 @@ class TrainResult:
 
 
 def check_inputs(cfg: FaceScaleConfig) -> None:
-    """Fails fast, naming the path, when the dataset or a verification file is missing or malformed."""
-    load_manifest(cfg.data.root)  # raises ManifestError naming the directory/file
+    """Fails fast, naming the path, when the dataset or a verification file is missing or malformed.
+
+    Raises:
+        ConfigError: ``data.root`` holds no readable dataset manifest (the message names the key and the path).
+        FileNotFoundError: A verification file, checkpoint or teacher cache is missing (named).
+    """
+    try:
+        load_manifest(cfg.data.root)
+    except ManifestError as exc:  # a wrong input, like a wrong key: one line and exit 2 in the CLI
+        raise ConfigError(f"data.root: {exc}") from exc
     for path in cfg.data.val_bins:
         if not Path(path).is_file():
             raise FileNotFoundError(f"data.val_bins: verification file not found: {path}")
@@ -66,11 +75,13 @@ def init_ray(cfg: FaceScaleConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
+    # The setup hook quiets the Ray Train controller and its placement-group cleaner (facescale/console.py).
+    runtime_env = ray_runtime_env(is_verbose())
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
         # A laptop run: keep Ray on the loopback interface and without the dashboard.
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True, runtime_env=runtime_env)
 
 
 def _absolute(path: str | None) -> str | None:
@@ -162,7 +173,7 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, paren
     Returns:
         The run's id, final metrics and last checkpoint.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from facescale.train.loop import train_worker
@@ -178,15 +189,17 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, paren
     if run_id is None:
         run_id = start_run(tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root, cfg.tracking.run_name,
                            cfg.model_dump(mode="json"), dump_config(cfg), tags=tags, parent_run_id=parent_run_id)
+        log_dataset_input(tracking_uri, run_id, cfg.data.root, load_manifest(cfg.data.root))
     else:
-        reopen_run(tracking_uri, run_id)
+        reopen_run(tracking_uri, run_id)  # a resumed stage: its dataset input was logged when it started
     log.info("MLflow run %s at %s", run_id, tracking_uri)
+    verbose = is_verbose()
     name = ray_run_name or f"facescale-{run_id}"
     run_root = f"{storage.rstrip('/')}/{name}"  # the run's checkpoints (facescale.train.ckpt_store) live here
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking_uri,
-                           "run_root": run_root},
+                           "run_root": run_root, "verbose": verbose},
         torch_config=TorchConfig(backend=process_group_backend(cfg.scaling.use_gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
@@ -194,12 +207,15 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, paren
         # Checkpoints are committed by the workers themselves (atomically, with retention), not through Ray's
         # checkpoint upload: a restarted worker group resumes from the newest committed one in run_root.
         run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                             logging_config=LoggingConfig(log_level=ray_train_log_level(verbose))),
     )
+    global_batch = cfg.train.batch_size * cfg.scaling.num_workers * cfg.train.grad_accum_steps
     t0 = time.perf_counter()
     ok = False
     try:
-        result = trainer.fit()
+        with RunProgress(tracking_uri, run_id, global_batch):  # the driver's progress line, read from MLflow
+            result = trainer.fit()
         if result.error is not None:
             raise result.error
         raise_if_stopped(tracking_uri, run_id)

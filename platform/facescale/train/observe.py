@@ -24,6 +24,9 @@ if TYPE_CHECKING:  # MLflow is imported where it is used: the step code also run
     from facescale.tracking.mlflow_run import Tracker
 
 log = logging.getLogger("facescale.train")
+# Rank 0's per-step lines. Under Ray they go to Ray's log files only, and the driver shows progress from MLflow
+# (facescale.console: configure_worker_logging, RunProgress); under torchrun, and with --verbose, also to stdout.
+progress_log = logging.getLogger("facescale.train.progress")
 
 # The phases of one optimizer step, in the order they run (DESIGN.md: load batch → forward → classifier loss →
 # backward → step). "data_wait" is time the loop spent blocked on the loader, not the loader's total work.
@@ -93,6 +96,10 @@ class StepTimer:
 class StepLogger:
     """Progress lines on rank 0 and step metrics to MLflow, each step at most once.
 
+    With each window's metrics goes ``train/step`` (the window's optimizer step), and the run is tagged with its
+    planned length (``facescale.total_steps``): the driver's progress line reads both from the run's latest values
+    (:class:`facescale.console.RunProgress`).
+
     After a restart the loop replays the steps between the last checkpoint and the failure; those were logged by
     the attempt that failed, so steps up to ``logged_through`` (read back from the run) are not logged again.
     """
@@ -103,6 +110,7 @@ class StepLogger:
         self.logged_through = logged_through
         self._t0, self._steps = time.perf_counter(), 0
         self.samples_per_s: list[float] = []
+        tracker.set_tag("facescale.total_steps", str(total_steps))  # no-op off rank 0
 
     def step_done(self) -> None:
         self._steps += 1
@@ -115,10 +123,10 @@ class StepLogger:
         self._t0, self._steps = time.perf_counter(), 0
         if step <= self.logged_through:  # replayed after a restart: already in the run
             return metrics
-        self.tracker.log_metrics(metrics, step)
+        self.tracker.log_metrics({**metrics, "train/step": step}, step)
         if self.rank == 0:
             parts = "".join(f"  {name} {value:.4f}" for name, value in losses.items() if name != "loss")
-            log.info("step %d/%d  loss %.4f%s  lr %.5f  %.1f samples/s  (data wait %.0f ms/step)", step,
+            progress_log.info("step %d/%d  loss %.4f%s  lr %.5f  %.1f samples/s  (data wait %.0f ms/step)", step,
                      self.total_steps, losses["loss"], parts, lr, metrics["train/samples_per_s"],
                      extra.get("time/data_wait_ms", float("nan")))
         return metrics

@@ -26,8 +26,10 @@ from typing import Any
 import torch.distributed as dist
 
 from facescale.config import ConfigError, FaceScaleConfig, dump_config
+from facescale.console import is_verbose
+from facescale.data import load_manifest
 from facescale.parallel.dist import broadcast_object
-from facescale.tracking.mlflow_run import end_run, resolve_local_uri, start_run
+from facescale.tracking.mlflow_run import end_run, log_dataset_input, resolve_local_uri, start_run
 from facescale.train.context import TORCHRUN_VARIABLES, in_torchrun, init_process_group, torchrun_context
 from facescale.train.launch import TrainResult, absolute_paths, check_inputs, final_metrics, raise_if_stopped
 from facescale.train.loop import run_worker
@@ -59,8 +61,9 @@ def _open_run(cfg: FaceScaleConfig, world_size: int, tags: dict[str, str] | None
                        cfg.model_dump(mode="json"), dump_config(cfg), tags={"facescale.launcher": "torchrun",
                                                                             **(tags or {})})
     log.info("MLflow run %s at %s (torchrun, %d workers)", run_id, tracking_uri, world_size)
+    log_dataset_input(tracking_uri, run_id, cfg.data.root, load_manifest(cfg.data.root))
     return {"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking_uri,
-            "run_root": f"{storage.rstrip('/')}/facescale-{run_id}"}
+            "run_root": f"{storage.rstrip('/')}/facescale-{run_id}", "verbose": is_verbose()}
 
 
 def _share_run(cfg: FaceScaleConfig, rank: int, world_size: int, tags: dict[str, str] | None) -> dict[str, Any]:
