@@ -8,6 +8,9 @@ STAMP := $(VENV)/.setup-stamp
 # newer CUDA build when other packages ask for "torch".
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
 DEMO_DATA := data/synth
+# The demo pins the CPU kernels to AVX2 (oneDNN convolutions, ATen's vectorised ops, MKL), so x86 machines with and
+# without AVX-512 run the same arithmetic and print the same numbers (runs record it: facescale.cpu_capability).
+DEMO_KERNELS := DNNL_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2
 
 .PHONY: setup demo test lint bench clean
 
@@ -23,7 +26,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 demo: setup
 	@test -f $(DEMO_DATA)/manifest.json || $(VENV)/bin/facescale data synth --config configs/demo.yaml
-	$(VENV)/bin/facescale distill --pipeline pipelines/demo.yaml
+	$(DEMO_KERNELS) $(VENV)/bin/facescale distill --pipeline pipelines/demo.yaml
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -18,9 +18,11 @@ from facescale.config import ConfigError, ScalingConfig
 from facescale.data import iter_shard, load_manifest, synthesize
 from facescale.distill import angular_distillation_loss
 from facescale.distill.cache import TeacherCache, TeacherCacheError, check_cache
-from facescale.distill.pipeline import load_pipeline, stage_configs
+from facescale.distill.pipeline import load_pipeline, split_stage, stage_configs, student_epochs
+from facescale.distill.report import comparison_metrics, format_summary, summarize, summary_table
 from facescale.distill.runner import PipelineRunner
 from facescale.models import build_backbone
+from facescale.tracking.lineage import TAG_BASE_STAGE, TAG_EPOCHS, TAG_SEED, PipelineLineage, StageRecord, pick_champion
 
 
 # ---------------------------------------------------------------- loss: values and gradients by hand
@@ -229,11 +231,134 @@ def test_teacher_uri_that_does_not_resolve_fails_before_training(tiny_data: Path
 def test_shipped_pipelines_are_valid() -> None:
     repo = Path(__file__).resolve().parents[1]
     demo = stage_configs(load_pipeline(repo / "pipelines" / "demo.yaml"))
-    assert list(demo) == ["teacher", "scratch", "gen-1", "gen-2"]
+    assert list(demo) == ["teacher", "scratch", "scratch-matched", "gen-1", "gen-2"]
     assert demo["teacher"].model.backbone == "iresnet_tiny" and demo["gen-2"].model.backbone == "iresnet_nano"
+    # the budget-matched baseline has had as many student epochs as gen-2 (gen-1's plus its own)
+    assert demo["scratch-matched"].train.epochs == demo["gen-1"].train.epochs + demo["gen-2"].train.epochs == 2
+    assert demo["scratch"].train.epochs == 1 and demo["scratch-matched"].distill.teacher_cache is None
     # The paper setting, for a GPU cluster: IResNet-100 teacher, VarGFaceNet students, Partial FC, alpha 7.
     paper = stage_configs(load_pipeline(repo / "pipelines" / "vargfacenet_rkd.yaml"))
     assert paper["teacher"].model.backbone == "iresnet100"
-    assert {paper[s].model.backbone for s in ("scratch", "gen-1", "gen-2")} == {"vargfacenet"}
+    assert {paper[s].model.backbone for s in ("scratch", "scratch-matched", "gen-1", "gen-2")} == {"vargfacenet"}
+    assert paper["scratch-matched"].train.epochs == 40
     assert all(c.classifier.type == "partial_fc" and c.scaling.use_gpu for c in paper.values())
     assert paper["gen-2"].distill.alpha == 7.0 and paper["gen-2"].distill.form == "eq5"
+
+
+# ---------------------------------------------------------------- budget-matched baseline and seeds (no Ray)
+_TWO_GENS = """\
+    teacher: {backbone: iresnet_tiny, config: {train: {epochs: 3}}}
+    student: {backbone: iresnet_nano, config: {train: {epochs: 2}}}
+    generations: 3
+    stages: {gen-2: {train: {epochs: 1}}}
+    """
+
+
+@pytest.mark.parametrize(("baseline", "stages", "matched_epochs"), [
+    ("true", ["teacher", "scratch", "gen-1", "gen-2", "gen-3"], None),        # the old spelling, unchanged
+    ("false", ["teacher", "gen-1", "gen-2", "gen-3"], None),
+    ("{epochs: match}", ["teacher", "scratch", "scratch-matched", "gen-1", "gen-2", "gen-3"], 2 + 1 + 2),
+    ("{one_generation: false, epochs: 7}", ["teacher", "scratch-matched", "gen-1", "gen-2", "gen-3"], 7),
+])
+def test_scratch_baseline_spellings_and_the_matched_budget(tiny_data: Path, tmp_path: Path, baseline: str,
+                                                           stages: list[str], matched_epochs: int | None) -> None:
+    spec = load_pipeline(_write_spec(tmp_path, tiny_data, _TWO_GENS + f"scratch_baseline: {baseline}\n"))
+    configs = stage_configs(spec)
+    assert list(configs) == stages
+    # gen-3 starts from gen-2, which started from gen-1: 2 + 1 + 2 student epochs behind its model
+    assert [student_epochs(configs, f"gen-{g}") for g in (1, 2, 3)] == [2, 3, 5]
+    if matched_epochs is not None:
+        matched = configs["scratch-matched"]
+        assert matched.train.epochs == matched_epochs and matched.distill.teacher_cache is None
+        assert matched.model.backbone == "iresnet_nano" and matched.tracking.run_name == "scratch-matched"
+    if "scratch" in configs:
+        assert configs["scratch"].train.epochs == 2  # one generation's budget
+
+
+def test_matched_budget_follows_a_step_budget_and_rejects_bad_epochs(tiny_data: Path, tmp_path: Path) -> None:
+    body = ("teacher: {backbone: iresnet_tiny}\nstudent: {backbone: iresnet_nano, config: {train: {max_steps: 5}}}\n"
+            "stages: {gen-2: {train: {max_steps: 3}}}\nscratch_baseline: {epochs: match}\n")
+    configs = stage_configs(load_pipeline(_write_spec(tmp_path, tiny_data, body)))
+    assert configs["scratch-matched"].train.max_steps == 8 and configs["scratch"].train.max_steps == 5
+    with pytest.raises(ConfigError, match="scratch_baseline.epochs"):
+        load_pipeline(_write_spec(tmp_path, tiny_data, "teacher: {backbone: iresnet_tiny}\n"
+                                  "student: {backbone: iresnet_nano}\nscratch_baseline: {epochs: 0}\n"))
+    with pytest.raises(ConfigError, match="seeds"):
+        load_pipeline(_write_spec(tmp_path, tiny_data, "teacher: {backbone: iresnet_tiny}\n"
+                                  "student: {backbone: iresnet_nano}\nseeds: [1, 1]\n"))
+
+
+def test_seeds_expand_every_student_stage_once_per_seed(tiny_data: Path, tmp_path: Path) -> None:
+    spec = load_pipeline(_write_spec(tmp_path, tiny_data, _TWO_GENS + "scratch_baseline: {epochs: match}\n"),
+                         ["seeds=[0,1,2]", "generations=2"])
+    configs = stage_configs(spec)
+    students = ["scratch", "scratch-matched", "gen-1", "gen-2"]
+    assert list(configs) == ["teacher"] + [f"{b}/seed{s}" for s in (0, 1, 2) for b in students]
+    assert spec.student_stages() == set(configs) - {"teacher"}
+    for name, cfg in configs.items():
+        base, seed = split_stage(name)
+        assert cfg.train.seed == (0 if name == "teacher" else seed) and cfg.tracking.run_name == name
+    assert configs["gen-2/seed1"].train.epochs == 1  # stages.gen-2 applies to every seed
+    assert configs["scratch-matched/seed2"].train.epochs == 3 and configs["gen-1/seed2"].distill.alpha == 7.0
+    assert split_stage("gen-1/seed12") == ("gen-1", 12) and split_stage("scratch-matched") == ("scratch-matched", None)
+    runner = PipelineRunner(spec)  # validates every seeded stage (inputs, sizes) without Ray
+    assert runner._first_generation().tracking.run_name == "gen-1/seed0"
+
+
+def _record(stage: str, seed: int | None, accuracy: float, epochs: int = 1, version: str = "1") -> StageRecord:
+    base = stage.split("/seed")[0]
+    tags = {TAG_BASE_STAGE: base, TAG_EPOCHS: str(epochs), **({TAG_SEED: str(seed)} if seed is not None else {})}
+    return StageRecord(stage, f"run-{stage}", f"m-{stage}", "/ckpt", version,
+                       {"val/verification/accuracy": accuracy, "val/verification/accuracy_std": 0.01}, tags)
+
+
+def test_report_mean_and_std_over_seeds_by_hand(tmp_path: Path) -> None:
+    from facescale.distill.report import plot_accuracy, stage_table
+
+    records = [_record("teacher", 0, 0.96, 3)]
+    records += [_record(f"scratch/seed{s}", s, a) for s, a in ((0, 0.90), (1, 0.92), (2, 0.97))]
+    records += [_record(f"gen-1/seed{s}", s, a) for s, a in ((0, 0.93), (1, 0.95), (2, 0.94))]
+    rows = {r.stage: r for r in summarize(records)}
+    # scratch: mean (0.90 + 0.92 + 0.97) / 3 = 0.93; deviations -0.03, -0.01, 0.04; sample variance
+    # (0.0009 + 0.0001 + 0.0016) / 2 = 0.0013 -> std sqrt(0.0013) = 0.0360555...
+    assert rows["scratch"].mean == pytest.approx(0.93) and rows["scratch"].std == pytest.approx(0.0360555128, abs=1e-9)
+    # gen-1: mean 0.94; deviations -0.01, 0.01, 0 -> variance 0.0002 / 2 -> std 0.01
+    assert rows["gen-1"].mean == pytest.approx(0.94) and rows["gen-1"].std == pytest.approx(0.01)
+    assert math.isnan(rows["teacher"].std) and rows["scratch"].seeds == [0, 1, 2]
+    table = summary_table(records)
+    assert table["stage"] == ["teacher", "scratch", "gen-1"] and table["num_seeds"] == [1, 3, 3]
+    metrics = comparison_metrics(records)
+    assert metrics["scratch/accuracy"] == pytest.approx(0.93) and metrics["gen-1/seed2/accuracy"] == 0.94
+    assert metrics["gen-1/accuracy_std_over_seeds"] == pytest.approx(0.01) and "teacher/accuracy_std_over_seeds" \
+        not in metrics
+    assert stage_table(records, "gen-1/seed1")["seed"] == [0, 0, 1, 2, 0, 1, 2]
+    text = format_summary(records, [], "gen-1/seed1", {})
+    assert "scratch           93.00% ± 3.61  (3 seed(s)" in text and "gen-1/seed1 (champion)" in text
+    assert plot_accuracy(records, tmp_path / "acc.png", "t").stat().st_size > 0
+    # The champion is chosen by the stage's mean (gen-1, 0.94 > scratch's 0.93), not by the best single seed
+    # (scratch/seed2, 0.97); of gen-1, its best seed.
+    students = {r.stage for r in records} - {"teacher"}
+    assert pick_champion(records, students).stage == "gen-1/seed1"
+    assert pick_champion([_record("scratch", None, 0.9), _record("gen-1", None, 0.91)], {"scratch", "gen-1"}).stage \
+        == "gen-1"
+
+
+def test_lineage_carries_the_seed_and_resume_finds_seeded_stages(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    lineage = PipelineLineage(uri, "seeds", str(tmp_path / "art"), "p-1", "p", "p-model")
+    assert lineage.open_parent({}, "name: p\n") is False
+    client = lineage.client
+    tags = {"facescale.stage": "gen-1/seed1", TAG_BASE_STAGE: "gen-1", TAG_SEED: "1",
+            "facescale.pipeline_run_id": "p-1", "mlflow.parentRunId": lineage.parent_run_id}
+    run = client.create_run(lineage.experiment_id, run_name="gen-1/seed1", tags=tags)
+    other = client.create_run(lineage.experiment_id, run_name="gen-2/seed1", tags={
+        **tags, "facescale.stage": "gen-2/seed1", TAG_BASE_STAGE: "gen-2"})
+    model = client.create_logged_model(lineage.experiment_id, name="model", source_run_id=run.info.run_id)
+    rec = lineage.complete_stage("gen-1/seed1", run.info.run_id, model.model_id, "/ckpt", {"val/v/accuracy": 0.9})
+    assert rec.seed == 1 and rec.base_stage == "gen-1"
+    version = client.get_model_version_by_alias("p-model", "gen-1-seed1")  # '/' is not allowed in an alias
+    assert version.tags[TAG_SEED] == "1" and version.tags["facescale.stage"] == "gen-1/seed1"
+    # what a re-submission of the pipeline run sees: the seeded stage is done, the other one was interrupted
+    assert lineage.finished_stage("gen-1/seed1").seed == 1
+    assert lineage.finished_stage("gen-1/seed0") is None and lineage.finished_stage("gen-2/seed1") is None
+    assert lineage.interrupted_stage("gen-2/seed1") == other.info.run_id

@@ -107,6 +107,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str) -> Pa
         teacher: {{backbone: iresnet_tiny, config: {{train: {{max_steps: 6}}}}}}
         student: {{backbone: iresnet_tiny}}
         generations: 2
+        scratch_baseline: {{epochs: match}}
         registered_model: tiny-rkd-model
         """))
     return spec
@@ -166,7 +167,7 @@ def test_pipeline_through_ray_job_submit(ray_head: str, mlflow_server: str, pipe
     parent = parents[0]
     digest = parent.data.tags["facescale.dataset_digest"]
     children = _children(client, exp.experiment_id, parent.info.run_id)
-    assert sorted(children) == ["gen-1", "gen-2", "scratch", "teacher"]
+    assert sorted(children) == ["gen-1", "gen-2", "scratch", "scratch-matched", "teacher"]
     runs = {stage: found[0] for stage, found in children.items()}
     assert all(len(found) == 1 and found[0].info.status == "FINISHED" for found in children.values())
 
@@ -175,7 +176,9 @@ def test_pipeline_through_ray_job_submit(ray_head: str, mlflow_server: str, pipe
     for stage, run in runs.items():
         tags = run.data.tags
         assert tags["facescale.pipeline_run_id"] == RUN_ID and tags["facescale.dataset_digest"] == digest
-        assert tags["facescale.generation"] == {"gen-1": "1", "gen-2": "2"}.get(stage, stage)
+        assert tags["facescale.generation"] == {"gen-1": "1", "gen-2": "2", "scratch-matched": "scratch"}.get(stage,
+                                                                                                             stage)
+        assert tags["facescale.seed"] == "0" and tags["facescale.stage_base"] == stage  # no `seeds`: plain names
     assert runs["gen-1"].data.tags["facescale.teacher_model_id"] == teacher_model
     assert runs["gen-2"].data.tags["facescale.teacher_model_id"] == teacher_model
     assert runs["scratch"].data.tags["facescale.teacher_model_id"] == "none"
@@ -183,10 +186,14 @@ def test_pipeline_through_ray_job_submit(ray_head: str, mlflow_server: str, pipe
     assert runs["gen-2"].data.tags["facescale.init_model_id"] == runs["gen-1"].data.tags["facescale.model_id"]
     assert "train/distill_loss" in runs["gen-2"].data.metrics
     assert "train/distill_loss" not in runs["scratch"].data.metrics
+    # the budget-matched baseline: as many steps as gen-2 has had in total (gen-1's 4 + its own 4), no teacher
+    matched = runs["scratch-matched"].data
+    assert matched.params["train.max_steps"] == "8" and matched.tags["facescale.teacher_model_id"] == "none"
+    assert "train/distill_loss" not in matched.metrics and matched.tags["facescale.init_model_id"] == "none"
 
     # every stage's LoggedModel has its stage run as source, and is a registered version with the stage's alias
     versions = {v.version: v for v in client.search_model_versions("name = 'tiny-rkd-model'")}
-    assert len(versions) == 4
+    assert len(versions) == 5
     for stage, run in runs.items():
         model_id = run.data.tags["facescale.model_id"]
         assert client.get_logged_model(model_id).source_run_id == run.info.run_id
@@ -195,7 +202,8 @@ def test_pipeline_through_ray_job_submit(ray_head: str, mlflow_server: str, pipe
         assert mv.source == f"models:/{model_id}" and mv.run_id == run.info.run_id
         assert mv.tags["facescale.model_id"] == model_id and mv.tags["facescale.stage"] == stage
     champion = client.get_model_version_by_alias("tiny-rkd-model", "champion")
-    students = {s: runs[s].data.metrics["val/verification/accuracy"] for s in ("scratch", "gen-1", "gen-2")}
+    students = {s: runs[s].data.metrics["val/verification/accuracy"]
+                for s in ("scratch", "scratch-matched", "gen-1", "gen-2")}
     assert champion.run_id == runs[max(students, key=students.get)].info.run_id
 
     # the parent compares the stages: a table, per-stage metrics, plots
@@ -213,7 +221,7 @@ def test_pipeline_through_ray_job_submit(ray_head: str, mlflow_server: str, pipe
     assert "teacher embeddings" not in logs
     assert {s: len(f) for s, f in _children(client, exp.experiment_id, parent.info.run_id).items()} == dict.fromkeys(
         runs, 1)
-    assert len(client.search_model_versions("name = 'tiny-rkd-model'")) == 4
+    assert len(client.search_model_versions("name = 'tiny-rkd-model'")) == 5
 
     # A third generation, stopped mid-stage after its first checkpoint, then resubmitted: it resumes in the same
     # MLflow run from the checkpoint, with the teacher cache reused (no teacher forward passes).

@@ -192,3 +192,18 @@ def test_init_from_a_local_directory_or_s3_without_ray(tmp_path: Path, bucket: s
         _init_from(f"s3://{bucket}/runs/ckpt", other)
     with pytest.raises(ValueError, match="neither a local directory nor an s3:// URI"):
         _init_from("gs://bucket/ckpt", cfg)
+
+
+def test_the_loop_switches_sub_center_cleaning_on_at_its_epoch_and_logs_the_counts(
+        shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 56 samples / batch 8 = 7 steps per epoch: steps 1-7 are epoch 0, 8-14 epoch 1, where cleaning starts.
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    cfg = _worker_config(shards, tmp_path, "train.epochs=2", "train.checkpoint_every=null", "classifier.subcenters=2",
+                         "classifier.drop_non_dominant_after_epochs=1", "classifier.drop_angle_deg=1")
+    ctx, summary = _run_worker(cfg, tmp_path / "run")
+    windows = [r for r in ctx.reports if "classifier/dominant_only" in r]
+    assert [r["step"] for r in windows] == [2, 4, 6, 8, 10, 12, 14, 14]
+    assert [r["classifier/dominant_only"] for r in windows] == [0.0] * 3 + [1.0] * 5
+    assert all(r["classifier/dropped_samples"] == 0 for r in windows[:3])
+    # A 1-degree limit: nearly every sample of epoch 1 is farther than that from its dominant center, so dropped.
+    assert sum(r["classifier/dropped_samples"] for r in windows[3:7]) > 0.5 * 7 * 8

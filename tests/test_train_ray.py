@@ -46,7 +46,12 @@ def test_two_worker_run_logs_to_mlflow(tiny_data, local_ray, tmp_path):
     losses = [m.value for m in history]
     assert np.mean(losses[-2:]) < losses[0], f"loss did not decrease: {losses}"
     acc = run.data.metrics["val/verification/accuracy"]
-    assert 0.5 <= acc <= 1.0
+    # Measured on the project's 2-core machine (2026-12-01) with exactly this config: 0.817 for seed 0 (the same,
+    # bit for bit, on repeated runs), 0.850 for seed 1, 0.917 for seed 2. A broken run: the same 24 steps at lr 1e-9
+    # (updates that do not land) reach 0.600, a 1-step run 0.617 -- random conv features already separate these
+    # synthetic faces a little, so 0.5 proved nothing. 60 pairs, one pair = 1.7 points: the floor 0.75 is ~4 pairs
+    # below the worst measured seed and ~8 above the untrained net.
+    assert 0.75 <= acc <= 1.0, f"held-out accuracy {acc:.4f}: training did not learn"
     assert result.metrics["val/verification/accuracy"] == pytest.approx(acc)
     assert "Open the UI" in format_results(result)
 
@@ -68,6 +73,21 @@ def test_two_worker_run_logs_to_mlflow(tiny_data, local_ray, tmp_path):
     assert json.loads((ckpt / "progress.json").read_text())["step"] == 24
     assert {"model.pt", "optimizer.pt"} <= {p.name for p in ckpt.iterdir()}
     assert {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in ckpt.iterdir()}
+
+    # Resuming from the step-12 checkpoint (a new run, same 2 workers) must retrace the uninterrupted run: model,
+    # optimizer, RNG and data position all come back, and the run is deterministic (tests/test_determinism.py), so
+    # the losses at steps 16, 20, 24 and the final accuracy are those of the reference run above, bit for bit on one
+    # machine (1e-6 relative allows for nothing but float printing in MLflow's store).
+    mid = ckpt.parent / "checkpoint_00000012"
+    assert mid.is_dir(), sorted(p.name for p in ckpt.parent.iterdir())
+    resumed_cfg = cfg.model_copy(deep=True)
+    resumed_cfg.train.resume_from = str(mid)
+    resumed = run_training(resumed_cfg)
+    resumed_history = client.get_metric_history(resumed.run_id, "train/loss")
+    assert [m.step for m in resumed_history] == [16, 20, 24]
+    reference = {m.step: m.value for m in history}
+    assert [m.value for m in resumed_history] == pytest.approx([reference[s] for s in (16, 20, 24)], rel=1e-6)
+    assert resumed.metrics["val/verification/accuracy"] == pytest.approx(acc, abs=1e-9)
 
 
 def tiny_overrides(data, tmp_path, *extra):
@@ -96,6 +116,9 @@ def test_partial_fc_run_resumes_on_another_world_size(tiny_data, local_ray, tmp_
     steps = [m.step for m in client.get_metric_history(second.run_id, "train/loss")]
     assert steps == [16], "the resumed run continues at step 13 and logs its first report at 16"
     assert json.loads((Path(second.checkpoint_path) / "progress.json").read_text())["step"] == 16
+    # On another world size the global batch (and so each step's samples) changes, so no run is a bitwise reference
+    # here; the exact resume-equals-uninterrupted check is in test_two_worker_run_logs_to_mlflow. This one checks that
+    # the resumed steps continue a trained classifier rather than diverge.
     resumed_loss = second.metrics["train/loss"]
     assert np.isfinite(resumed_loss) and resumed_loss < 1.5 * first.metrics["train/loss"]
 

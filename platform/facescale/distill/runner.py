@@ -25,11 +25,22 @@ import torch
 
 from facescale.config import ConfigError, FaceScaleConfig
 from facescale.data import load_manifest
-from facescale.distill.pipeline import SCRATCH, TEACHER, PipelineSpec, dump_spec, generation_name, generation_of
+from facescale.distill.pipeline import (
+    SCRATCH,
+    SCRATCH_STAGES,
+    TEACHER,
+    PipelineSpec,
+    dump_spec,
+    generation_name,
+    generation_of,
+    split_stage,
+    stage_name,
+    student_epochs,
+)
 from facescale.distill.pipeline import stage_configs as build_stage_configs
-from facescale.distill.report import plot_accuracy, stage_table
+from facescale.distill.report import comparison_metrics, plot_accuracy, stage_table, summary_table
 from facescale.eval.plots import plot_roc
-from facescale.tracking.lineage import PipelineLineage, StageRecord
+from facescale.tracking.lineage import TAG_BASE_STAGE, TAG_EPOCHS, TAG_SEED, PipelineLineage, StageRecord, safe_name
 from facescale.tracking.mlflow_run import resolve_local_uri
 from facescale.tracking.models import LoadedBackbone, ModelResolveError, load_backbone
 from facescale.train.launch import check_inputs, init_ray, run_training
@@ -154,11 +165,15 @@ class PipelineRunner:
         self.init: LoadedBackbone | None = None
         if spec.init != "scratch":
             self.init = _resolve(spec.init, "init", self.tracking_uri)
-            student = self.configs[generation_name(1)].model
+            student = self._first_generation().model
             if (self.init.backbone, self.init.embedding_size) != (student.backbone, student.embedding_size):
                 raise ConfigError(f"init: {spec.init} is {self.init.backbone} with embedding "
                                   f"{self.init.embedding_size}; the student is {student.backbone} with embedding "
                                   f"{student.embedding_size}")  # fmt: skip
+
+    def _first_generation(self) -> FaceScaleConfig:
+        """gen-1's config (of the first seed under ``seeds``: the seeds differ only in ``train.seed``)."""
+        return next(c for s, c in self.configs.items() if split_stage(s)[0] == generation_name(1))
 
     def _check_student_size(self, teacher_size: int, what: str) -> None:
         for stage, cfg in self.configs.items():
@@ -219,7 +234,7 @@ class PipelineRunner:
         cache_dir = _join(self.cache_root, f"{model_id}-{self.manifest.digest[:12]}")
         if loaded is None:
             loaded = _resolve(where, "teacher checkpoint", self.tracking_uri)
-        cfg = self.configs[generation_name(1)]
+        cfg = self._first_generation()
         _, built = build_teacher_cache(loaded.module, model_id, self.manifest, cache_dir, loaded.embedding_size,
                                        cfg.scaling, cfg.train.eval_batch_size, cfg.data.on_error)
         result.teacher_cache_built = built
@@ -233,11 +248,12 @@ class PipelineRunner:
         a local directory there (which every node sees, as Ray Train's storage must be), or uploaded to s3:// so that
         workers on any node read it.
         """
-        if stage == SCRATCH:
+        base, seed = split_stage(stage)
+        if base in SCRATCH_STAGES:
             return None, "none"
-        generation = int(generation_of(stage))
+        generation = int(generation_of(base))
         if generation > 1:
-            prev = records[generation_name(generation - 1)]
+            prev = records[stage_name(generation_name(generation - 1), seed)]  # the same seed's previous generation
             return prev.checkpoint, prev.model_id
         if self.init is None:
             return None, "none"
@@ -254,20 +270,23 @@ class PipelineRunner:
     def _run_stage(self, stage: str, lineage: PipelineLineage, result: PipelineResult) -> StageRecord:
         cfg = self.configs[stage].model_copy(deep=True)
         teacher_id = "none"
-        if stage not in (TEACHER, SCRATCH):
+        base, _ = split_stage(stage)
+        if base not in (TEACHER, *SCRATCH_STAGES):
             teacher_id, cfg.distill.teacher_cache = self._ensure_cache(result.records, result)
         init_from, init_id = (None, "none") if stage == TEACHER else self._init_for(stage, result.records)
         cfg.train.init_from = init_from
         tags = {"facescale.stage": stage, "facescale.generation": generation_of(stage), "facescale.backbone":
                 cfg.model.backbone,
                 "facescale.teacher_model_id": teacher_id, "facescale.init_model_id": init_id,
-                "facescale.dataset_digest": self.manifest.digest, "facescale.pipeline_run_id": self.pipeline_run_id}
+                "facescale.dataset_digest": self.manifest.digest, "facescale.pipeline_run_id": self.pipeline_run_id,
+                TAG_BASE_STAGE: base, TAG_SEED: str(cfg.train.seed),
+                TAG_EPOCHS: str(student_epochs(self.configs, stage)) if stage != TEACHER else str(cfg.train.epochs)}
         resume_run = lineage.interrupted_stage(stage)
         if resume_run:
             log.info("stage %s: resuming interrupted run %s", stage, resume_run)
         log.info("stage %s: %s, init %s, teacher %s", stage, cfg.model.backbone, init_id, teacher_id)
         res = run_training(cfg, tags=tags, parent_run_id=lineage.parent_run_id, run_id=resume_run,
-                           ray_run_name=f"{self.pipeline_run_id}-{stage}")
+                           ray_run_name=f"{self.pipeline_run_id}-{safe_name(stage)}")
         model_id = res.metrics.get("model_id")
         if not model_id or not res.checkpoint_path:
             raise RuntimeError(f"stage {stage}: the run logged no model or checkpoint (tracking.log_model must be on)")
@@ -282,15 +301,15 @@ class PipelineRunner:
             out_dir = Path(self.storage) / self.pipeline_run_id
             out_dir.mkdir(parents=True, exist_ok=True)
         plots = [plot_accuracy(records, out_dir / "accuracy_by_stage.png", title=f"{self.spec.name}: held-out "
-                               "verification by stage")]
+                               "verification by stage")]  # mean ± std over seeds under `seeds`
         curves: dict[str, Any] = {}
         for rec in records:
             for name, curve in lineage.curves(rec).items():
                 curves[f"{rec.stage} · {name}"] = curve
         if curves:
             plots.append(plot_roc(curves, out_dir / "roc_by_stage.png", title=f"{self.spec.name}: ROC by stage"))
-        metrics = {f"{r.stage}/accuracy": r.accuracy for r in records if r.accuracy == r.accuracy}
-        lineage.log_comparison(stage_table(records, result.champion), metrics, plots)
+        lineage.log_comparison(stage_table(records, result.champion), comparison_metrics(records), plots,
+                               summary=summary_table(records) if self.spec.seeds is not None else None)
         result.plots = plots
 
 

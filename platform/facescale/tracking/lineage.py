@@ -4,11 +4,15 @@ What the MLflow UI then shows:
 
 - the parent run (tag ``facescale.pipeline_run_id``) with the pipeline spec, a comparison table
   (``comparison.json``), per-stage metrics and plots (held-out accuracy per stage, ROC curves overlaid);
-- one child run per stage (teacher, scratch, gen-1, gen-2, ...) tagged with ``facescale.generation``,
-  ``facescale.stage``, ``facescale.teacher_model_id``, ``facescale.init_model_id``, ``facescale.dataset_digest``,
-  ``facescale.pipeline_run_id``, each with its LoggedModel (source run = the child);
+- one child run per stage (teacher, scratch, scratch-matched, gen-1, gen-2, ...; ``gen-1/seed1`` and so on when the
+  pipeline has ``seeds``) tagged with ``facescale.generation``, ``facescale.stage``, ``facescale.stage_base`` (the
+  stage without its seed), ``facescale.seed`` (the stage's ``train.seed``), ``facescale.student_epochs`` (epochs of
+  student training behind the model), ``facescale.teacher_model_id``, ``facescale.init_model_id``,
+  ``facescale.dataset_digest``, ``facescale.pipeline_run_id``, each with its LoggedModel (source run = the child);
 - one registered model whose versions are the stages, with aliases named after the stages (``teacher``,
-  ``scratch``, ``gen-1``, ...) and ``champion`` (best held-out accuracy among the students).
+  ``scratch``, ``gen-1``, ``gen-1-seed1`` -- an alias cannot hold ``/`` --, ...) and ``champion``: among the
+  students, the stage with the best held-out accuracy averaged over its seeds, and of that stage the seed whose
+  model scored best (the stage is chosen on the mean, so seed noise does not pick the method).
 
 A stage counts as done when its child run carries ``facescale.stage_complete=true``: that tag is set after the model
 is registered, so a crash anywhere before it re-runs (and resumes) the stage.
@@ -33,12 +37,20 @@ from facescale.tracking.mlflow_run import get_or_create_experiment, reopen_run
 
 log = logging.getLogger("facescale.lineage")
 
+
+def safe_name(stage: str) -> str:
+    """A stage name as an alias or directory name: ``gen-1/seed1`` → ``gen-1-seed1`` (aliases allow ``[\\w-]``)."""
+    return stage.replace("/", "-")
+
 TAG_PREFIX = "facescale."
 TAG_PIPELINE_RUN_ID = "facescale.pipeline_run_id"
 TAG_STAGE = "facescale.stage"
 TAG_COMPLETE = "facescale.stage_complete"
 TAG_MODEL_ID = "facescale.model_id"
 TAG_CHECKPOINT = "facescale.checkpoint"
+TAG_SEED = "facescale.seed"
+TAG_BASE_STAGE = "facescale.stage_base"
+TAG_EPOCHS = "facescale.student_epochs"
 CHAMPION = "champion"
 
 
@@ -59,6 +71,17 @@ class StageRecord:
         """Held-out accuracy averaged over the verification sets (NaN when there are none)."""
         values = [v for k, v in self.metrics.items() if k.startswith("val/") and k.endswith("/accuracy")]
         return sum(values) / len(values) if values else float("nan")
+
+    @property
+    def base_stage(self) -> str:
+        """The stage without its seed (``gen-1`` of ``gen-1/seed1``)."""
+        return self.tags.get(TAG_BASE_STAGE, self.stage.split("/seed")[0])
+
+    @property
+    def seed(self) -> int | None:
+        """The stage's ``train.seed`` (None for a run recorded before seeds were tagged)."""
+        value = self.tags.get(TAG_SEED)
+        return int(value) if value not in (None, "") else None
 
 
 class PipelineLineage:
@@ -140,23 +163,21 @@ class PipelineLineage:
         mlflow.set_tracking_uri(self.tracking_uri)
         mv = self.client.create_model_version(self.registered_model, source=f"models:/{model_id}", run_id=run_id,
                                               model_id=model_id, tags=version_tags)
-        self.client.set_registered_model_alias(self.registered_model, stage, mv.version)
+        self.client.set_registered_model_alias(self.registered_model, safe_name(stage), mv.version)
         for key, value in {TAG_MODEL_ID: model_id, TAG_CHECKPOINT: checkpoint, "facescale.model_version": mv.version,
                            TAG_COMPLETE: "true"}.items():
             self.client.set_tag(run_id, key, value)
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         record = StageRecord(stage, run_id, model_id, checkpoint, str(mv.version), numeric, dict(run_tags))
         log.info("stage %s: model %s registered as %s version %s (alias %s)", stage, model_id,
-                 self.registered_model, mv.version, stage)
+                 self.registered_model, mv.version, safe_name(stage))
         return record
 
     def set_champion(self, records: list[StageRecord], students: set[str]) -> StageRecord | None:
-        """Points the ``champion`` alias at the student stage with the best held-out accuracy."""
-        candidates = [r for r in records if r.stage in students and r.accuracy == r.accuracy]
-        if not candidates:
-            return None
-        best = max(candidates, key=lambda r: r.accuracy)
-        self.client.set_registered_model_alias(self.registered_model, CHAMPION, best.version)
+        """Points the ``champion`` alias at the best student; see :func:`pick_champion`."""
+        best = pick_champion(records, students)
+        if best is not None:
+            self.client.set_registered_model_alias(self.registered_model, CHAMPION, best.version)
         return best
 
     def curves(self, record: StageRecord) -> dict[str, dict[str, Any]]:
@@ -172,9 +193,12 @@ class PipelineLineage:
         return out
 
     def log_comparison(self, table: dict[str, list[Any]], metrics: Mapping[str, float],
-                       plots: list[Path]) -> None:
-        """Logs the stage comparison into the parent run: table, per-stage metrics, plots."""
+                       plots: list[Path], summary: dict[str, list[Any]] | None = None) -> None:
+        """Logs the stage comparison into the parent run: table (one row per stage run), the mean ± std over seeds
+        per stage (``comparison_by_stage.json``, when given), per-stage metrics, plots."""
         self.client.log_table(self.parent_run_id, data=table, artifact_file="comparison.json")
+        if summary is not None:
+            self.client.log_table(self.parent_run_id, data=summary, artifact_file="comparison_by_stage.json")
         for key, value in metrics.items():
             self.client.log_metric(self.parent_run_id, key, float(value))
         for png in plots:
@@ -183,3 +207,17 @@ class PipelineLineage:
     def end(self, ok: bool) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
         self.client.set_terminated(self.parent_run_id, status=status)
+
+
+def pick_champion(records: list[StageRecord], students: set[str]) -> StageRecord | None:
+    """The champion among the student records: the stage (without seed) with the best mean held-out accuracy over its
+    seeds, then that stage's best-scoring seed. Without seeds this is simply the best student. Records of stages
+    still missing a seed compete on the seeds they have (the alias is set again after every stage)."""
+    candidates = [r for r in records if r.stage in students and r.accuracy == r.accuracy]
+    if not candidates:
+        return None
+    by_stage: dict[str, list[StageRecord]] = {}
+    for rec in candidates:
+        by_stage.setdefault(rec.base_stage, []).append(rec)
+    best_stage = max(by_stage.values(), key=lambda recs: sum(r.accuracy for r in recs) / len(recs))
+    return max(best_stage, key=lambda r: r.accuracy)

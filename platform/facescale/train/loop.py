@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -239,6 +240,13 @@ def _nonfinite_policy(outcome: StepOutcome, step: int, consecutive_bad: int, pro
     return consecutive_bad
 
 
+def _cpu_capability() -> str:
+    """ATen's CPU kernel level (``AVX512``, ``AVX2``, ...), with oneDNN's cap when ``DNNL_MAX_CPU_ISA`` sets one."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    cap = os.environ.get("DNNL_MAX_CPU_ISA")
+    return f"{capability} (DNNL_MAX_CPU_ISA={cap})" if cap else capability
+
+
 def run_worker(ctx: WorkerContext, payload: dict[str, Any]) -> None:
     """The training loop of one worker, whichever launcher started it.
 
@@ -246,7 +254,9 @@ def run_worker(ctx: WorkerContext, payload: dict[str, Any]) -> None:
         ctx: Who this worker is, its device, the run's storage root and where it reports (``train/context.py``).
         payload: ``config`` (the resolved config as JSON), ``run_id`` and ``tracking_uri`` of the MLflow run.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from facescale.console import configure_worker_logging  # quiet library loggers; per-step lines off stdout
+
+    configure_worker_logging(ctx.launcher, verbose=bool(payload.get("verbose")))
     cfg = FaceScaleConfig.model_validate(payload["config"])
     rank, world_size, device = ctx.rank, ctx.world_size, ctx.device
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -285,6 +295,10 @@ def run_worker(ctx: WorkerContext, payload: dict[str, Any]) -> None:
 
     tracker = Tracker(payload["tracking_uri"], payload["run_id"], rank)
     tracker.set_tag("facescale.loader", type(loader).__name__)
+    # Same config, same data, same machine: the same numbers, bit for bit (tests/test_determinism.py). Across
+    # machines the CPU kernels differ with the instruction set (oneDNN's convolutions use AVX-512 where there is
+    # one, unless DNNL_MAX_CPU_ISA caps it), so the run records which ones it had.
+    tracker.set_tag("facescale.cpu_capability", _cpu_capability())
     if getattr(loader, "fallback_reason", None):  # data.loader: auto fell back to torch: say why, in the run
         tracker.set_tag("facescale.loader_fallback", loader.fallback_reason)
     logger = StepLogger(tracker, rank, cfg.train.batch_size * world_size * accum, total_steps,
@@ -298,10 +312,14 @@ def run_worker(ctx: WorkerContext, payload: dict[str, Any]) -> None:
     metrics: dict[str, Any] = {}
     first_step, consecutive_bad, last_checkpoint = progress.step, 0, resumed_from
     groups = step_groups(loader, progress, accum, teacher)
+    head, head_epoch = unwrap(classifier), None
     try:
         while progress.step < total_steps:
             with timer.phase("data_wait"):  # load micro-batches (+ cached teacher embeddings)
                 group = next(groups)
+            if progress.epoch != head_epoch and hasattr(head, "set_epoch"):  # an epoch starts (or a resume)
+                head_epoch = progress.epoch
+                head.set_epoch(head_epoch)  # sub-center cleaning switches on at its epoch
             # uint8 to the device, normalised there; the copies are asynchronous, and the step's one host read
             # completes them before the next batch is loaded (so a loader may reuse its pinned buffers).
             micro = [to_device(images, labels, teacher.lookup(keys) if teacher is not None else None, device,
@@ -323,7 +341,8 @@ def run_worker(ctx: WorkerContext, payload: dict[str, Any]) -> None:
             if progress.step % cfg.train.log_every == 0 or progress.step == total_steps:  # report
                 window = _mean_over_ranks({**outcome.losses, "grad_norm": outcome.grad_norm})  # the host read
                 extra = {**timer.flush(), "train/grad_norm": window.pop("grad_norm"),
-                         "train/nonfinite_skipped": progress.nonfinite_skipped}
+                         "train/nonfinite_skipped": progress.nonfinite_skipped,
+                         **(head.stats() if hasattr(head, "stats") else {})}
                 metrics = logger.flush(progress.step, window, lr, extra)
                 metrics["step"] = progress.step
                 if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
