@@ -1,8 +1,12 @@
 """Shared fixtures: environment that keeps Ray and MLflow on this machine, a local Ray head, tiny synthetic shards,
-and a real S3 API server (moto) on 127.0.0.1."""
+a real S3 API server (moto) and a real `mlflow server`, both on 127.0.0.1."""
 
 import os
 import re
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +37,35 @@ def local_ray() -> Iterator[None]:
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 with served artifacts (as the cluster's tracking server runs)."""
+    from facescale.parallel.dist import free_loopback_port
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_loopback_port()
+    mlflow = Path(sys.executable).parent / "mlflow"
+    with (root / "server.log").open("w") as log:
+        proc = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port),
+                                 "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
+                                 "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow server did not answer /health within 120 s"
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 @pytest.fixture(scope="module")

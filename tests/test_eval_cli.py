@@ -1,12 +1,8 @@
 """`facescale eval` / `facescale export` end to end: checkpoint and MLflow models, real stores, bad input → exit 2."""
 
 import json
-import os
 import pickle
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +16,6 @@ from facescale.cli import main
 from facescale.data.synth import synthesize
 from facescale.eval.verification import compute_embeddings, evaluate, load_bin
 from facescale.models import build_backbone
-from facescale.parallel.dist import free_loopback_port
 from facescale.tracking.mlflow_run import Tracker, end_run, start_run
 from facescale.train.checkpoint import TrainCheckpoint, TrainProgress
 
@@ -128,33 +123,6 @@ def test_bad_input_exits_2_naming_the_problem(data, tmp_path, capsys):
                "--tracking-uri", f"sqlite:///{tmp_path / 'empty.db'}"])
     assert rc == 2 and "0123456789abcdef" in capsys.readouterr().err
 
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with served artifacts (as the cluster's tracking server runs)."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_loopback_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with (root / "server.log").open("w") as log:
-        proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                                 "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
-                                 "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow server did not answer /health within 120 s"
-                time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 @pytest.mark.integration

@@ -7,19 +7,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from facescale.data import load_manifest
-from facescale.parallel.dist import free_loopback_port
 from facescale.tracking.mlflow_run import (
     EXPERIMENT_KIND_TAG,
     NONFINITE_METRIC,
@@ -32,32 +26,6 @@ from facescale.tracking.mlflow_run import (
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
 
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `mlflow server` with served artifacts (as tests/test_eval_cli.py starts one)."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_loopback_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with (root / "server.log").open("w") as log:
-        proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                                 "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
-                                 "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow server did not answer /health within 120 s"
-                time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_experiments_are_marked_model_training(mlflow_server: str) -> None:
