@@ -333,3 +333,66 @@ def test_decode_device_follows_the_worker_device() -> None:
     assert resolve_decode_device("cpu", use_gpu=True, device=torch.device("cuda", 0)) == ("cpu", None)
     with pytest.raises(DataError, match="data.decode_device=mixed decodes on the worker's GPU"):
         resolve_decode_device("mixed", use_gpu=False, device=torch.device("cpu"))
+
+
+def _tar_of(path: Path, names: list[str], tar_format: int) -> dict[str, bytes]:
+    import io
+    import tarfile
+
+    contents = {}
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        for i, name in enumerate(names):
+            contents[name] = data = f"{i}:{name}".encode() * (i + 1)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return contents
+
+
+# Nested and dotted directories, multi-dot extensions, hidden files, an empty extension and a name past ustar's
+# 100 characters; every name has an extension (DALI's tool splits a name without one wrongly, see wds_index).
+_INDEX_NAMES = ["a.jpg", "a.cls", "a.tea.npy", "d.x/b.jpg", "d.x/b.cls", "c/.hid.jpg", ".top.jpg", "e.f/.hid.cls",
+                "g/h.", "g/h.cls", "long/" + "k" * 120 + ".jpg", "long/" + "k" * 120 + ".cls", "i.jpg"]
+
+
+def test_index_matches_dalis_tool_on_odd_names(tmp_path: Path) -> None:
+    import tarfile
+
+    wds2idx = pytest.importorskip("wds2idx")
+    _tar_of(tmp_path / "odd.tar", _INDEX_NAMES, tarfile.PAX_FORMAT)  # Python's default format, as ShardSetWriter's
+    with wds2idx.IndexCreator(str(tmp_path / "odd.tar"), str(tmp_path / "ref.idx"), verbose=False) as creator:
+        creator.create_index()
+    text, count = index_text(tmp_path / "odd.tar")
+    assert text == (tmp_path / "ref.idx").read_text() and count == 5  # a, d.x/b, g/h, long/k..k, i; hidden skipped
+    members = [line.split(" ")[3::4] for line in text.splitlines()[1:]]
+    assert members == [_INDEX_NAMES[0:3], _INDEX_NAMES[3:5], _INDEX_NAMES[8:10], _INDEX_NAMES[10:12], ["i.jpg"]]
+    assert text.splitlines()[3].startswith(" ")  # "g/h." has the empty extension: the line starts with its blank
+
+
+@pytest.mark.parametrize("tar_format", ["PAX_FORMAT", "GNU_FORMAT"])
+def test_index_offsets_point_at_member_data(tmp_path: Path, tar_format: str) -> None:
+    """Each index entry's offset and size read back its member's bytes, long names included (GNU: LongLink)."""
+    import tarfile
+
+    contents = _tar_of(tmp_path / "t.tar", _INDEX_NAMES, getattr(tarfile, tar_format))
+    text, _ = index_text(tmp_path / "t.tar")
+    raw = (tmp_path / "t.tar").read_bytes()
+    entries = [line.split(" ") for line in text.splitlines()[1:]]
+    seen = {}
+    for fields in entries:
+        for ext, offset, size, name in zip(*[iter(fields)] * 4):
+            assert name.endswith(f".{ext}")
+            seen[name] = raw[int(offset) : int(offset) + int(size)]
+    assert seen == {n: d for n, d in contents.items() if "/." not in n and not n.startswith(".")}
+
+
+def test_dali_batch_keys_follow_the_index_rule() -> None:
+    from facescale.data.dali_batch import parse_source_infos
+    from facescale.data.wds_index import split_member
+
+    infos = [f"/s/t-0.tar:{1536 * i}:{name}".encode() for i, name in enumerate(_INDEX_NAMES)]
+    width = max(map(len, infos))
+    padded = np.frombuffer(b"".join(i.ljust(width, b"\0") for i in infos), np.uint8).reshape(len(infos), width)
+    keys, shards = parse_source_infos(padded)  # DALI's source_info: tar path, data offset, member name
+    assert keys == [split_member(n)[0] for n in _INDEX_NAMES] and set(shards) == {"/s/t-0.tar"}
+    assert keys[:5] == ["a", "a", "a", "d.x/b", "d.x/b"] and keys[8] == "g/h"

@@ -315,3 +315,65 @@ def test_loader_refuses_shard_whose_count_disagrees_with_manifest(tmp_path):
         for _ in loader.epoch_batches(0):
             pass
     assert meta["shards"][0]["url"] in str(exc.value)
+
+
+# --- tar member names: webdataset's key rule (torch loader) and DALI's (index files, DALI batches) ------------------
+
+# Names where the rules agree (<key>.<ext>, dots in directories and extensions) and where they differ (no extension,
+# hidden files, a dotted directory above a hidden file, an upper-case extension).
+_MEMBER_NAMES = ["a.jpg", "a.cls", "a.tea.npy", "d.x/b.JPG", "d.x/b.cls", "README", "c/README", "c/.hid.jpg",
+                 "c/.hid.cls", "e.f/.hid.jpg", ".top.jpg", "g/h.jpg", "g/h.", "i.jpg"]
+
+
+def _tar_of(path: Path, names: list[str]) -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for i, name in enumerate(names):
+            data = f"{i}:{name}".encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_tar_reader_groups_members_like_webdataset(tmp_path: Path) -> None:
+    """The torch loader's reader makes the samples webdataset's own iterator makes, on names that probe the rule."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    from facescale.data.tar_reader import iter_tar_samples
+
+    path = _tar_of(tmp_path / "names.tar", _MEMBER_NAMES)
+    with path.open("rb") as f:
+        ours = list(iter_tar_samples(f, str(path)))
+    with path.open("rb") as f:
+        files = ({**member, "__url__": str(path)} for member in tar_file_iterator(f))
+        reference = list(group_by_keys(files))
+    assert ours == reference
+    keys = [s["__key__"] for s in ours]
+    assert keys == ["a", "d.x/b", "c/", "g/h", "i"]  # by hand: README, e.f/.hid.jpg and .top.jpg are no samples
+    assert ours[1]["jpg"] == b"3:d.x/b.JPG" and ours[2]["hid.cls"] == b"8:c/.hid.cls" and ours[3][""] == b"12:g/h."
+
+
+def _split_by_hand(name: str) -> tuple[str, str]:
+    """DALI's rule written out: the key ends before the first dot after the last slash; no such dot: all key."""
+    last_slash = max((i for i, c in enumerate(name) if c == "/"), default=-1)
+    dots = [i for i, c in enumerate(name) if c == "." and i > last_slash]
+    return (name, "") if not dots else (name[: dots[0]], name[dots[0] + 1 :])
+
+
+def test_dali_split_matches_hand_rule_and_webdataset_on_plain_names() -> None:
+    """``wds_index.split_member`` (DALI's rule) against the rule written out, on random names over ``a b . /``."""
+    from webdataset.tariterators import base_plus_ext
+
+    from facescale.data.wds_index import split_member
+
+    rng = np.random.default_rng(0)
+    names = ["".join(rng.choice(list("ab./"), size=rng.integers(1, 9))) for _ in range(3000)] + _MEMBER_NAMES
+    for name in names:
+        key, ext = split_member(name)
+        assert (key, ext) == _split_by_hand(name), name
+        last = key.rsplit("/", 1)[-1]
+        if ext and last:  # a non-empty key component and an extension: webdataset's rule splits the same way
+            assert base_plus_ext(name) == (key, ext), name

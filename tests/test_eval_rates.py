@@ -75,6 +75,29 @@ def test_matches_brute_force_with_ties(seed):
         assert got[target]["tpr"] == pytest.approx(brute_force_tpr_at_fpr(scores, labels, target), abs=1e-12)
 
 
+def brute_force_roc(scores, labels):
+    """Independent reference curve: at +inf and at every distinct score from high to low, counted directly."""
+    thresholds = [math.inf, *sorted(set(scores.tolist()), reverse=True)]
+    neg, pos = int((~labels).sum()), int(labels.sum())
+    fpr = [sum(1 for s, y in zip(scores, labels) if s >= t and not y) / neg for t in thresholds]
+    tpr = [sum(1 for s, y in zip(scores, labels) if s >= t and y) / pos for t in thresholds]
+    return np.array(fpr), np.array(tpr), np.array(thresholds)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_roc_points_equal_brute_force_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(400) < 0.25
+    scores = np.round(np.where(labels, rng.normal(0.5, 0.3, 400), rng.normal(0.1, 0.3, 400)), 1)  # heavy ties
+    scores[:4] = [0.0, -0.0, 0.0, -0.0]  # -0.0 == 0.0: one threshold, not two
+    roc = compute_roc(scores, labels)
+    fpr, tpr, thresholds = brute_force_roc(scores, labels)
+    assert len(roc.thresholds) == len(set(scores.tolist())) + 1
+    np.testing.assert_array_equal(roc.fpr, fpr)  # exact: the same integer counts over the same totals
+    np.testing.assert_array_equal(roc.tpr, tpr)
+    np.testing.assert_array_equal(roc.thresholds, thresholds)
+
+
 def test_roc_shape_and_unmeasurable_targets():
     rng = np.random.default_rng(0)
     labels = np.r_[np.ones(50, bool), np.zeros(500, bool)]

@@ -117,3 +117,23 @@ def test_load_bin_not_a_pickle(tmp_path):
     with pytest.raises(BinFormatError, match="not a pickled") as exc:
         load_bin(path)
     assert str(path) in str(exc.value)
+
+
+def test_load_bin_decodes_png_with_pil_and_jpeg_with_simplejpeg(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from facescale.eval.images import decode_rgb
+
+    rng = np.random.default_rng(2)
+    imgs = [rng.integers(0, 256, size=(112, 112, 3), dtype=np.uint8) for _ in range(2)]
+    png = io.BytesIO()
+    Image.fromarray(imgs[0]).save(png, format="PNG")
+    jpeg = simplejpeg.encode_jpeg(imgs[1], quality=90)
+    images, _ = load_bin(_write(tmp_path / "mixed.bin", ([png.getvalue(), np.frombuffer(jpeg, np.uint8)], [True])))
+    assert np.array_equal(images[0], imgs[0])  # PNG is lossless: PIL's decode is the original
+    assert np.array_equal(images[1], simplejpeg.decode_jpeg(jpeg, colorspace="RGB"))
+    assert np.array_equal(decode_rgb(jpeg), images[1]) and np.array_equal(decode_rgb(png.getvalue()), imgs[0])
+    with pytest.raises(BinFormatError, match="image 1 cannot be decoded"):  # a JPEG marker, then garbage: both fail
+        load_bin(_write(tmp_path / "bad.bin", ([png.getvalue(), b"\xff\xd8 not a jpeg"], [True])))

@@ -247,7 +247,9 @@ class FaceScaleConfig(_Strict):
         """The MLflow tracking URI this run uses (config, then environment, then embedded sqlite)."""
         if self.tracking.uri:
             return self.tracking.uri
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns.db').resolve()}"
+        from facescale.tracking.mlflow_run import default_tracking_uri  # lazy: imports mlflow
+
+        return default_tracking_uri()
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -153,8 +153,7 @@ def _log_to_mlflow(args: argparse.Namespace, loaded: Any, metrics: dict[str, flo
     from mlflow.entities import LoggedModelInput, Metric
     from mlflow.tracking import MlflowClient
 
-    from facescale.tracking.mlflow_run import end_run, resolve_local_uri, start_run
-    from facescale.tracking.models import default_tracking_uri
+    from facescale.tracking.mlflow_run import default_tracking_uri, end_run, resolve_local_uri, start_run
 
     uri = resolve_local_uri(args.tracking_uri or default_tracking_uri())
     params = {"model": loaded.source, "model_id": loaded.model_id or "", "backbone": loaded.backbone or "",

@@ -22,7 +22,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from facescale.data.shards import parse_label
-from facescale.data.wds_index import INDEX_VERSION
+from facescale.data.wds_index import INDEX_VERSION, split_member
 
 _DIGIT_0, _DIGIT_9 = ord("0"), ord("9")
 _MAX_FAST_DIGITS = 18  # int64 holds every 18-digit decimal
@@ -87,10 +87,7 @@ def parse_source_infos(padded: np.ndarray) -> tuple[list[str], list[str]]:
         info = raw[i * width : (i + 1) * width].rstrip(b"\0").decode("utf-8", "replace")
         path, _, member = info.rpartition(":")
         shards.append(path.rpartition(":")[0])
-        # webdataset's key: the member name up to the first dot of its last path component
-        base_at = member.rfind("/") + 1
-        dot = member.find(".", base_at)
-        keys.append(member[:dot] if dot >= 0 else member)
+        keys.append(split_member(member)[0])  # DALI's key rule, the one its reader grouped the sample by
     return keys, shards
 
 

@@ -19,14 +19,14 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
+from webdataset.tariterators import base_plus_ext
+
 from facescale.data.errors import ShardError
 
 _BLOCK = tarfile.BLOCKSIZE
 # tarfile's stream mode reads ahead at most one record (RECORDSIZE = 20 blocks) past the header it parses, so a tail of
 # a few records always holds the block after the last member when the iteration ends.
 _TAIL_BYTES = 4 * tarfile.RECORDSIZE
-# webdataset `tariterators.base_plus_ext`: key = everything before the first dot of the last path component.
-_NAME_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset skips `__*__` members (its own metadata)
 
 
@@ -115,10 +115,10 @@ def iter_tar_samples(stream: BinaryIO | Any, url: str) -> Iterator[dict[str, Any
     for name, data, offset in iter_tar_files(stream, url):
         if _META_RE.match(name):
             continue
-        match = _NAME_RE.match(name)
-        if match is None:  # no extension: not part of any sample (webdataset skips these too)
+        key, ext = base_plus_ext(name)  # webdataset's own key rule: the part before the first dot of the last
+        if key is None:  # path component; no extension: not part of any sample (webdataset skips these too)
             continue
-        key, ext = match.group(1), match.group(2).lower()
+        ext = ext.lower()
         if sample is None or sample["__key__"] != key:
             if sample is not None:
                 yield sample

@@ -11,7 +11,18 @@ samples the way webdataset and ``wds2idx`` group them: consecutive regular files
 ``.`` of the last path component. The index of ``shard-000000.tar`` is ``shard-000000.idx`` beside it.
 
 This module reads tar headers with ``tarfile`` (it seeks over member data, so indexing reads a few kB per sample),
-and does not need DALI installed: shards written on a machine without DALI still get their indices.
+and does not need DALI installed: shards written on a machine without DALI still get their indices. Its output is
+byte-identical to DALI's ``wds2idx.IndexCreator`` (DALI 2.4) on FaceScale shards (tests/test_dali_loader.py compares
+them), but that tool is not used here, for what it lacks (each checked against DALI 2.4's ``wds2idx.py``):
+
+* correct offsets for GNU long names: it takes offsets from ``tar --list --block-num``, which reports the
+  ``././@LongLink`` header of a member in a GNU-format tar, so the member's offset points at a header, not its data;
+* errors: a truncated tar is indexed as far as ``tar`` listed it, without an error (its exit status is not read),
+  a member name with whitespace is written and splits its index line, and the index file is opened for writing
+  before the tar is read (a failed run leaves an empty index); here each is a ``ShardError`` and the write atomic;
+* a name without an extension: its ``split_name`` gives key ``name[:-1]``; here the key is the whole name;
+* streams: it reads a local path through the ``tar`` program (two processes per shard), never an ``s3://`` object
+  -- neither does this module: a remote shard set must carry its indices (``facescale data index`` before pushing).
 """
 
 from __future__ import annotations
@@ -40,8 +51,14 @@ def index_name(shard_name: str) -> str:
     return (shard_name[: -len(".tar")] if shard_name.endswith(".tar") else shard_name) + INDEX_SUFFIX
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    """``(sample key, extension)`` of a member name: split at the first dot of the last path component."""
+def split_member(name: str) -> tuple[str, str]:
+    """``(sample key, extension)`` of a tar member name, as DALI's webdataset reader and ``wds2idx`` split it.
+
+    The split is at the first dot of the last path component; a name without one is all key (extension ``""``).
+    This is the one copy of DALI's rule (``dali_batch`` takes sample keys from it). The torch loader's reader
+    (``tar_reader``) uses webdataset's own ``base_plus_ext``, which agrees on every ``<key>.<ext>`` name a FaceScale
+    writer produces but skips names without an extension and some hidden files.
+    """
     slash = name.rfind("/") + 1
     dot = name.find(".", slash)
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
@@ -67,7 +84,7 @@ def index_text(shard_path: str | os.PathLike[str]) -> tuple[str, int]:
             for member in tar:
                 if not member.isreg():
                     continue
-                key, ext = _split_member(member.name)
+                key, ext = split_member(member.name)
                 if not key or key.endswith("/") or key.rsplit("/", 1)[-1].startswith("."):
                     continue  # hidden files and names without a key: skipped by DALI's reader too
                 if any(c.isspace() for c in member.name):

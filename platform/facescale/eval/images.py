@@ -6,6 +6,7 @@ here detects or aligns faces, and a crop of another size is an error naming the 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,30 @@ import numpy as np
 from tqdm import tqdm
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+JPEG_SOI = b"\xff\xd8"  # the start-of-image marker every JPEG stream begins with
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Encoded image bytes as uint8 ``[H, W, 3]`` RGB: simplejpeg for a JPEG, PIL for anything else.
+
+    A JPEG that libjpeg-turbo rejects (simplejpeg raises ``ValueError`` for every failure) gets a second try with
+    PIL, as does every image where simplejpeg is not installed. The one copy of this fallback: ``.bin`` sets
+    (``verification.load_bin``) and image folders (``read_aligned_image``) both decode with it.
+
+    Raises:
+        Exception: Whatever PIL raises for bytes it cannot read either (many types); callers re-raise it naming
+            the file or image.
+    """
+    if data[:2] == JPEG_SOI:  # simplejpeg reads only JPEG; anything else would fail there anyway
+        try:
+            import simplejpeg
+
+            return simplejpeg.decode_jpeg(data, colorspace="RGB")
+        except (ImportError, ValueError):
+            pass
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 class ImageFolderError(ValueError):
@@ -37,21 +62,9 @@ def read_aligned_image(path: Path, image_size: tuple[int, int] = (112, 112)) -> 
     except OSError as exc:
         raise ImageFolderError(f"cannot read image {path}: {exc}") from exc
     try:
-        import simplejpeg
-
-        if data[:2] == b"\xff\xd8":
-            arr = simplejpeg.decode_jpeg(data, colorspace="RGB")
-        else:
-            raise ValueError("not a JPEG")
-    except ValueError:
-        try:
-            import io
-
-            from PIL import Image
-
-            arr = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-        except Exception as exc:  # noqa: BLE001 -- PIL raises many types for bad files; re-raised naming it
-            raise ImageFolderError(f"cannot decode image {path}: {exc}") from exc
+        arr = decode_rgb(data)
+    except Exception as exc:  # noqa: BLE001 -- PIL raises many types for bad files; re-raised naming it
+        raise ImageFolderError(f"cannot decode image {path}: {exc}") from exc
     if arr.shape != (*image_size, 3):
         raise ImageFolderError(f"image {path} is {arr.shape[1]}x{arr.shape[0]}, expected an aligned "
                                f"{image_size[1]}x{image_size[0]} crop")

@@ -2,7 +2,8 @@
 
 Scores are similarities (higher = more likely the same identity), e.g. cosine similarities of normalised
 embeddings. The ROC has one point per distinct score: "same" = ``score >= threshold`` with the threshold lowered
-through every distinct score, starting from the point (0, 0) above the highest score.
+through every distinct score, starting from the point (0, 0) above the highest score -- scikit-learn's
+``roc_curve(..., drop_intermediate=False)``, which computes it here.
 
 TPR@FPR follows the InsightFace IJB evaluation (``recognition/_evaluation_/ijb/ijb_11.py``: sklearn's
 ``roc_curve`` then, for each target, the point whose FPR is closest, first such point on ties): at a target FPR
@@ -69,14 +70,12 @@ def compute_roc(scores: np.ndarray, labels: np.ndarray) -> Roc:
     num_neg = len(labels) - num_pos
     if num_pos == 0 or num_neg == 0:
         raise ValueError(f"an ROC needs positive and negative pairs, got {num_pos} and {num_neg}")
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, sorted_labels = scores[order], labels[order]
-    tp = np.cumsum(sorted_labels)
-    fp = np.arange(1, len(scores) + 1) - tp
-    # The last index of each run of equal scores: a threshold admits all tied pairs at once.
-    last = np.flatnonzero(np.r_[sorted_scores[1:] != sorted_scores[:-1], True])
-    return Roc(fpr=np.r_[0.0, fp[last] / num_neg], tpr=np.r_[0.0, tp[last] / num_pos],
-               thresholds=np.r_[np.inf, sorted_scores[last]], num_pos=num_pos, num_neg=num_neg)
+    # sklearn's curve is this one: a point per distinct score (ties admitted together), (0, 0) at threshold +inf
+    # first; drop_intermediate=False keeps the collinear points that tpr_at_fpr's closest-FPR rule may pick.
+    from sklearn.metrics import roc_curve  # lazy: seconds of scipy imports that FPR_TARGETS/format_fpr users skip
+
+    fpr, tpr, thresholds = roc_curve(labels, scores, pos_label=True, drop_intermediate=False)
+    return Roc(fpr=fpr, tpr=tpr, thresholds=thresholds, num_pos=num_pos, num_neg=num_neg)
 
 
 def tpr_at_fpr(roc: Roc, targets: Sequence[float] = FPR_TARGETS) -> dict[float, dict[str, float]]:
@@ -89,6 +88,8 @@ def tpr_at_fpr(roc: Roc, targets: Sequence[float] = FPR_TARGETS) -> dict[float, 
     Returns:
         ``{target: {"tpr", "fpr", "threshold"}}``; all NaN where ``target < 1 / num_neg`` (not measurable).
     """
+    # Hand-written: scikit-learn has no TPR-at-FPR lookup. The rule is InsightFace's IJB one (closest FPR, first
+    # point of a vertical segment), not an interpolation, and a target below 1 / num_neg is reported as NaN.
     out: dict[float, dict[str, float]] = {}
     for target in targets:
         if target * roc.num_neg < 1.0:

@@ -9,7 +9,6 @@ applied to it. Reported: mean and std of the 10 fold accuracies and the chosen t
 
 from __future__ import annotations
 
-import io
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -20,23 +19,13 @@ import torch
 from torch import nn
 
 from facescale.data.transforms import normalize_images
+from facescale.eval.images import decode_rgb
 
 THRESHOLDS = np.arange(0.0, 4.0, 0.01)
 
 
 class BinFormatError(ValueError):
     """A ``.bin`` file that is not InsightFace's pickled ``(images, issame)`` tuple; names the file."""
-
-
-def _decode_jpeg(data: bytes) -> np.ndarray:
-    try:
-        import simplejpeg
-
-        return simplejpeg.decode_jpeg(data, colorspace="RGB")
-    except (ImportError, ValueError):
-        from PIL import Image
-
-        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def _read_bin(path: Path) -> tuple[list[Any], np.ndarray]:
@@ -101,7 +90,7 @@ def load_bin(path: str | Path, image_size: tuple[int, int] = (112, 112)) -> tupl
         encoded = _encoded_bytes(item)
         if encoded is not None:
             try:
-                arr = _decode_jpeg(encoded)
+                arr = decode_rgb(encoded)
             except Exception as exc:  # noqa: BLE001 -- decoder errors vary by backend; re-raised naming the image
                 raise BinFormatError(f"{path}: image {i} cannot be decoded ({_describe(item)}): {exc}") from exc
         else:
@@ -187,6 +176,9 @@ def _accuracy(threshold: float, dist: np.ndarray, issame: np.ndarray) -> float:
 
 def roc_curve(dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray = THRESHOLDS) -> tuple[np.ndarray, ...]:
     """TPR and FPR of "same" = ``dist < threshold`` at each threshold."""
+    # Hand-written, not sklearn.metrics.roc_curve: that one gives points at the observed scores only, with
+    # "same" = score >= threshold, and NaN rates for a set without positive or negative pairs. The protocol's curve
+    # is at the fixed grid THRESHOLDS with a strict "<" on distances, and a missing class counts as 1 (rates of 0).
     pred = dist[None, :] < thresholds[:, None]
     num_pos = max(int(issame.sum()), 1)
     num_neg = max(int((~issame).sum()), 1)

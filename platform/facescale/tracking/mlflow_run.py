@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,6 +48,15 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else the embedded store ``sqlite:///<cwd>/mlruns.db`` (absolute).
+
+    The one definition of the default: ``FaceScaleConfig.tracking_uri`` (when ``tracking.uri`` is unset),
+    ``tracking.models`` and ``facescale eval`` all resolve it here.
+    """
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns.db').resolve()}"
 
 
 def resolve_local_uri(uri: str) -> str:

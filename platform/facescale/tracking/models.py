@@ -15,7 +15,6 @@ models whose MLmodel ``metadata`` holds ``{"backbone": name, "embedding_size": n
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from facescale.models import build_backbone
+from facescale.tracking.mlflow_run import default_tracking_uri  # re-exported (in __all__)
 from facescale.train.checkpoint import load_backbone_state
 
 __all__ = ["LoadedBackbone", "ModelResolveError", "default_tracking_uri", "load_backbone", "resolve_model_id"]
@@ -53,11 +53,6 @@ class LoadedBackbone:
     model_id: str | None
     backbone: str | None
     embedding_size: int
-
-
-def default_tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else the embedded ``sqlite:///<cwd>/mlruns.db`` (as ``FaceScaleConfig``)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns.db').resolve()}"
 
 
 def _latest_version(client: MlflowClient, name: str) -> Any:
