@@ -18,9 +18,11 @@ from facescale.tracking.mlflow_run import (
     EXPERIMENT_KIND_TAG,
     NONFINITE_METRIC,
     NONFINITE_TAG,
+    UI_TRAINING_QUERY,
     Tracker,
     log_dataset_input,
     start_run,
+    ui_url,
 )
 
 pytestmark = pytest.mark.integration
@@ -42,6 +44,21 @@ def test_experiments_are_marked_model_training(mlflow_server: str) -> None:
     chosen = client.create_experiment("ui-chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
     start_run(mlflow_server, "ui-chosen", "unused", "r", {}, "")
     assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development", "a user's choice stays"
+
+
+def test_printed_links_open_the_ui_on_training_runs(mlflow_server: str) -> None:
+    # MLflow 3.17's UI picks GenAI or model training from a sidebar toggle kept in the browser, or from the link's
+    # `workflowType` query parameter (seen in a real headless Chromium: without it the experiment opens on the
+    # GenAI overview even with the kind tag). The installed UI bundle must still read that parameter and value.
+    import mlflow
+
+    bundle = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    main_js = "".join(p.read_text(errors="ignore") for p in bundle.glob("main.*.js"))
+    assert 'get("workflowType")' in main_js and 'MACHINE_LEARNING="machine_learning"' in main_js
+    assert UI_TRAINING_QUERY == "workflowType=machine_learning"
+    assert ui_url(mlflow_server, "7") == f"{mlflow_server}/#/experiments/7/runs?workflowType=machine_learning"
+    assert ui_url("sqlite:///x/mlruns.db", "7", "abc") == (
+        "http://127.0.0.1:5000/#/experiments/7/runs/abc?workflowType=machine_learning")
 
 
 def test_training_data_is_the_runs_dataset_input(mlflow_server: str, tiny_data: Path) -> None:

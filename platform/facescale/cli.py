@@ -88,6 +88,14 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     champion = safe_name(res.champion) if res.champion else "none"
     print(f"registered model {res.registered_model}: aliases {aliases}, champion -> {champion}")
     print(f"MLflow parent run {res.parent_run_id} at {res.tracking_uri}; plots: {', '.join(map(str, res.plots))}")
+    from mlflow.tracking import MlflowClient
+
+    from facescale.tracking.mlflow_run import ui_url
+
+    experiment_id = MlflowClient(res.tracking_uri).get_run(res.parent_run_id).info.experiment_id
+    if res.tracking_uri.startswith("sqlite:"):
+        print(f"open the UI with: .venv/bin/mlflow ui --backend-store-uri {res.tracking_uri} --port 5000")
+    print(f"the pipeline's runs: {ui_url(res.tracking_uri, experiment_id)}")
     print(f"wall time {res.wall_time_s:.0f} s")
     return 0
 

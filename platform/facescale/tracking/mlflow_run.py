@@ -33,6 +33,11 @@ MLFLOW_PARAM_VALUE_MAX = 6000  # MLflow 3 param value length limit
 # CUSTOM_MODEL_DEVELOPMENT = "custom_model_development", shown as "Machine learning").
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND_TRAINING = "custom_model_development"
+# MLflow 3.17's UI opens every experiment on its GenAI overview unless the browser has switched to "Model training"
+# (a sidebar toggle kept in the browser) or the link carries this query parameter; the experiment tag above is
+# what the UI reads where that toggle is off. Links facescale prints carry the parameter.
+UI_TRAINING_QUERY = "workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves an embedded (sqlite/file) store by default
 DATASET_DIGEST_LEN = 12  # MLflow stores at most 36 characters; 12 hex digits, as `facescale data` prints the digest
 NONFINITE_METRIC = "train/nonfinite_metrics"  # how many metric values MLflow refused (NaN/inf) were dropped
 NONFINITE_TAG = "facescale.nonfinite_metrics"  # "name@first step,..." of the dropped metrics
@@ -66,6 +71,16 @@ def resolve_local_uri(uri: str) -> str:
     if uri.startswith("file:") or "://" in uri:
         return uri
     return Path(uri).resolve().as_uri()
+
+
+def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A link that opens the MLflow UI on the experiment's training runs (or on one run), not on GenAI traces.
+
+    For an embedded store (sqlite, files) the link is to ``mlflow ui`` on its default address.
+    """
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+    page = f"experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{base}/#/{page}?{UI_TRAINING_QUERY}"
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str) -> str:

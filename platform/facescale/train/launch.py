@@ -22,7 +22,14 @@ from facescale.config import ConfigError, FaceScaleConfig, dump_config
 from facescale.console import RunProgress, is_verbose, ray_runtime_env, ray_train_log_level
 from facescale.data import ManifestError, load_manifest
 from facescale.distill.cache import read_meta as read_cache_meta
-from facescale.tracking.mlflow_run import end_run, log_dataset_input, reopen_run, resolve_local_uri, start_run
+from facescale.tracking.mlflow_run import (
+    end_run,
+    log_dataset_input,
+    reopen_run,
+    resolve_local_uri,
+    start_run,
+    ui_url,
+)
 from facescale.train.ckpt_store import resolve_checkpoint, verify_checkpoint
 from facescale.train.context import process_group_backend
 from facescale.train.node_check import PathSpec, check_paths_on_nodes, is_local
@@ -249,6 +256,8 @@ def format_results(res: TrainResult) -> str:
     lines += ["-" * (width + 30), f"MLflow run:  {res.run_id}  (tracking URI {res.tracking_uri})"]
     if res.tracking_uri.startswith("sqlite:"):
         lines.append(f"Open the UI:  .venv/bin/mlflow ui --backend-store-uri {res.tracking_uri} --port 5000")
+    experiment_id = MlflowClient(res.tracking_uri).get_run(res.run_id).info.experiment_id
+    lines.append(f"The run:      {ui_url(res.tracking_uri, experiment_id, res.run_id)}")
     if res.checkpoint_path:
         lines.append(f"Checkpoint:  {res.checkpoint_path}")
     return "\n".join(lines)
