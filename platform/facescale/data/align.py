@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from skimage.transform import AffineTransform, SimilarityTransform, warp
 
 from facescale.data.errors import DataError
 
@@ -123,6 +122,10 @@ def estimate_alignment(landmarks: np.ndarray) -> Alignment:
     if spread[1] < MIN_SPREAD_RATIO * spread[0]:
         raise DegenerateLandmarks(f"collinear landmarks: spread across their line is {spread[1] / spread[0]:.3f} "
                                   f"of the spread along it (< {MIN_SPREAD_RATIO})")
+    # scikit-image is imported here, not at module import: `facescale.data` is imported by code that must run where
+    # it is not installed (the GPU check's image), and only alignment needs it.
+    from skimage.transform import AffineTransform, SimilarityTransform
+
     affine = AffineTransform.from_estimate(points, ARCFACE_TEMPLATE)
     if affine and np.linalg.det(affine.params[:2, :2]) < 0:
         raise DegenerateLandmarks("mirrored landmarks: the points are a mirror image of a face (left and right "
@@ -148,6 +151,8 @@ def warp_to_template(image: np.ndarray, alignment: Alignment) -> np.ndarray:
     Returns:
         uint8 ``[112, 112, 3]``.
     """
+    from skimage.transform import warp
+
     # warp() wants the map from output to input pixels; a 3x3 matrix takes its fast (Cython) path.
     inverse = np.linalg.inv(alignment.matrix)
     out = warp(image, inverse, output_shape=(ALIGNED_SIZE, ALIGNED_SIZE), order=1, mode="constant", cval=0.0,
