@@ -51,16 +51,35 @@ def _status() -> dict[str, int]:
 
 def _build(cfg: dict[str, Any], identities: int) -> tuple[PartialFC, torch.optim.Optimizer]:
     pfc = PartialFC(build_margin(MarginConfig(type=cfg["margin"])), cfg["embedding"], identities,
-                    sample_rate=cfg["sample_rate"], seed=0, sparse_grad=not cfg["dense"])
+                    sample_rate=cfg["sample_rate"], seed=0, sparse_grad=not cfg["dense"],
+                    center_dtype=cfg.get("center_dtype", "fp32"))
     opt = build_partial_fc_optimizer(pfc.parameters(), cfg["optimizer"], lr=0.1, momentum=0.9, weight_decay=5e-4,
                                      state_dtype=cfg["state_dtype"], dense=cfg["dense"])
     pfc.attach_optimizer(opt)
     return pfc, opt
 
 
+def _floor_s(pfc: PartialFC, global_batch: int) -> float:
+    """Seconds of the three GEMMs a step cannot avoid, alone, on the last step's shapes: logits ``E @ W_s^T``,
+    embedding gradient ``G @ W_s`` and center gradient ``G^T @ E`` (fp32, contiguous, nothing else)."""
+    rows = pfc.num_local if pfc.last_sampled_rows is None else pfc.last_sampled_rows.numel()
+    g = torch.Generator().manual_seed(7)
+    e = torch.randn(global_batch, pfc.embedding_size, generator=g)
+    w = torch.randn(rows, pfc.embedding_size, generator=g)
+    grad = torch.randn(global_batch, rows, generator=g)
+    t0 = time.perf_counter()
+    logits = e @ w.t()
+    grad_e = grad @ w
+    grad_w = grad.t() @ e
+    elapsed = time.perf_counter() - t0
+    del logits, grad_e, grad_w
+    return elapsed
+
+
 def _steps(pfc: PartialFC, opt: torch.optim.Optimizer, cfg: dict[str, Any], identities: int, count: int,
-           seed: int) -> tuple[list[float], float]:
-    """``count`` training steps (zero_grad -> forward -> backward -> step) on random embeddings; step times."""
+           seed: int, floors: list[float] | None = None) -> tuple[list[float], float]:
+    """``count`` training steps (zero_grad -> forward -> backward -> step) on random embeddings; step times.
+    With ``floors``, each step is followed by a timing of its GEMM floor (interleaved: same load on both)."""
     g = torch.Generator().manual_seed(seed)
     times, loss = [], float("nan")
     for _ in range(count):
@@ -74,6 +93,9 @@ def _steps(pfc: PartialFC, opt: torch.optim.Optimizer, cfg: dict[str, Any], iden
         opt.step()
         times.append(time.perf_counter() - t0)
         loss = float(out.detach())
+        if floors is not None:
+            dist.barrier()
+            floors.append(_floor_s(pfc, cfg["batch_size"] * dist.get_world_size()))
     opt.zero_grad(set_to_none=True)
     return times, loss
 
@@ -91,7 +113,8 @@ def _worker(rank: int, world_size: int, port: int, cfg: dict[str, Any], out_path
     t0 = time.perf_counter()
     pfc, opt = _build(cfg, cfg["identities"])
     init_s = time.perf_counter() - t0
-    times, loss = _steps(pfc, opt, cfg, cfg["identities"], cfg["warmup"] + cfg["steps"], seed=rank)
+    floors: list[float] | None = [] if cfg.get("floor") else None
+    times, loss = _steps(pfc, opt, cfg, cfg["identities"], cfg["warmup"] + cfg["steps"], seed=rank, floors=floors)
     status = _status()
     state_bytes = sum(v.nbytes for v in opt.state[pfc.weight].values() if torch.is_tensor(v))
     mine = {
@@ -102,6 +125,9 @@ def _worker(rank: int, world_size: int, port: int, cfg: dict[str, Any], out_path
         "tensor_bytes_per_identity": (pfc.weight.nbytes + state_bytes) / pfc.num_local,
         "loss": loss,
     }
+    if floors is not None:  # the median of the per-step ratios (step and floor measured back to back)
+        ratios = sorted(t / f for t, f in zip(times[cfg["warmup"]:], floors[cfg["warmup"]:]))
+        mine.update(floor_s=sorted(floors[cfg["warmup"]:])[len(ratios) // 2], step_over_floor=ratios[len(ratios) // 2])
     results = [None] * world_size
     dist.all_gather_object(results, mine)
     if rank == 0:
@@ -122,20 +148,21 @@ def run_config(cfg: dict[str, Any], world_size: int = 2) -> list[dict[str, Any]]
 def plan_for(cfg: dict[str, Any], world_size: int = 2):
     return estimate(cfg["identities"], world_size, cfg["batch_size"], cfg["sample_rate"], cfg["embedding"],
                     optimizer=cfg["optimizer"], state_dtype=cfg["state_dtype"], dense=cfg["dense"],
-                    margin=cfg["margin"])
+                    margin=cfg["margin"], center_dtype=cfg.get("center_dtype", "fp32"))
 
 
 def _config(identities: int, rate: float, dense: bool = False, optimizer: str = "sgd", state_dtype: str | None = None,
-            batch_size: int = 128, steps: int = 3) -> dict[str, Any]:
+            batch_size: int = 128, steps: int = 3, center_dtype: str = "fp32", floor: bool = False) -> dict[str, Any]:
     return {"identities": identities, "sample_rate": rate, "dense": dense, "optimizer": optimizer,
             "state_dtype": state_dtype, "batch_size": batch_size, "embedding": 512, "margin": "arcface",
-            "warmup": 1, "steps": steps}
+            "warmup": 1, "steps": steps, "center_dtype": center_dtype, "floor": floor}
 
 
 def _label(cfg: dict[str, Any]) -> str:
     if cfg["dense"]:
         return f"dense v2 ({cfg['optimizer']}, fp32)"
-    return f"sparse {cfg['optimizer']} {cfg['state_dtype'] or 'int8 (default)'}"
+    centers = ", bf16 centers" if cfg.get("center_dtype") == "bf16" else ""
+    return f"sparse {cfg['optimizer']} {cfg['state_dtype'] or 'int8 (default)'}{centers}"
 
 
 def _planned_entry(cfg: dict[str, Any], budget_bytes: float) -> dict[str, Any]:
@@ -183,6 +210,57 @@ def speed_and_memory(quick: bool, budget_bytes: float) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------------- 10M identities and the GEMM floor
+BIG_CONFIG = _config(10_000_000, 0.1, batch_size=64, center_dtype="bf16", steps=2)
+MIN_AVAILABLE_GIB = 18.0  # the 10M run needs ~16.5 GiB for both ranks; others share this machine
+
+
+def available_bytes() -> int:
+    """MemAvailable of /proc/meminfo."""
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def measure_guarded(cfg: dict[str, Any], label: str) -> dict[str, Any]:
+    """Runs ``cfg`` on 2 ranks only when more than MIN_AVAILABLE_GIB is available; the entry says which."""
+    planned = plan_for(cfg)
+    entry = {"config": cfg, "label": label, "plan_peak_bytes": planned.peak_bytes,
+             "plan_persistent_bytes": planned.persistent_bytes, "plan_bytes_per_identity": planned.bytes_per_identity,
+             "available_bytes_before": available_bytes(), "loadavg_before": os.getloadavg()[0]}
+    if entry["available_bytes_before"] < MIN_AVAILABLE_GIB * GIB:
+        entry["skipped"] = (f"only {entry['available_bytes_before'] / GIB:.1f} GiB available "
+                            f"(< {MIN_AVAILABLE_GIB:.0f} GiB rule)")
+        print(f"skip {label}: {entry['skipped']}", flush=True)
+        return entry
+    print(f"run  {label} (plan {planned.peak_bytes / GIB:.2f} GiB/rank)", flush=True)
+    entry["ranks"] = run_config(cfg)
+    entry["loadavg_after"] = os.getloadavg()[0]
+    worst = max(entry["ranks"], key=lambda r: r["peak_bytes"])
+    print(f"     step {worst['step_s']:.2f}s  peak/rank {worst['peak_bytes'] / GIB:.2f} GiB", flush=True)
+    return entry
+
+
+def big() -> dict[str, Any]:
+    return measure_guarded(BIG_CONFIG, "10M identities, rate 0.1, batch 64/rank, bf16 centers, int8 state")
+
+
+def floor() -> list[dict[str, Any]]:
+    """Step / GEMM floor at 1M identities, rate 0.1 and 1.0 (default int8 state, fp32 centers; and bf16 at 0.1)."""
+    rows = []
+    for cfg in (_config(1_000_000, 0.1, floor=True), _config(1_000_000, 0.1, floor=True, center_dtype="bf16"),
+                _config(1_000_000, 1.0, floor=True, steps=2)):
+        label = f"1M, rate {cfg['sample_rate']}, {_label(cfg)}"
+        print(f"run  floor {label}", flush=True)
+        entry = {"config": cfg, "label": label, "loadavg_before": os.getloadavg()[0], "ranks": run_config(cfg)}
+        entry["loadavg_after"] = os.getloadavg()[0]
+        r = max(entry["ranks"], key=lambda r: r["step_s"])
+        print(f"     step {r['step_s']:.2f}s  floor {r['floor_s']:.2f}s  ratio {r['step_over_floor']:.2f}", flush=True)
+        rows.append(entry)
+    return rows
+
+
 # --------------------------------------------------------------------------------- accuracy on a synthetic task
 ACCURACY_VARIANTS = [
     ("dense v2 SGD (fp32 momentum)", dict(optimizer="sgd", dense=True)),
@@ -195,7 +273,14 @@ ACCURACY_VARIANTS = [
                                                         catch_up=False)),
     ("sparse AdamW fp32 full, catch-up", dict(optimizer="adamw", state_dtype="fp32", second_moment="full")),
     ("sparse AdamW int8 + row-wise v, catch-up (default)", dict(optimizer="adamw", state_dtype="int8")),
+    ("sparse SGD int8, catch-up, bf16 centers", dict(optimizer="sgd", state_dtype="int8", center_dtype="bf16")),
+    ("sparse AdamW int8 + row-wise v, catch-up, bf16 centers", dict(optimizer="adamw", state_dtype="int8",
+                                                                    center_dtype="bf16")),
 ]
+# bf16-center variant -> the fp32-center variant it is compared with (issue 16: within 0.3 points top-1).
+BF16_PAIRS = {"sparse SGD int8, catch-up, bf16 centers": "sparse SGD int8, catch-up (default)",
+              "sparse AdamW int8 + row-wise v, catch-up, bf16 centers":
+                  "sparse AdamW int8 + row-wise v, catch-up (default)"}
 
 
 def train_synthetic(options: dict[str, Any], schedule: str, identities: int, steps: int, batch: int = 256,
@@ -208,7 +293,7 @@ def train_synthetic(options: dict[str, Any], schedule: str, identities: int, ste
                                    torch.nn.Linear(512, dim), torch.nn.BatchNorm1d(dim))
     dense = options.get("dense", False)
     pfc = PartialFC(build_margin(MarginConfig(type="arcface")), dim, identities, sample_rate=sample_rate, seed=2,
-                    sparse_grad=not dense)
+                    sparse_grad=not dense, center_dtype=options.get("center_dtype", "fp32"))
     base_lr = 0.1 if options["optimizer"] == "sgd" else 1e-3
     opt = build_partial_fc_optimizer(pfc.parameters(), options["optimizer"], lr=base_lr, momentum=0.9,
                                      weight_decay=5e-4 if options["optimizer"] == "sgd" else 0.05,
@@ -248,16 +333,19 @@ def train_synthetic(options: dict[str, Any], schedule: str, identities: int, ste
     labels = torch.randint(0, identities, (4096,), generator=test)
     x = prototypes[labels] + noise * torch.randn(4096, in_dim, generator=test)
     with torch.no_grad():
-        scores = F.normalize(backbone(x)) @ F.normalize(pfc.weight).t()
+        scores = F.normalize(backbone(x)) @ F.normalize(pfc.weight.float()).t()
     return sum(losses[-50:]) / 50, float((scores.argmax(1) == labels).float().mean())
 
 
-def accuracy(quick: bool) -> dict[str, Any]:
+def accuracy(quick: bool, only: list[str] | None = None) -> dict[str, Any]:
+    """The compact-state accuracy table; ``only``: run just these variants (the caller merges them)."""
     identities, steps = (2000, 150) if quick else (5000, 400)
     torch.set_num_threads(2)
     results = []
     for schedule in ("step", "poly"):
         for name, options in ACCURACY_VARIANTS:
+            if only is not None and name not in only:
+                continue
             loss, top1 = train_synthetic(options, schedule, identities, steps)
             print(f"accuracy {schedule:4s} {name:45s} loss {loss:.3f} top-1 {top1:.4f}", flush=True)
             results.append({"schedule": schedule, "variant": name, "final_loss": loss, "top1": top1})
@@ -309,7 +397,58 @@ def markdown(payload: dict[str, Any]) -> str:
                        [[name, f"{v['step']['final_loss']:.3f}", f"{v['step']['top1']:.4f}",
                          f"{v['poly']['final_loss']:.3f}", f"{v['poly']['top1']:.4f}"]
                         for name, v in by_variant.items()]))
+    deltas = []
+    for name, ref_name in BF16_PAIRS.items():
+        if name in by_variant and ref_name in by_variant:
+            v, ref = by_variant[name], by_variant[ref_name]
+            points = [f"{sched} {100 * (v[sched]['top1'] - ref[sched]['top1']):+.2f}" for sched in ("step", "poly")]
+            deltas.append(f"{name.split(',')[0].removeprefix('sparse ')}: " + ", ".join(points))
+    if deltas:
+        lines += ["", f"bf16 centers (stochastic rounding; {_when(payload, 'bf16-accuracy')}) against the same "
+                  "optimizer with fp32 centers, top-1 difference in points (goal: within 0.3): "
+                  + "; ".join(deltas) + "."]
+    lines += _big_and_floor_markdown(payload)
     return "\n".join(lines)
+
+
+def _when(payload: dict[str, Any], part: str) -> str:
+    m = payload.get("updated", {}).get(part) or payload["machine"]
+    return f"measured {m['date']}, torch {m['torch']}"
+
+
+def _big_and_floor_markdown(payload: dict[str, Any]) -> list[str]:
+    lines = []
+    entry = payload.get("big")
+    if entry is not None:
+        lines += ["", "**10M identities on this machine** (2 gloo ranks, one thread each, batch 64 per rank, rate 0.1, "
+                  "bf16 centers, int8 momentum; median of 2 steps after 1 warm-up; memory measured as above; "
+                  f"{_when(payload, 'big')}; load average = 1-minute, before / after):", ""]
+        if "skipped" in entry:
+            lines.append(f"not run: {entry['skipped']}; plan {_gib(entry['plan_peak_bytes'])} GiB/rank.")
+        else:
+            worst = max(entry["ranks"], key=lambda r: r["peak_bytes"])
+            lines.append(table(
+                ["step s", "peak GiB/rank", "plan GiB/rank", "persistent GiB/rank", "plan persistent", "B/id",
+                 "init s", "load avg"],
+                [[f"{worst['step_s']:.2f}", _gib(worst["peak_bytes"]), _gib(entry["plan_peak_bytes"]),
+                  _gib(worst["persistent_rss_bytes"]), _gib(entry["plan_persistent_bytes"]),
+                  f"{worst['tensor_bytes_per_identity']:,.0f}", f"{worst['init_s']:.0f}",
+                  f"{entry['loadavg_before']:.1f} / {entry['loadavg_after']:.1f}"]]))
+    if payload.get("floor"):
+        lines += ["", "**Step against its GEMM floor** (1M identities, 2 gloo ranks, one thread each, batch 128 per "
+                  "rank). Floor = the three GEMMs alone on the same shapes and thread (logits `E W_s^T`, embedding "
+                  "gradient `G W_s`, center gradient `G^T E`; fp32, contiguous), timed right after each step in the "
+                  "same processes, so both see the same machine load; ratio = median of per-step ratios "
+                  f"(issue 16's goal: <= 1.5 at rate 0.1, <= 1.3 at 1.0); {_when(payload, 'floor')}. Step and floor "
+                  "are medians over the steps and the ratio the median of per-step ratios, so under a load that "
+                  "changes from step to step (other jobs share these 2 cores) the columns need not divide.", ""]
+        rows = []
+        for e in payload["floor"]:
+            r = max(e["ranks"], key=lambda r: r["step_s"])
+            rows.append([e["label"], f"{r['step_s']:.2f}", f"{r['floor_s']:.2f}", f"{r['step_over_floor']:.2f}",
+                         f"{e['loadavg_before']:.1f} / {e['loadavg_after']:.1f}"])
+        lines.append(table(["setup", "step s", "floor s", "step / floor", "load avg before / after"], rows))
+    return lines
 
 
 def main() -> None:
@@ -317,6 +456,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100k identities, short accuracy run")
     parser.add_argument("--budget-gib", type=float, default=14.0, help="memory budget for both ranks together")
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--parts", nargs="+", choices=["speed", "accuracy", "bf16-accuracy", "big", "floor"],
+                        default=None, help="run only these parts and merge them into the saved JSON "
+                        "(bf16-accuracy: only the bf16-center variants of the accuracy table)")
     parser.add_argument("--render", action="store_true",
                         help="rewrite the BENCHMARKS.md section from the saved JSON (skip rows re-planned) and exit")
     args = parser.parse_args()
@@ -329,8 +471,36 @@ def main() -> None:
         write_json("partial_fc", payload)
         update_section("partial_fc", markdown(payload))
         return
+    if args.parts:
+        from _report import RESULTS
+
+        for part in args.parts:
+            # Re-read before each part: another invocation may have written its own part meanwhile.
+            payload = json.loads((RESULTS / "partial_fc.json").read_text())
+            payload.setdefault("updated", {})[part] = machine()
+            if part == "speed":
+                payload["speed"] = speed_and_memory(args.quick, args.budget_gib * GIB)
+            elif part == "accuracy":
+                payload["accuracy"] = accuracy(args.quick)
+            elif part == "bf16-accuracy":
+                new = accuracy(args.quick, only=list(BF16_PAIRS))
+                kept = [r for r in payload["accuracy"]["results"] if r["variant"] not in BF16_PAIRS]
+                payload["accuracy"]["results"] = kept + new["results"]
+            elif part == "big":
+                payload["big"] = big()
+            else:
+                payload["floor"] = floor()
+            latest = json.loads((RESULTS / "partial_fc.json").read_text())
+            key = {"bf16-accuracy": "accuracy"}.get(part, part)
+            write_json("partial_fc", {**latest, "updated": {**latest.get("updated", {}), part: machine()},
+                                      key: payload[key]})
+        payload = json.loads((RESULTS / "partial_fc.json").read_text())
+        update_section("partial_fc", markdown(payload))
+        return
     payload = {"machine": machine(), "speed": speed_and_memory(args.quick, args.budget_gib * GIB)}
     payload["accuracy"] = None if args.skip_accuracy else accuracy(args.quick)
+    payload["big"] = big()
+    payload["floor"] = floor()
     write_json("partial_fc", payload)
     if payload["accuracy"] is not None:
         update_section("partial_fc", markdown(payload))

@@ -66,6 +66,8 @@ class ClassifierConfig(BaseModel):
     ``partial_fc`` shards the class centers over the ranks (``facescale.parallel.PartialFC``); its optimizer state
     is stored per ``state_dtype`` (``None``: the default, int8 block-quantised momentum / first moment) and
     ``second_moment`` (AdamW); ``dense_state`` is the arcface_torch v2 baseline (dense gradient, fp32 state).
+    ``center_dtype`` stores the centers in fp32 or bf16 (bf16: half the bytes, fp32 math, stochastically rounded
+    updates; needs the sparse optimizers, so not with ``dense_state``).
 
     ``subcenters`` (both types) gives each class K centers (``facescale.heads.subcenter``). Every margin type works
     with them: margins see the max-pooled class cosines ``[B, C]``, and their state is per row or a scalar
@@ -82,6 +84,7 @@ class ClassifierConfig(BaseModel):
     state_dtype: Literal["fp32", "bf16", "int8"] | None = None
     second_moment: Literal["full", "row"] = "row"
     dense_state: bool = False
+    center_dtype: Literal["fp32", "bf16"] = "fp32"
     # Sub-center ArcFace (Deng et al., ECCV 2020): K centers per class, the class cosine is the max over them.
     subcenters: int = Field(1, ge=1)
     # The paper's cleaning step: from this epoch on only each class's dominant sub-center counts and samples
@@ -91,11 +94,14 @@ class ClassifierConfig(BaseModel):
 
     @model_validator(mode="after")
     def _partial_fc_keys(self) -> ClassifierConfig:
-        pfc_only = ["sample_rate", "inter_class_filter", "state_dtype", "second_moment", "dense_state"]
+        pfc_only = ["sample_rate", "inter_class_filter", "state_dtype", "second_moment", "dense_state", "center_dtype"]
         changed = [k for k in pfc_only if getattr(self, k) != type(self).model_fields[k].default]
         if self.type != "partial_fc" and changed:
             keys = ", ".join(changed)
             raise ValueError(f"classifier keys {keys} apply only to classifier type 'partial_fc'")
+        if self.center_dtype == "bf16" and self.dense_state:
+            raise ValueError("classifier.center_dtype: bf16 needs the sparse row optimizers (stochastic rounding); "
+                             "classifier.dense_state: true (the dense v2 baseline) keeps fp32 centers")
         if self.drop_non_dominant_after_epochs is not None and self.subcenters == 1:
             raise ValueError("classifier.drop_non_dominant_after_epochs needs classifier.subcenters > 1")
         if self.drop_angle_deg != 75.0 and self.drop_non_dominant_after_epochs is None:

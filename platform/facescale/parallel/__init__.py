@@ -6,6 +6,7 @@ from facescale.parallel.optim import (
     SparseRowSGD,
     build_partial_fc_optimizer,
     state_bytes_per_row,
+    stochastic_round_bf16,
 )
 from facescale.parallel.partial_fc import PartialFC, filter_inter_class
 
@@ -19,4 +20,5 @@ __all__ = [
     "read_manifest",
     "save_partial_fc",
     "state_bytes_per_row",
+    "stochastic_round_bf16",
 ]

@@ -5,7 +5,9 @@ optimizer state tensor) into the trainer's checkpoint directory; rank 0 then wri
 manifest: num_classes, embedding_size, dtype, the ranges and their files, the sampler step, scalar optimizer state
 and the margin's state (CurricularFace's ``t``, AdaFace's norm EMA). With sub-centers (K rows per class, class-major)
 a range file holds its classes' K rows each and their sub-center counts; the manifest records K, which must match
-on load. Hyperparameters (lr, momentum) are recorded for reference but
+on load. The centers keep their dtype (fp32 or bf16, ``classifier.center_dtype``) in the range files; loading them
+into a module of the other dtype converts them explicitly and logs it (fp32 -> bf16 rounds to nearest; bf16 -> fp32
+is exact). Hyperparameters (lr, momentum) are recorded for reference but
 not restored: the run's config and scheduler own them. Loading reads whichever range files overlap this rank's range,
 memory-mapped, so a checkpoint written by W ranks loads onto any W'.
 
@@ -15,6 +17,7 @@ The trainer's checkpoint object calls these two functions; users never handle th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -28,6 +31,7 @@ from facescale.parallel.partial_fc import PartialFC
 MANIFEST_NAME = "partial_fc.json"
 FORMAT_VERSION = 1
 _RANGE_FILE_RE = re.compile(r"^partial_fc_classes_(\d+)_(\d+)\.pt$")
+log = logging.getLogger("facescale.parallel.checkpoint")
 
 
 def _range_file(start: int, end: int) -> str:
@@ -203,6 +207,12 @@ def load_partial_fc(pfc: PartialFC, optimizer: torch.optim.Optimizer | None, dir
     if sub is not None:
         sub.load_block(hits, dominant, bool(manifest["subcenter_dominant_only"]))
     pfc.sampler_step = int(manifest["sampler_step"])
+    saved_dtype = manifest.get("dtype", "float32")
+    if saved_dtype != str(pfc.weight.dtype).removeprefix("torch."):
+        how = "rounded to nearest" if pfc.weight.dtype == torch.bfloat16 else "exact"
+        log.warning("Partial FC checkpoint %s holds %s centers; converted to %s for this run "
+                    "(classifier.center_dtype; %s), classes [%d, %d)", directory, saved_dtype,
+                    str(pfc.weight.dtype).removeprefix("torch."), how, start, end)
     if margin_state:
         margin.load_state_dict({k: torch.tensor(v, dtype=margin_state[k].dtype, device=margin_state[k].device)
                                 for k, v in manifest["margin_state"].items()})

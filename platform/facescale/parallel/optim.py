@@ -8,6 +8,7 @@ optimizer state is stored compactly for every row. Persistent bytes per identity
     optimizer                      state per row                                                    B/id
     =============================  ===============================================================  ========
     SGD ``int8`` (default)         momentum int8 + one fp32 absmax scale per 64 values, int32 step  2048+548
+    SGD ``int8``, bf16 centers     as above, centers stored in bf16 (stochastic rounding)           1024+548
     SGD ``bf16``                   momentum bf16, int32 step (``catch_up=False``: 2048+1024)        2048+1028
     SGD ``fp32``                   momentum fp32, int32 step                                        2048+2052
     AdamW ``int8`` + ``row``       exp_avg int8 (block 64), fp32 exp_avg_sq per row, int32 steps    2048+552
@@ -24,6 +25,14 @@ Trade-offs, stated plainly:
   ``SparseRowAdamW`` are lazy: skipped rows simply wait, and weight decay reaches sampled rows only.
 - **Low-precision state.** The update of the current step uses the full-precision state; only what is stored is
   rounded (to nearest). bf16 keeps 8 mantissa bits; int8 keeps 1/127 of each 64-value block's largest magnitude.
+- **bf16 centers** (``PartialFC(center_dtype="bf16")``): the update of a row is computed in fp32 and written back
+  with *stochastic rounding* (:func:`stochastic_round_bf16`): rounded up with probability equal to the fraction
+  of a bf16 step, so an update smaller than half a step (lr * grad is often ~1e-4 of a center's magnitude, below
+  half of bf16's relative spacing of 2^-8..2^-7) survives in expectation instead of being rounded away (Gupta et al.,
+  "Deep Learning with Limited Numerical Precision", ICML 2015; Zamirai et al., "Revisiting BFloat16 Training",
+  arXiv:2010.06192). The random bits are a hash of (seed, optimizer step, global row, column) -- the global row
+  rather than the rank, so a run rounds the same on any world size -- and the step is in the checkpoint, so a
+  resumed run rounds the same. Centers + int8 momentum: 1024 + 548 = 1,572 B per identity at D=512.
 - **Row-wise second moment** (AdamW ``second_moment="row"``): one mean-square per center instead of one per
   coordinate, as in row-wise AdaGrad for large embedding tables; per-row step counts give correct bias correction
   for rows sampled for the first time late in training.
@@ -40,12 +49,59 @@ from typing import Any, Literal
 
 import torch
 
+from facescale.parallel.partial_fc import mix_seed
+
 StateDtype = Literal["fp32", "bf16", "int8"]
 SecondMoment = Literal["full", "row"]
 QUANT_BLOCK = 64
 # Rows updated at once; bounds the fp32 temporaries of a step (~3 x 8 MB at D=512).
 STEP_CHUNK_BYTES = 8 << 20
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# Salts of the rounding keys: the write of an optimizer step and the write of a catch-up between steps.
+_ROUND_STEP, _ROUND_CATCH_UP = 0x5752, 0xC47C
+_MASK32 = 0xFFFFFFFF
+_ROUND_BLOCK_ELEMENTS = 1 << 18
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """In place, a 32-bit integer mix of int64 ``x`` holding values in [0, 2^32) (T. Mueller's xorshift-multiply
+    hash; the constant is below 2^31 so the int64 products never overflow)."""
+    x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(_MASK32)
+    return x.bitwise_xor_(x >> 16)
+
+
+def stochastic_round_bf16(values: torch.Tensor, key: int, global_rows: torch.Tensor) -> torch.Tensor:
+    """fp32 ``values [R, C]`` rounded to bf16 stochastically: up (in magnitude) with probability equal to the
+    dropped fraction of a bf16 step, so ``E[round(x)] = x`` exactly (for finite values below bf16's max).
+
+    The 16 random bits of element (r, c) are a hash of (``key``, ``global_rows[r]``, c): the same value, key and
+    row always round the same, whatever the chunking or the world size.
+
+    Args:
+        values: fp32 rows to store.
+        key: 63-bit seed of this write (e.g. ``mix_seed(seed, step, salt)``).
+        global_rows: int64 ``[R]`` row ids that do not depend on the sharding.
+
+    Returns:
+        A bf16 tensor of the same shape.
+    """
+    key_lo, key_hi = key & _MASK32, (key >> 32) & _MASK32
+    row_bits = _hash32((global_rows.to(torch.int64) & _MASK32) ^ key_lo)
+    col_bits = _hash32(torch.arange(values.shape[1], dtype=torch.int64, device=values.device) ^ key_hi)
+    values = values.contiguous()
+    out = torch.empty(values.shape, dtype=torch.bfloat16, device=values.device)
+    block = max(1, _ROUND_BLOCK_ELEMENTS // max(1, values.shape[1]))  # bounds the int64 temporaries (~2 MB each)
+    for start in range(0, values.shape[0], block):
+        rows = slice(start, start + block)
+        noise = _hash32(row_bits[rows].unsqueeze(1) ^ col_bits).bitwise_and_(0xFFFF).to(torch.int32)
+        # Sign-magnitude: adding r in [0, 2^16) to the low bits then truncating them rounds |x| up with probability
+        # (low bits) / 2^16 -- the fraction of the bf16 step -- for either sign; truncation then converts exactly.
+        bits = values[rows].view(torch.int32).add(noise).bitwise_and_(-65536)
+        out[rows] = bits.view(torch.float32)
+    return out
 
 
 def _block_size(width: int) -> int:
@@ -84,13 +140,20 @@ def state_bytes_per_row(optimizer: str, embedding_size: int, state_dtype: StateD
     return sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values() if shape)
 
 
+def _take(tensor: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+    """``tensor[rows]``; for an index tensor as ``index_select`` (a gather of whole rows, about twice as fast as
+    advanced indexing on CPU)."""
+    return tensor[rows] if isinstance(rows, slice) else tensor.index_select(0, rows)
+
+
 def _read(state: dict[str, torch.Tensor], name: str, rows: torch.Tensor | slice) -> torch.Tensor:
     """fp32 copy of ``state[name]`` at ``rows``."""
     if f"{name}_q" in state:
-        q, scale = state[f"{name}_q"][rows], state[f"{name}_scale"][rows]
+        q, scale = _take(state[f"{name}_q"], rows), _take(state[f"{name}_scale"], rows)
         blocks = scale.shape[1]
-        return (q.float().view(q.shape[0], blocks, -1) * scale.unsqueeze(2)).view(q.shape[0], -1)
-    return state[name][rows].float()
+        # int8 * fp32 promotes to fp32 in the one pass (no separate fp32 copy of q).
+        return torch.mul(q.view(q.shape[0], blocks, -1), scale.unsqueeze(2)).view(q.shape[0], -1)
+    return _take(state[name], rows).float()
 
 
 def _write(state: dict[str, torch.Tensor], name: str, rows: torch.Tensor | slice, values: torch.Tensor) -> None:
@@ -98,7 +161,7 @@ def _write(state: dict[str, torch.Tensor], name: str, rows: torch.Tensor | slice
     if f"{name}_q" in state:
         blocks = state[f"{name}_scale"].shape[1]
         grouped = values.view(values.shape[0], blocks, -1)
-        scale = grouped.abs().amax(dim=2) / 127.0
+        scale = torch.linalg.vector_norm(grouped, ord=math.inf, dim=2) / 127.0  # max |x| without an |x| copy
         q = (grouped / scale.clamp_min(1e-30).unsqueeze(2)).round_().clamp_(-127, 127).to(torch.int8)
         state[f"{name}_q"][rows] = q.view(values.shape[0], -1)
         state[f"{name}_scale"][rows] = scale
@@ -170,14 +233,14 @@ class _SparseRowOptimizer(torch.optim.Optimizer):
                 t = int(state["step"]) + 1
                 for index, part in self._chunks(p, rows):
                     grad = values[part].float()  # may be a view of p.grad: never written
-                    weight = flat[index].float()
+                    weight = _take(flat, index).float()
                     state_rows = list(self._read_rows(state, index))
                     if self.catch_up:  # a no-op for rows PartialFC already brought up to date
                         self._bring_up_to_date(state, index, weight, state_rows, group)
                     state["last_step"][index] = t
                     weight = self._update_rows(weight, grad, state_rows, group, t)
                     self._write_rows(state, index, state_rows)
-                    flat[index] = weight.to(p.dtype)
+                    self._store_rows(p, flat, index, weight, t, _ROUND_STEP)
                 state["step"] += 1
         return loss
 
@@ -185,7 +248,7 @@ class _SparseRowOptimizer(torch.optim.Optimizer):
                           rows: list[torch.Tensor], group: dict[str, Any]) -> bool:
         """Replays missed steps on the fp32 rows; False when every row was already current."""
         step = int(state["step"])
-        last = state["last_step"][index].long()
+        last = _take(state["last_step"], index).long()
         skipped = step - last
         if not bool((skipped > 0).any()):
             return False
@@ -207,11 +270,31 @@ class _SparseRowOptimizer(torch.optim.Optimizer):
             return
         flat = p.view(p.shape[0], -1)
         for index, _ in self._chunks(p, rows):
-            weight, state_rows = flat[index].float(), self._read_rows(state, index)
+            weight, state_rows = _take(flat, index).float(), self._read_rows(state, index)
             if self._bring_up_to_date(state, index, weight, state_rows, group):
                 # Writes only when something changed: a current row keeps its version (autograd checks it).
                 self._write_rows(state, index, state_rows)
-                flat[index] = weight.to(p.dtype)
+                self._store_rows(p, flat, index, weight, int(state["step"]), _ROUND_CATCH_UP)
+
+    def set_rounding_key(self, p: torch.Tensor, seed: int, row_offset: int) -> None:
+        """Keys the stochastic rounding of a bf16 parameter: ``seed`` and the global id of its row 0 (Partial FC
+        passes its seed and ``class_start * K``, so the rounding does not depend on the world size). Unset: 0, 0."""
+        if not hasattr(self, "_rounding_keys"):
+            self._rounding_keys: dict[torch.Tensor, tuple[int, int]] = {}
+        self._rounding_keys[p] = (int(seed), int(row_offset))
+
+    def _store_rows(self, p: torch.Tensor, flat: torch.Tensor, index: Any, weight: torch.Tensor, step: int,
+                    salt: int) -> None:
+        """Writes fp32 rows back: exact for fp32, stochastically rounded (keyed by seed, step, row) for bf16."""
+        if p.dtype != torch.bfloat16:
+            flat[index] = weight.to(p.dtype)
+            return
+        seed, offset = getattr(self, "_rounding_keys", {}).get(p, (0, 0))
+        if isinstance(index, slice):
+            local = torch.arange(index.start, index.stop, dtype=torch.int64, device=weight.device)
+        else:
+            local = index.to(torch.int64)
+        flat[index] = stochastic_round_bf16(weight, mix_seed(seed, step, salt), local + offset)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads hyperparameters and state, keeping the state's storage dtype (torch would cast it to fp32)."""
@@ -345,7 +428,7 @@ class SparseRowAdamW(_SparseRowOptimizer):
         return row_state_layout("adamw", p.shape[0], p[0].numel(), self.state_dtype, self.second_moment)
 
     def _read_rows(self, state: dict[str, torch.Tensor], index: Any) -> list[torch.Tensor]:
-        return [_read(state, "exp_avg", index), state["exp_avg_sq"][index].float()]
+        return [_read(state, "exp_avg", index), _take(state["exp_avg_sq"], index).float()]
 
     def _write_rows(self, state: dict[str, torch.Tensor], index: Any, rows: list[torch.Tensor]) -> None:
         _write(state, "exp_avg", index, rows[0])

@@ -20,6 +20,10 @@ out class-major inside the rank's block (row ``c * K + k``); classes are sampled
 rows, the cosine of a class is the max over its K rows (before the margin), and the cleaning step
 (``drop_after_epochs``) is decided per rank for its own classes, with the drop of a sample made global by one sum.
 
+Centers are stored in fp32 or, with ``center_dtype="bf16"``, in bf16 (1,024 instead of 2,048 bytes per identity at
+D=512): logits and gradients are computed in fp32 chunk by chunk, the center gradient is stored in bf16, and the
+sparse optimizer writes updated rows back with stochastic rounding (``facescale.parallel.optim``).
+
 Only the sampled rows receive a gradient, returned as a sparse tensor with exactly those rows, so the optimizer
 (``facescale.parallel.optim``) touches nothing else. Gradient convention: the embedding gradient this module
 returns is ``world_size * d(loss)/d(local_embeddings)``, which is exactly right once DDP averages the backbone's
@@ -66,9 +70,13 @@ def mix_seed(*values: int) -> int:
 
 
 def init_centers(num_classes: int, class_start: int, num_local: int, embedding_size: int, seed: int,
-                 std: float = 0.01, device: torch.device | str | None = None) -> torch.Tensor:
-    """N(0, std) centers for classes ``[class_start, class_start + num_local)``, independent of the world size."""
-    weight = torch.empty((num_local, embedding_size), device=device)
+                 std: float = 0.01, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N(0, std) centers for classes ``[class_start, class_start + num_local)``, independent of the world size.
+
+    Drawn in fp32 block by block and stored as ``dtype`` (bf16: rounded to nearest), so no fp32 copy of the whole
+    matrix is ever held."""
+    weight = torch.empty((num_local, embedding_size), device=device, dtype=dtype)
     class_end = class_start + num_local
     for block in range(class_start // INIT_BLOCK, -(-class_end // INIT_BLOCK)):
         block_start = block * INIT_BLOCK
@@ -78,6 +86,30 @@ def init_centers(num_classes: int, class_start: int, num_local: int, embedding_s
         lo, hi = max(class_start, block_start), min(class_end, block_start + block_rows)
         weight[lo - class_start:hi - class_start] = values[lo - block_start:hi - block_start]
     return weight
+
+
+CENTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def check_center_dtype(center_dtype: str, sparse_grad: bool = True,
+                       device: torch.device | str | None = None) -> torch.dtype:
+    """The torch dtype of ``center_dtype``; raises ``ValueError`` for a combination that cannot work.
+
+    bf16 centers are refused with the dense v2 baseline (``sparse_grad=False``: torch's dense optimizers round each
+    update to nearest, which loses any update below half a bf16 step) and on a CUDA device without native bf16
+    (before Ampere) -- an error, not a silent fp32 fallback, so a planned memory budget is never exceeded unseen.
+    """
+    if center_dtype not in CENTER_DTYPES:
+        raise ValueError(f"center_dtype must be one of {sorted(CENTER_DTYPES)}, got {center_dtype!r}")
+    if center_dtype == "bf16":
+        if not sparse_grad:
+            raise ValueError("center_dtype='bf16' needs the sparse row optimizers; the dense v2 baseline "
+                             "(dense_state / sparse_grad=False) keeps fp32 centers")
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dev.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise ValueError(f"center_dtype='bf16': device {dev} ({torch.cuda.get_device_name(dev)}) has no native "
+                             "bf16 support; use center_dtype='fp32'")
+    return CENTER_DTYPES[center_dtype]
 
 
 class _AllGatherEmbeddings(torch.autograd.Function):
@@ -112,14 +144,14 @@ class _ShardCosine(torch.autograd.Function):
     def forward(ctx: Any, norm_embeddings: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None,
                 sparse_grad: bool) -> torch.Tensor:
         num_rows = weight.shape[0] if rows is None else rows.numel()
-        chunk = max(1, CHUNK_BYTES // (weight.shape[1] * weight.element_size()))
+        chunk = _chunk_rows(weight)
         cos = norm_embeddings.new_empty((norm_embeddings.shape[0], num_rows))
         norms = norm_embeddings.new_empty((num_rows,))
         for start in range(0, num_rows, chunk):
             end = min(start + chunk, num_rows)
             centers = _take_rows(weight, rows, start, end, norm_embeddings.dtype)
             norms[start:end] = centers.norm(dim=1).clamp_min(1e-12)
-            cos[:, start:end] = norm_embeddings @ (centers / norms[start:end, None]).t()
+            cos[:, start:end] = norm_embeddings @ centers.div_(norms[start:end, None]).t()
         ctx.save_for_backward(norm_embeddings, weight, rows, norms)
         ctx.sparse_grad = sparse_grad
         return cos.clamp_(-1.0, 1.0)
@@ -128,21 +160,25 @@ class _ShardCosine(torch.autograd.Function):
     def backward(ctx: Any, grad_cos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         norm_embeddings, weight, rows, norms = ctx.saved_tensors
         num_rows = norms.numel()
-        chunk = max(1, CHUNK_BYTES // (weight.shape[1] * weight.element_size()))
+        chunk = _chunk_rows(weight)
         grad_embeddings = torch.zeros_like(norm_embeddings)
-        grad_rows = norm_embeddings.new_empty((num_rows, weight.shape[1]))
+        # The center gradient is written once, in the centers' dtype (bf16 centers: a bf16 gradient, rounded to
+        # nearest -- autograd would cast it to the parameter's dtype anyway); the math stays in fp32 per chunk.
+        same_dtype = weight.dtype == norm_embeddings.dtype
+        grad_rows = norm_embeddings.new_empty((num_rows, weight.shape[1]), dtype=weight.dtype)
         for start in range(0, num_rows, chunk):
             end = min(start + chunk, num_rows)
-            normed = _take_rows(weight, rows, start, end, norm_embeddings.dtype) / norms[start:end, None]
+            normed = _take_rows(weight, rows, start, end, norm_embeddings.dtype).div_(norms[start:end, None])
             grad_chunk = grad_cos[:, start:end]
             grad_embeddings.addmm_(grad_chunk, normed)
-            grad_normed = torch.mm(grad_chunk.t(), norm_embeddings, out=grad_rows[start:end])
+            grad_normed = torch.mm(grad_chunk.t(), norm_embeddings, out=grad_rows[start:end] if same_dtype else None)
             # d(w/|w|)/dw = (I - n n^T) / |w|: remove the radial component, then divide by the norm.
             radial = torch.linalg.vecdot(grad_normed, normed).unsqueeze(1)
-            grad_normed.sub_(normed * radial).div_(norms[start:end, None])
+            grad_normed.sub_(normed.mul_(radial)).div_(norms[start:end, None])
+            if not same_dtype:
+                grad_rows[start:end] = grad_normed
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_rows = grad_rows.to(weight.dtype)
             if rows is None:
                 grad_weight = grad_rows
             elif ctx.sparse_grad:
@@ -153,11 +189,18 @@ class _ShardCosine(torch.autograd.Function):
         return grad_embeddings, grad_weight, None, None
 
 
+def _chunk_rows(weight: torch.Tensor) -> int:
+    """Center rows per chunk: the chunk's copy in the compute dtype (fp32 for bf16 centers) is ~CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // (weight.shape[1] * max(4, weight.element_size())))
+
+
 def _take_rows(weight: torch.Tensor, rows: torch.Tensor | None, start: int, end: int,
                dtype: torch.dtype) -> torch.Tensor:
-    """Rows ``start:end`` of the (sampled) centers as a tensor that is safe to read (never written)."""
-    taken = weight[start:end] if rows is None else weight.index_select(0, rows[start:end])
-    return taken.to(dtype)
+    """Rows ``start:end`` of the (sampled) centers as a new tensor of ``dtype``, which the caller may overwrite."""
+    if rows is None:
+        return weight[start:end].to(dtype, copy=True)
+    taken = weight.index_select(0, rows[start:end])
+    return taken if taken.dtype == dtype else taken.to(dtype)
 
 
 class _DistSoftmaxCrossEntropy(torch.autograd.Function):
@@ -182,7 +225,7 @@ class _DistSoftmaxCrossEntropy(torch.autograd.Function):
         # spread over every rank's classes, and each row's target logit lives on exactly one rank (zeros elsewhere).
         all_reduce_(row_stats, dist.ReduceOp.SUM, group)
         sum_exp, target_shifted = row_stats
-        probs.div_(sum_exp.unsqueeze(1))
+        # ``probs`` stays exp(logit - max): backward folds the division by the denominator into its one scaling pass.
         per_row = sum_exp.log() - target_shifted
         if keep is None:  # the mean over every row
             weights = None
@@ -190,19 +233,18 @@ class _DistSoftmaxCrossEntropy(torch.autograd.Function):
         else:  # the mean over kept rows (``keep`` is identical on every rank); no kept row -> 0
             weights = keep.to(per_row.dtype) / keep.sum().clamp_min(1).to(per_row.dtype)
             loss = (per_row * weights).sum()
-        ctx.save_for_backward(probs, rows, cols, weights)
+        ctx.save_for_backward(probs, rows, cols, weights, sum_exp)
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        probs, rows, cols, weights = ctx.saved_tensors
-        # The softmax buffer becomes the gradient in place (a second backward then fails loudly, as it should).
-        grad = probs
-        grad[rows, cols] -= 1.0
-        if weights is None:
-            grad.mul_(grad_loss / grad.shape[0])
-        else:
-            grad.mul_(weights.unsqueeze(1) * grad_loss)
+        exps, rows, cols, weights, sum_exp = ctx.saved_tensors
+        # The exp buffer becomes the gradient in place (a second backward then fails loudly, as it should):
+        # softmax - onehot = (exp - sum_exp * onehot) / sum_exp, the division folded into the row scaling.
+        grad = exps
+        grad[rows, cols] -= sum_exp[rows]
+        row_weight = grad_loss / grad.shape[0] if weights is None else weights * grad_loss
+        grad.mul_((row_weight / sum_exp).unsqueeze(1))
         return grad, None, None, None
 
 
@@ -241,14 +283,18 @@ class PartialFC(nn.Module):
         subcenters: Center rows per class (Sub-center ArcFace); 1 is plain Partial FC.
         drop_after_epochs: Sub-center cleaning from this epoch on (see :meth:`set_epoch`); ``None`` never.
         drop_angle_deg: Cleaning drops samples farther than this from their class's dominant sub-center.
+        center_dtype: Storage of the centers: ``"fp32"`` or ``"bf16"`` (half the bytes; logits and updates are
+            still computed in fp32, and the sparse optimizer writes rows back with stochastic rounding). bf16
+            needs the sparse optimizers (not the dense v2 baseline) and a device with bf16 support.
     """
 
     def __init__(self, margin_loss: MarginCallable, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
                  process_group: dist.ProcessGroup | None = None, seed: int = 0,
                  inter_class_filter: float | None = None, sparse_grad: bool = True,
                  device: torch.device | str | None = None, subcenters: int = 1, drop_after_epochs: int | None = None,
-                 drop_angle_deg: float = 75.0) -> None:
+                 drop_angle_deg: float = 75.0, center_dtype: str = "fp32") -> None:
         super().__init__()
+        dtype = check_center_dtype(center_dtype, sparse_grad, device)
         self.rank, self.world_size = rank_and_world_size(process_group)
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
@@ -271,7 +317,7 @@ class PartialFC(nn.Module):
         k = self.num_subcenters = int(subcenters)
         # Rows are class-major over all classes (global row c * K + k), so the initial matrix is world-size independent.
         self.weight = nn.Parameter(init_centers(num_classes * k, self.class_start * k, self.num_local * k,
-                                                embedding_size, seed, device=device))
+                                                embedding_size, seed, device=device, dtype=dtype))
         self.subcenters = (SubCenters(self.num_local, k, drop_after_epochs, drop_angle_deg).to(device)
                            if k > 1 else None)
         self._dropped = torch.zeros((), dtype=torch.float64)
@@ -285,7 +331,7 @@ class PartialFC(nn.Module):
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, rank={self.rank}/"
                 f"{self.world_size}, class_start={self.class_start}, num_local={self.num_local}, "
                 f"sample_rate={self.sample_rate}, inter_class_filter={self.inter_class_filter}, "
-                f"subcenters={self.num_subcenters}")
+                f"subcenters={self.num_subcenters}, center_dtype={self.weight.dtype}")
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the loop at each epoch start: switches sub-center cleaning on at its epoch (per rank, for its
@@ -316,7 +362,16 @@ class PartialFC(nn.Module):
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         """The optimizer of ``weight``: its sharded state is saved by :meth:`save_sharded`, and a lazy optimizer
-        (``SparseRowSGD``) brings sampled rows up to date before they are scored."""
+        (``SparseRowSGD``) brings sampled rows up to date before they are scored. bf16 centers need an optimizer
+        that rounds stochastically (the sparse row optimizers); it is keyed with this module's seed and global rows.
+        """
+        if optimizer is not None and self.weight.dtype == torch.bfloat16:
+            set_key = getattr(optimizer, "set_rounding_key", None)
+            if set_key is None:
+                raise ValueError(f"bf16 centers need a sparse row optimizer (SparseRowSGD / SparseRowAdamW), which "
+                                 f"rounds updates stochastically; {type(optimizer).__name__} would round every "
+                                 "update to nearest and lose the small ones (use center_dtype='fp32')")
+            set_key(self.weight, self.seed, self.class_start * self.num_subcenters)
         self._optimizer = optimizer
 
     def save_sharded(self, directory: str | os.PathLike, rank: int) -> None:

@@ -15,6 +15,22 @@ batch, D = embedding size (fp32 unless noted):
 With K sub-centers per class (Sub-center ArcFace) the centers, their optimizer state and the center gradient are
 K times larger, and forward and backward each hold one more cosine matrix of K * N*S*4 (before the max over K).
 
+bf16 centers (``center_dtype="bf16"``) halve the centers and the sampled center gradient; their stochastic rounding
+adds chunk-sized integer temporaries to the optimizer step.
+
+The whole rank (``backbone=``): the backbone's parameters P from the measured table
+(``facescale.parallel.backbone_memory``), with K bytes of optimizer state per parameter (SGD momentum 4, AdamW 8):
+
+    DDP             4P weights + 4P gradients + 4P DDP buckets + K*P (bf16 autocast's 2P weight copies are in
+                    the measured activations' fixed part)
+    DeepSpeed ZeRO  Rajbhandari et al., "ZeRO", SC 2020 (eq. in sec. 5): low-precision weights 2P and gradients
+                    2P plus fp32 masters and state (4 + K)P, the weights partitioned over W at stage 3, gradients
+                    from stage 2, masters and state from stage 1 (fp32: 4P + 4P + K*P, no masters)
+    activations     measured saved-tensor bytes per sample (fp32, or under bf16 autocast) x batch + fixed part
+
+and the rank's peak is the classifier's peak plus all of these (activations are alive through the classifier's
+forward and backward). ``fit_identities`` inverts the estimate: the most identities whose rank peak fits a budget.
+
 Communication per rank and step counts bytes sent by ring algorithms: all-gather (W-1)/W of the gathered
 size, all-reduce 2(W-1)/W, reduce-scatter (W-1)/W. The backbone's own DDP all-reduce is not included.
 Measured against real runs in ``benchmarks/plan_vs_measured.py``.
@@ -26,6 +42,7 @@ import argparse
 import json
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from facescale.parallel.optim import STEP_CHUNK_BYTES, default_state_dtype, state_bytes_per_row
 from facescale.parallel.partial_fc import CHUNK_BYTES
@@ -34,6 +51,9 @@ from facescale.parallel.partial_fc import CHUNK_BYTES
 _LOGIT_COPIES = {"additive": (3.0, 2.0), "curricularface": (5.25, 6.0)}
 _FILTER_COPIES = 1.25
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
+_CENTER_BYTES = {"fp32": 4, "bf16": 2}
+# Optimizer state bytes per backbone parameter: SGD momentum, AdamW's two moments (fp32).
+_OPTIMIZER_STATE_BYTES = {"sgd": 4, "adamw": 8}
 
 
 def parse_count(text: str) -> int:
@@ -76,6 +96,15 @@ class PlanReport:
     peak_bytes: int
     bytes_per_identity: float
     comm_bytes: dict[str, int] = field(default_factory=dict)
+    center_dtype: str = "fp32"
+    backbone: str | None = None
+    precision: str = "fp32"
+    engine: str = "ddp"
+    zero_stage: int = 0
+    backbone_params: int = 0
+    backbone_terms: dict[str, int] = field(default_factory=dict)
+    backbone_bytes: int = 0
+    rank_peak_bytes: int = 0
 
     @property
     def comm_total_bytes(self) -> int:
@@ -85,7 +114,8 @@ class PlanReport:
 def estimate(identities: int, world_size: int, batch_size: int, sample_rate: float, embedding_size: int = 512,
              optimizer: str = "sgd", state_dtype: str | None = None, second_moment: str = "row", dense: bool = False,
              margin: str = "arcface", inter_class_filter: bool = False, embedding_bytes: int = 4,
-             subcenters: int = 1) -> PlanReport:
+             subcenters: int = 1, center_dtype: str = "fp32", backbone: str | None = None, precision: str = "fp32",
+             engine: str = "ddp", zero_stage: int = 0) -> PlanReport:
     """Predicts Partial FC memory per rank and communication per step.
 
     Args:
@@ -102,6 +132,12 @@ def estimate(identities: int, world_size: int, batch_size: int, sample_rate: flo
         inter_class_filter: Whether the PFC v2 filter is on.
         embedding_bytes: Bytes per embedding element on the wire (4 fp32, 2 bf16).
         subcenters: Center rows per class (Sub-center ArcFace's K).
+        center_dtype: Storage of the centers, ``"fp32"`` or ``"bf16"``.
+        backbone: A registered backbone name: adds its parameters, gradients, optimizer state and activations
+            (``None``: the classifier only).
+        precision: Backbone precision, ``"fp32"`` or ``"bf16"`` (autocast under DDP; DeepSpeed bf16/fp16).
+        engine: ``"ddp"`` or ``"deepspeed"``.
+        zero_stage: DeepSpeed ZeRO stage 0-3 (``engine="deepspeed"`` only).
 
     Returns:
         The report; ``format_plan`` renders it.
@@ -113,15 +149,20 @@ def estimate(identities: int, world_size: int, batch_size: int, sample_rate: flo
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
     if subcenters < 1:
         raise ValueError(f"subcenters must be >= 1, got {subcenters}")
+    if center_dtype not in _CENTER_BYTES:
+        raise ValueError(f"center_dtype must be fp32 or bf16, got {center_dtype!r}")
+    if center_dtype == "bf16" and dense:
+        raise ValueError("bf16 centers need the sparse row optimizers; the dense v2 baseline keeps fp32 centers")
     k = subcenters
+    cb = _CENTER_BYTES[center_dtype]
     d, w, n = embedding_size, world_size, batch_size * world_size
     num_local = -(-identities // w)
     num_sample = int(sample_rate * num_local)
     # Positives are always kept; with labels spread evenly a rank sees about N / W of them.
     num_sampled = num_local if num_sample >= num_local else min(num_local, max(num_sample, -(-n // w)))
-    centers = k * num_local * d * 4
+    centers = k * num_local * d * cb
     state = k * num_local * state_bytes_per_row(optimizer, d, state_dtype, second_moment, dense)
-    sampled_grad = k * num_sampled * d * 4
+    sampled_grad = k * num_sampled * d * cb
     center_grad = sampled_grad + (k * num_local * d * 4 if dense and num_sampled < num_local else 0)
     logits = n * num_sampled * 4
     fwd_copies, bwd_copies = _LOGIT_COPIES["curricularface" if margin == "curricularface" else "additive"]
@@ -133,7 +174,8 @@ def estimate(identities: int, world_size: int, batch_size: int, sample_rate: flo
     subcenter_cos = k * logits if k > 1 else 0
     forward = int(fwd_copies * logits) + subcenter_cos + workspace
     backward = max(int(bwd_copies * logits) + subcenter_cos, logits + subcenter_cos + center_grad + workspace)
-    step_temps = k * num_local * d * 4 if dense else 3 * STEP_CHUNK_BYTES
+    # bf16: + the rounded chunk and the stochastic rounding's small int64 hash blocks (about one chunk in all).
+    step_temps = k * num_local * d * 4 if dense else (3 + (1 if cb == 2 else 0)) * STEP_CHUNK_BYTES
     optimizer_step = center_grad + step_temps
     embeddings = 4 * n * d * 4
     persistent = centers + state
@@ -149,6 +191,8 @@ def estimate(identities: int, world_size: int, batch_size: int, sample_rate: flo
     }
     if margin == "curricularface":
         comm["all_reduce CurricularFace row statistics"] = int(2 * ring * 2 * n * 4)
+    terms = backbone_terms(backbone, batch_size, w, optimizer, precision, engine, zero_stage) if backbone else {}
+    backbone_total = sum(terms.values())
     return PlanReport(
         identities=identities, world_size=w, batch_size=batch_size, sample_rate=sample_rate, embedding_size=d,
         optimizer=optimizer, state_dtype="fp32" if dense else (state_dtype or default_state_dtype(optimizer)),
@@ -156,7 +200,77 @@ def estimate(identities: int, world_size: int, batch_size: int, sample_rate: flo
         centers_bytes=centers, optimizer_state_bytes=state, center_grad_bytes=center_grad, logits_bytes=logits,
         forward_bytes=forward, backward_bytes=backward, optimizer_step_bytes=optimizer_step,
         embeddings_bytes=embeddings, persistent_bytes=persistent, peak_bytes=peak,
-        bytes_per_identity=persistent / num_local, comm_bytes=comm)
+        bytes_per_identity=persistent / num_local, comm_bytes=comm, center_dtype=center_dtype, backbone=backbone,
+        precision=precision, engine=engine, zero_stage=zero_stage if engine == "deepspeed" else 0,
+        backbone_params=backbone_param_count(backbone) if backbone else 0, backbone_terms=terms,
+        backbone_bytes=backbone_total, rank_peak_bytes=peak + backbone_total)
+
+
+def backbone_param_count(name: str) -> int:
+    """Parameters of a registered backbone, from the measured table."""
+    from facescale.parallel.backbone_memory import BACKBONE_MEMORY
+
+    if name not in BACKBONE_MEMORY:
+        raise ValueError(f"backbone {name!r} is not in the planner's table (benchmarks/backbone_memory.py measures "
+                         f"it); known: {', '.join(sorted(BACKBONE_MEMORY))}")
+    return int(BACKBONE_MEMORY[name]["params"])
+
+
+def backbone_terms(name: str, batch_size: int, world_size: int, optimizer: str = "sgd", precision: str = "fp32",
+                   engine: str = "ddp", zero_stage: int = 0) -> dict[str, int]:
+    """Per-rank bytes of the backbone: ``{weights, gradients, ..., activations}`` (see the module docstring)."""
+    from facescale.parallel.backbone_memory import BACKBONE_MEMORY
+
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    if engine not in ("ddp", "deepspeed"):
+        raise ValueError(f"engine must be ddp or deepspeed, got {engine!r}")
+    if engine == "ddp" and zero_stage:
+        raise ValueError("--zero-stage applies only to --engine deepspeed")
+    if not 0 <= zero_stage <= 3:
+        raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
+    p, w = backbone_param_count(name), world_size
+    state = _OPTIMIZER_STATE_BYTES[optimizer] * p
+    act = BACKBONE_MEMORY[name][precision]
+    terms: dict[str, int] = {}
+    if engine == "ddp":
+        terms["weights (fp32)"] = 4 * p
+        terms["gradients (fp32)"] = 4 * p
+        terms["DDP gradient buckets"] = 4 * p
+        terms["optimizer state"] = state
+    elif precision == "fp32":
+        terms["weights (fp32)"] = 4 * p // (w if zero_stage >= 3 else 1)
+        terms["gradients (fp32)"] = 4 * p // (w if zero_stage >= 2 else 1)
+        terms["optimizer state"] = state // (w if zero_stage >= 1 else 1)
+    else:
+        terms["weights (bf16)"] = 2 * p // (w if zero_stage >= 3 else 1)
+        terms["gradients (bf16)"] = 2 * p // (w if zero_stage >= 2 else 1)
+        terms["fp32 master weights + optimizer state"] = (4 * p + state) // (w if zero_stage >= 1 else 1)
+    # The measured fixed part under bf16 autocast is autocast's bf16 copies of the weights (DDP only: DeepSpeed's
+    # weights are bf16 already, counted above).
+    fixed = act["fixed"] if engine == "ddp" else BACKBONE_MEMORY[name]["fp32"]["fixed"]
+    terms["activations" + (" + autocast weight copies" if engine == "ddp" and precision == "bf16" else "")] = int(
+        fixed + act["per_sample"] * batch_size)
+    return terms
+
+
+def fit_identities(memory_bytes: float, world_size: int, batch_size: int, sample_rate: float,
+                   **kwargs: Any) -> tuple[int, PlanReport]:
+    """The most identities (a multiple of ``world_size``: one more class per rank is the next candidate) whose
+    per-rank peak (backbone included when ``backbone=`` is given) fits ``memory_bytes``; (0, plan of one block)
+    when not even ``world_size`` identities fit. ``kwargs`` go to :func:`estimate`."""
+    def plan(per_rank: int) -> PlanReport:
+        return estimate(per_rank * world_size, world_size, batch_size, sample_rate, **kwargs)
+
+    if plan(1).rank_peak_bytes > memory_bytes:
+        return 0, plan(1)
+    lo, hi = 1, 2
+    while plan(hi).rank_peak_bytes <= memory_bytes:  # the peak grows with the classes per rank
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # invariant: lo fits, hi does not
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if plan(mid).rank_peak_bytes <= memory_bytes else (lo, mid)
+    return lo * world_size, plan(lo)
 
 
 def _size(num_bytes: float) -> str:
@@ -176,7 +290,7 @@ def format_plan(report: PlanReport) -> str:
         f"{r.optimizer} ({kind}), margin {r.margin}" + (f", {r.subcenters} sub-centers" if r.subcenters > 1 else ""),
         f"  classes per rank          {r.num_local:>14,}   sampled per step {r.num_sampled:,}",
         "per-rank memory",
-        f"  centers (fp32)            {_size(r.centers_bytes):>14}",
+        f"  centers ({r.center_dtype})            {_size(r.centers_bytes):>14}",
         f"  optimizer state           {_size(r.optimizer_state_bytes):>14}",
         f"  = persistent              {_size(r.persistent_bytes):>14}   ({r.bytes_per_identity:,.0f} B/identity)",
         f"  center gradient           {_size(r.center_grad_bytes):>14}",
@@ -185,8 +299,15 @@ def format_plan(report: PlanReport) -> str:
         f"  backward peak extra       {_size(r.backward_bytes):>14}   (logit gradients + center gradient)",
         f"  optimizer step extra      {_size(r.optimizer_step_bytes):>14}",
         f"  = peak                    {_size(r.peak_bytes):>14}",
-        "communication per step (bytes sent per rank)",
     ]
+    if r.backbone:
+        how = "DDP" if r.engine == "ddp" else f"DeepSpeed ZeRO-{r.zero_stage}"
+        lines.append(f"backbone {r.backbone} ({r.backbone_params / 1e6:.1f}M parameters, {r.precision}, {how}, "
+                     f"batch {r.batch_size})")
+        lines += [f"  {name:<38}{_size(size):>14}" for name, size in r.backbone_terms.items()]
+        lines.append(f"  = backbone                            {_size(r.backbone_bytes):>14}")
+        lines.append(f"= rank peak (classifier + backbone)     {_size(r.rank_peak_bytes):>14}")
+    lines.append("communication per step (bytes sent per rank)")
     lines += [f"  {name:<40}{_size(size):>12}" for name, size in r.comm_bytes.items()]
     lines.append(f"  {'total':<40}{_size(r.comm_total_bytes):>12}")
     return "\n".join(lines)
@@ -194,7 +315,8 @@ def format_plan(report: PlanReport) -> str:
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``facescale plan`` options to ``parser``."""
-    parser.add_argument("--identities", type=parse_count, required=True, help="number of classes, e.g. 10M")
+    parser.add_argument("--identities", type=parse_count, default=None,
+                        help="number of classes, e.g. 10M (required unless --fit)")
     parser.add_argument("--world-size", type=int, required=True, help="ranks the classes are sharded over")
     parser.add_argument("--batch-size", type=int, required=True, help="per-rank batch size")
     parser.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate")
@@ -207,22 +329,55 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=["arcface", "cosface", "combined", "magface", "curricularface", "adaface"])
     parser.add_argument("--subcenters", type=int, default=1, help="centers per class (Sub-center ArcFace's K)")
     parser.add_argument("--inter-class-filter", action="store_true", help="PFC v2 inter-class filter on")
-    parser.add_argument("--memory-gib", type=float, default=None, help="per-rank budget; exit 1 if the peak exceeds")
+    parser.add_argument("--center-dtype", choices=["fp32", "bf16"], default="fp32", help="storage of the centers")
+    parser.add_argument("--backbone", default=None, help="registered backbone: plan the whole rank, not only the "
+                        "classifier (parameters, gradients, optimizer state, activations at --batch-size)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="backbone precision")
+    parser.add_argument("--engine", choices=["ddp", "deepspeed"], default="ddp", help="backbone engine")
+    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
+                        help="DeepSpeed ZeRO stage (default 2, the config default; --engine deepspeed only)")
+    parser.add_argument("--memory-gib", type=float, default=None,
+                        help="per-rank budget (the rank peak: backbone included with --backbone); exit 1 if exceeded")
+    parser.add_argument("--fit", action="store_true", help="print the most identities that fit --memory-gib")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def run_plan(args: argparse.Namespace) -> int:
     """Prints the plan for parsed ``facescale plan`` arguments; returns the exit code."""
-    report = estimate(args.identities, args.world_size, args.batch_size, args.sample_rate, args.embedding,
-                      optimizer=args.optimizer, state_dtype=args.state_dtype, second_moment=args.second_moment,
-                      dense=args.dense, margin=args.margin, inter_class_filter=args.inter_class_filter,
-                      subcenters=args.subcenters)
+    if args.engine == "ddp" and args.zero_stage not in (None, 0):
+        raise SystemExit("facescale plan: --zero-stage applies only to --engine deepspeed")
+    zero_stage = (2 if args.zero_stage is None else args.zero_stage) if args.engine == "deepspeed" else 0
+    kwargs = dict(embedding_size=args.embedding, optimizer=args.optimizer, state_dtype=args.state_dtype,
+                  second_moment=args.second_moment, dense=args.dense, margin=args.margin,
+                  inter_class_filter=args.inter_class_filter, subcenters=args.subcenters,
+                  center_dtype=args.center_dtype, backbone=args.backbone, precision=args.precision,
+                  engine=args.engine, zero_stage=zero_stage)
+    try:
+        if args.fit:
+            if args.memory_gib is None:
+                raise ValueError("--fit needs --memory-gib (the per-rank budget to fill)")
+            count, report = fit_identities(args.memory_gib * (1 << 30), args.world_size, args.batch_size,
+                                           args.sample_rate, **kwargs)
+        else:
+            if args.identities is None:
+                raise ValueError("--identities is required (or use --fit with --memory-gib)")
+            report = estimate(args.identities, args.world_size, args.batch_size, args.sample_rate, **kwargs)
+    except ValueError as err:
+        raise SystemExit(f"facescale plan: {err}") from None
     if args.json:
-        print(json.dumps({**asdict(report), "comm_total_bytes": report.comm_total_bytes}, indent=1))
+        payload: dict[str, Any] = {**asdict(report), "comm_total_bytes": report.comm_total_bytes}
+        if args.fit:
+            payload["fit_identities"] = count
+        print(json.dumps(payload, indent=1))
     else:
         print(format_plan(report))
-    if args.memory_gib is not None and report.peak_bytes > args.memory_gib * (1 << 30):
-        print(f"peak {_size(report.peak_bytes)} per rank exceeds the budget of {args.memory_gib} GiB")
+    if args.fit:
+        if not args.json:
+            print(f"fit: {count:,} identities fit {args.memory_gib} GiB per rank on {args.world_size} ranks "
+                  f"(rank peak {_size(report.rank_peak_bytes)}; {count + args.world_size:,} would not)")
+        return 0 if count else 1
+    if args.memory_gib is not None and report.rank_peak_bytes > args.memory_gib * (1 << 30):
+        print(f"peak {_size(report.rank_peak_bytes)} per rank exceeds the budget of {args.memory_gib} GiB")
         return 1
     return 0
 

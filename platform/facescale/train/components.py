@@ -48,7 +48,8 @@ def build_classifier(cfg: FaceScaleConfig, num_classes: int, device: torch.devic
         # Sharded, not replicated: never inside DDP. Seeded like the rest of the run.
         return PartialFC(margin, cfg.model.embedding_size, num_classes, sample_rate=c.sample_rate,
                          seed=cfg.train.seed, inter_class_filter=c.inter_class_filter,
-                         sparse_grad=not c.dense_state, device=device, **subcenter_kwargs)
+                         sparse_grad=not c.dense_state, device=device, center_dtype=c.center_dtype,
+                         **subcenter_kwargs)
     raise ValueError(f"classifier.type {c.type!r} is not supported")
 
 
