@@ -151,8 +151,10 @@ def _read(state: dict[str, torch.Tensor], name: str, rows: torch.Tensor | slice)
     if f"{name}_q" in state:
         q, scale = _take(state[f"{name}_q"], rows), _take(state[f"{name}_scale"], rows)
         blocks = scale.shape[1]
-        # int8 * fp32 promotes to fp32 in the one pass (no separate fp32 copy of q).
-        return torch.mul(q.view(q.shape[0], blocks, -1), scale.unsqueeze(2)).view(q.shape[0], -1)
+        # Convert, then scale in place: the same values as the promoting int8 * fp32 product, and about 3x faster on
+        # CPU (the mixed-dtype kernel is slow); the fp32 copy is the result itself.
+        values = q.to(torch.float32)
+        return values.view(q.shape[0], blocks, -1).mul_(scale.unsqueeze(2)).view(q.shape[0], -1)
     return _take(state[name], rows).float()
 
 
@@ -161,7 +163,9 @@ def _write(state: dict[str, torch.Tensor], name: str, rows: torch.Tensor | slice
     if f"{name}_q" in state:
         blocks = state[f"{name}_scale"].shape[1]
         grouped = values.view(values.shape[0], blocks, -1)
-        scale = torch.linalg.vector_norm(grouped, ord=math.inf, dim=2) / 127.0  # max |x| without an |x| copy
+        # max |x| per block without an |x| copy, as max(max x, -min x): exactly vector_norm(ord=inf), ~15x faster on
+        # CPU (abs_ only turns a -0 from all-zero blocks into +0).
+        scale = torch.maximum(grouped.amax(dim=2), grouped.amin(dim=2).neg_()).abs_() / 127.0
         q = (grouped / scale.clamp_min(1e-30).unsqueeze(2)).round_().clamp_(-127, 127).to(torch.int8)
         state[f"{name}_q"][rows] = q.view(values.shape[0], -1)
         state[f"{name}_scale"][rows] = scale

@@ -151,10 +151,11 @@ class _ShardCosine(torch.autograd.Function):
             end = min(start + chunk, num_rows)
             centers = _take_rows(weight, rows, start, end, norm_embeddings.dtype)
             norms[start:end] = centers.norm(dim=1).clamp_min(1e-12)
-            cos[:, start:end] = norm_embeddings @ centers.div_(norms[start:end, None]).t()
+            # Clamped per chunk while the product is in cache (no extra pass over the whole matrix).
+            cos[:, start:end] = torch.mm(norm_embeddings, centers.div_(norms[start:end, None]).t()).clamp_(-1.0, 1.0)
         ctx.save_for_backward(norm_embeddings, weight, rows, norms)
         ctx.sparse_grad = sparse_grad
-        return cos.clamp_(-1.0, 1.0)
+        return cos
 
     @staticmethod
     def backward(ctx: Any, grad_cos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
@@ -225,7 +226,9 @@ class _DistSoftmaxCrossEntropy(torch.autograd.Function):
         # spread over every rank's classes, and each row's target logit lives on exactly one rank (zeros elsewhere).
         all_reduce_(row_stats, dist.ReduceOp.SUM, group)
         sum_exp, target_shifted = row_stats
-        # ``probs`` stays exp(logit - max): backward folds the division by the denominator into its one scaling pass.
+        # Divided here, not folded into backward's scaling: the fold changes the gradient's last bits (checked
+        # against DeepSpeed ZeRO's trajectory in tests/test_engine.py) for one pass over the logits.
+        probs.div_(sum_exp.unsqueeze(1))
         per_row = sum_exp.log() - target_shifted
         if keep is None:  # the mean over every row
             weights = None
@@ -233,18 +236,19 @@ class _DistSoftmaxCrossEntropy(torch.autograd.Function):
         else:  # the mean over kept rows (``keep`` is identical on every rank); no kept row -> 0
             weights = keep.to(per_row.dtype) / keep.sum().clamp_min(1).to(per_row.dtype)
             loss = (per_row * weights).sum()
-        ctx.save_for_backward(probs, rows, cols, weights, sum_exp)
+        ctx.save_for_backward(probs, rows, cols, weights)
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        exps, rows, cols, weights, sum_exp = ctx.saved_tensors
-        # The exp buffer becomes the gradient in place (a second backward then fails loudly, as it should):
-        # softmax - onehot = (exp - sum_exp * onehot) / sum_exp, the division folded into the row scaling.
-        grad = exps
-        grad[rows, cols] -= sum_exp[rows]
-        row_weight = grad_loss / grad.shape[0] if weights is None else weights * grad_loss
-        grad.mul_((row_weight / sum_exp).unsqueeze(1))
+        probs, rows, cols, weights = ctx.saved_tensors
+        # The softmax buffer becomes the gradient in place (a second backward then fails loudly, as it should).
+        grad = probs
+        grad[rows, cols] -= 1.0
+        if weights is None:
+            grad.mul_(grad_loss / grad.shape[0])
+        else:
+            grad.mul_(weights.unsqueeze(1) * grad_loss)
         return grad, None, None, None
 
 
