@@ -11,9 +11,7 @@ is compared with an uninterrupted reference run in tests/test_train_ray.py.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ import facescale.train.loop as loop
 from facescale.config import dump_config, load_config
 from facescale.data.synth import synthesize
 from facescale.tracking.mlflow_run import start_run
-from facescale.train.context import WorkerContext
+from recording_context import RecordingContext
 
 
 def _synth(root: Path, seed: int) -> dict[str, str]:
@@ -39,14 +37,6 @@ def test_synthetic_generator_writes_identical_bytes_for_the_same_seed(tmp_path: 
     assert set(other) == set(first)
     shards = [n for n in first if n.endswith(".tar")]
     assert all(other[n] != first[n] for n in shards), "another seed must give other images"
-
-
-@dataclass
-class _RecordingContext(WorkerContext):
-    reports: list[dict[str, Any]] = field(default_factory=list)
-
-    def report(self, metrics: dict[str, Any]) -> None:
-        self.reports.append(dict(metrics))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +66,7 @@ def _losses(shards: Path, tmp: Path, loader: str, seed: int) -> list[float]:
         f"tracking.artifact_root={tmp / tag}-art", "tracking.log_model=false"])
     run_id = start_run(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root, None, {},
                        dump_config(cfg))
-    ctx = _RecordingContext(0, 1, 0, 0, torch.device("cpu"), str(tmp / tag))
+    ctx = RecordingContext(0, 1, 0, 0, torch.device("cpu"), str(tmp / tag))
     loop.run_worker(ctx, {"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": cfg.tracking.uri})
     losses = [r["train/loss"] for r in ctx.reports[:-1]]  # one report per step; the last repeats step 10
     assert [r["step"] for r in ctx.reports[:-1]] == list(range(1, 11))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,9 @@ from facescale.tracking.mlflow_run import start_run
 from facescale.train.checkpoint import TrainProgress
 from facescale.train.ckpt_store import resolve_checkpoint, verify_checkpoint
 from facescale.train.components import build_bare_backbone
-from facescale.train.context import WorkerContext
 from facescale.train.engine import build_engine
 from facescale.train.loop import _init_backbone, _mean_over_ranks, _rescale_position, planned_total_steps, step_groups
+from recording_context import RecordingContext
 
 
 @pytest.fixture(scope="module")
@@ -111,14 +110,6 @@ class _Uint8Loader:
             yield images, labels, keys
 
 
-@dataclass
-class _RecordingContext(WorkerContext):
-    reports: list[dict[str, Any]] = field(default_factory=list)
-
-    def report(self, metrics: dict[str, Any]) -> None:
-        self.reports.append(dict(metrics))
-
-
 def _worker_config(shards: Path, tmp: Path, *extra: str):
     return load_config(None, [
         f"data.root={shards}", "data.val_bins=[]", "data.loader=torch", "data.num_workers=0",
@@ -128,10 +119,10 @@ def _worker_config(shards: Path, tmp: Path, *extra: str):
         f"tracking.artifact_root={tmp / 'artifacts'}", "tracking.log_model=false", *extra])
 
 
-def _run_worker(cfg, run_root: Path) -> tuple[_RecordingContext, dict[str, Any]]:
+def _run_worker(cfg, run_root: Path) -> tuple[RecordingContext, dict[str, Any]]:
     uri = cfg.tracking.uri
     run_id = start_run(uri, cfg.tracking.experiment, cfg.tracking.artifact_root, None, {}, dump_config(cfg))
-    ctx = _RecordingContext(0, 1, 0, 0, torch.device("cpu"), str(run_root))
+    ctx = RecordingContext(0, 1, 0, 0, torch.device("cpu"), str(run_root))
     loop.run_worker(ctx, {"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": uri})
     final = resolve_checkpoint(str(run_root))
     return ctx, json.loads(verify_checkpoint(final)["meta"]["metrics"]["summary"])
