@@ -60,6 +60,32 @@ class MarginConfig(BaseModel):
         return self
 
 
+class FFCConfig(BaseModel):
+    """``classifier.ffc``: the F²C dynamic class pool (``facescale.heads.ffc``; Wang et al., CVPR 2022).
+
+    ``pool_size`` is a number of identity slots, or a fraction in (0, 1) of the training set's identities (the
+    paper uses 1 %, 0.1 %, 0.01 %). The gallery loader yields ``ids_per_batch`` identities x ``images_per_id``
+    images per rank and step; the pool must hold at least ``ids_per_batch`` x world size identities.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool_size: int | float = 0.01
+    momentum: float = Field(0.99, ge=0, lt=1)  # the gallery network's EMA momentum
+    top_k: int | None = Field(None, ge=1)  # hard negatives per out-of-pool probe; None: the reference's 3..10
+    ids_per_batch: int = Field(64, ge=1)
+    images_per_id: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _pool_size_range(self) -> FFCConfig:
+        if isinstance(self.pool_size, float) and not 0.0 < self.pool_size < 1.0:
+            raise ValueError(f"classifier.ffc.pool_size: a fraction must lie in (0, 1), got {self.pool_size} "
+                             "(an absolute number of identities is an integer)")
+        if isinstance(self.pool_size, int) and self.pool_size < 1:
+            raise ValueError(f"classifier.ffc.pool_size must be >= 1, got {self.pool_size}")
+        return self
+
+
 class ClassifierConfig(BaseModel):
     """Which classifier turns embeddings into a loss.
 
@@ -72,12 +98,16 @@ class ClassifierConfig(BaseModel):
     ``subcenters`` (both types) gives each class K centers (``facescale.heads.subcenter``). Every margin type works
     with them: margins see the max-pooled class cosines ``[B, C]``, and their state is per row or a scalar
     (CurricularFace's ``t``, AdaFace's norm EMA), never per center.
+
+    ``ffc`` (F²C, Wang et al., CVPR 2022) replaces the class weights by a dynamic pool of gallery features
+    (``classifier.ffc``, ``facescale.heads.ffc``): memory independent of the number of identities.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["linear", "partial_fc"] = "linear"
+    type: Literal["linear", "partial_fc", "ffc"] = "linear"
     margin: MarginConfig = MarginConfig()
+    ffc: FFCConfig = FFCConfig()  # classifier.type: ffc only
     sample_rate: float = Field(1.0, gt=0, le=1)
     # PFC v2 inter-class conflict filter; the paper's threshold is 0.4.
     inter_class_filter: float | None = Field(None, ge=-1, le=1)
@@ -102,6 +132,14 @@ class ClassifierConfig(BaseModel):
         if self.center_dtype == "bf16" and self.dense_state:
             raise ValueError("classifier.center_dtype: bf16 needs the sparse row optimizers (stochastic rounding); "
                              "classifier.dense_state: true (the dense v2 baseline) keeps fp32 centers")
+        if self.type != "ffc" and self.ffc != FFCConfig():
+            raise ValueError("classifier.ffc applies only to classifier type 'ffc'")
+        if self.type == "ffc" and self.margin.type not in ("arcface", "cosface", "combined"):
+            raise ValueError(f"classifier.type ffc supports margin types arcface, cosface and combined, not "
+                             f"{self.margin.type!r} (its statistics are not defined over a class pool)")
+        if self.type == "ffc" and self.subcenters != 1:
+            raise ValueError("classifier.subcenters does not apply to classifier type 'ffc' (the pool holds two "
+                             "prototypes per identity already)")
         if self.drop_non_dominant_after_epochs is not None and self.subcenters == 1:
             raise ValueError("classifier.drop_non_dominant_after_epochs needs classifier.subcenters > 1")
         if self.drop_angle_deg != 75.0 and self.drop_non_dominant_after_epochs is None:

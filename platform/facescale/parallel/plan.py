@@ -313,8 +313,25 @@ def format_plan(report: PlanReport) -> str:
     return "\n".join(lines)
 
 
+def parse_pool_size(text: str) -> int | float:
+    """``--pool-size``: a fraction in (0, 1) of the identities (``"0.01"``), else a count (``"10k"``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is not None and 0 < value < 1:
+        return value
+    return parse_count(text)
+
+
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``facescale plan`` options to ``parser``."""
+    parser.add_argument("--classifier", choices=["partial_fc", "ffc"], default="partial_fc",
+                        help="partial_fc (sharded centers) or ffc (the F²C dynamic class pool)")
+    parser.add_argument("--pool-size", type=parse_pool_size, default=None,
+                        help="ffc: pool slots (e.g. 10k) or a fraction of --identities (e.g. 0.01)")
+    parser.add_argument("--ids-per-batch", type=int, default=64, help="ffc: gallery identities per rank and step")
+    parser.add_argument("--images-per-id", type=int, default=2, help="ffc: gallery images per identity")
     parser.add_argument("--identities", type=parse_count, default=None,
                         help="number of classes, e.g. 10M (required unless --fit)")
     parser.add_argument("--world-size", type=int, required=True, help="ranks the classes are sharded over")
@@ -353,7 +370,11 @@ def run_plan(args: argparse.Namespace) -> int:
                   center_dtype=args.center_dtype, backbone=args.backbone, precision=args.precision,
                   engine=args.engine, zero_stage=zero_stage)
     try:
-        if args.fit:
+        if args.classifier == "ffc":
+            report = _ffc_report(args, zero_stage)
+        elif args.pool_size is not None:
+            raise ValueError("--pool-size applies only to --classifier ffc")
+        elif args.fit:
             if args.memory_gib is None:
                 raise ValueError("--fit needs --memory-gib (the per-rank budget to fill)")
             count, report = fit_identities(args.memory_gib * (1 << 30), args.world_size, args.batch_size,
@@ -369,6 +390,10 @@ def run_plan(args: argparse.Namespace) -> int:
         if args.fit:
             payload["fit_identities"] = count
         print(json.dumps(payload, indent=1))
+    elif args.classifier == "ffc":
+        from facescale.parallel.ffc_plan import format_ffc_plan
+
+        print(format_ffc_plan(report))
     else:
         print(format_plan(report))
     if args.fit:
@@ -380,6 +405,27 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"peak {_size(report.rank_peak_bytes)} per rank exceeds the budget of {args.memory_gib} GiB")
         return 1
     return 0
+
+
+def _ffc_report(args: argparse.Namespace, zero_stage: int) -> Any:
+    """The ``--classifier ffc`` plan (``facescale.parallel.ffc_plan``); Partial FC's own options are refused."""
+    from facescale.parallel.ffc_plan import estimate_ffc
+
+    if args.fit:
+        raise ValueError("--fit does not apply to --classifier ffc: its memory does not grow with the identities")
+    if args.pool_size is None:
+        raise ValueError("--classifier ffc needs --pool-size (slots, or a fraction of --identities)")
+    pfc_only = {"--sample-rate": args.sample_rate != 1.0, "--dense": args.dense, "--subcenters": args.subcenters != 1,
+                "--inter-class-filter": args.inter_class_filter, "--center-dtype": args.center_dtype != "fp32",
+                "--state-dtype": args.state_dtype is not None}
+    if any(pfc_only.values()):
+        raise ValueError(f"{', '.join(k for k, v in pfc_only.items() if v)} apply only to --classifier partial_fc")
+    if args.margin not in ("arcface", "cosface", "combined"):
+        raise ValueError(f"--classifier ffc supports margins arcface, cosface and combined, not {args.margin}")
+    return estimate_ffc(args.pool_size, args.world_size, args.batch_size, identities=args.identities,
+                        ids_per_batch=args.ids_per_batch, images_per_id=args.images_per_id,
+                        embedding_size=args.embedding, backbone=args.backbone, optimizer=args.optimizer,
+                        precision=args.precision, engine=args.engine, zero_stage=zero_stage)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,12 @@ def build_bare_backbone(cfg: FaceScaleConfig, device: torch.device) -> nn.Module
 
 
 def build_classifier(cfg: FaceScaleConfig, num_classes: int, device: torch.device) -> nn.Module:
-    """The classifier named by ``classifier.type`` (replicated ones are DDP-wrapped)."""
+    """The classifier named by ``classifier.type`` (replicated ones with parameters are DDP-wrapped).
+
+    Raises:
+        ValueError: ``classifier.type: ffc`` with a pool larger than ``num_classes`` or smaller than one global
+            gallery batch's identities, or with DeepSpeed ZeRO-3.
+    """
     margin = build_margin(cfg.classifier.margin)
     c = cfg.classifier
     subcenter_kwargs = {"subcenters": c.subcenters, "drop_after_epochs": c.drop_non_dominant_after_epochs,
@@ -50,7 +55,27 @@ def build_classifier(cfg: FaceScaleConfig, num_classes: int, device: torch.devic
                          seed=cfg.train.seed, inter_class_filter=c.inter_class_filter,
                          sparse_grad=not c.dense_state, device=device, center_dtype=c.center_dtype,
                          **subcenter_kwargs)
+    if c.type == "ffc":
+        return _build_ffc(cfg, margin, num_classes, device)
     raise ValueError(f"classifier.type {c.type!r} is not supported")
+
+
+def _build_ffc(cfg: FaceScaleConfig, margin: nn.Module, num_classes: int, device: torch.device) -> nn.Module:
+    """The F²C pool with its gallery network (the probe's architecture); replicated and never DDP-wrapped."""
+    from facescale.heads.ffc import FFCClassifier, check_pool_size, resolve_pool_size
+    from facescale.parallel.dist import all_gather_rows, rank_and_world_size
+
+    f = cfg.classifier.ffc
+    if cfg.train.engine == "deepspeed" and cfg.train.deepspeed.zero_stage == 3:
+        raise ValueError("classifier.type ffc needs the probe backbone's whole parameters on every rank for the "
+                         "gallery EMA; train.deepspeed.zero_stage 3 partitions them: use zero_stage 1 or 2, or "
+                         "train.engine ddp")
+    _, world_size = rank_and_world_size(None)
+    pool_size = resolve_pool_size(f.pool_size, num_classes)
+    check_pool_size(pool_size, num_classes, f.ids_per_batch * world_size)
+    # NOTE: the gallery features and labels are all-gathered over the default group, so every rank's pool is the same.
+    return FFCClassifier(margin, build_bare_backbone(cfg, device), cfg.model.embedding_size, num_classes, pool_size,
+                         momentum=f.momentum, top_k=f.top_k, gather_rows=lambda t: all_gather_rows(t, None)).to(device)
 
 
 def build_classifier_optimizer(cfg: FaceScaleConfig, classifier: nn.Module) -> torch.optim.Optimizer:
@@ -61,6 +86,10 @@ def build_classifier_optimizer(cfg: FaceScaleConfig, classifier: nn.Module) -> t
     saved by the classifier itself (``attach_optimizer``); a replicated head's is saved by rank 0.
     """
     t = cfg.train
+    if cfg.classifier.type == "ffc":
+        # FFC has no trainable parameter (its gallery network is an EMA of the backbone): an optimizer over one empty
+        # group, whose step() is a no-op, keeps the loop's lr setting, zero_grad and checkpointing unchanged.
+        return torch.optim.SGD([{"params": [p for p in classifier.parameters() if p.requires_grad]}], lr=t.lr)
     if isinstance(classifier, PartialFC):
         c = cfg.classifier
         pfc_opt = build_partial_fc_optimizer(classifier.parameters(), t.optimizer, lr=t.lr, momentum=t.momentum,

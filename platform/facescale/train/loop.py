@@ -14,6 +14,16 @@ from its checkpoints through ``train.resume_from``.
 
 Host syncs: one per step (the step's non-finite flags, ``train/step.py``) and one per logging window (the losses and
 the gradient norm, :func:`_mean_over_ranks`); the phase breakdown adds its own only under ``train.step_breakdown_sync``.
+
+F²C / FFC (``classifier.type: ffc``; Wang et al., CVPR 2022, arXiv:2105.10375): a second loader over the same shards
+with its own shuffle seed feeds identity-based batches (:func:`_gallery_batches`); per optimizer step the gallery
+network embeds one of them into the dynamic class pool (``update_pool``, timer phase ``"gallery"``), the probe
+(the backbone) takes its step, and an applied step moves the gallery towards the probe (``ema_update``). A run that
+does not resume starts the gallery as a copy of the probe (``init_gallery``, after ``train.init_from``). The pool,
+its LRU state and the gallery network are in the checkpoint (the classifier's state); the gallery loader's position
+is NOT: it is a stream regrouped through a buffer of up to thousands of decoded images, too big to save per step.
+On resume the gallery stream restarts at the start of the resumed epoch, with the same seed, so a resumed run
+embeds some identity batches again (the pool is a cache of prototypes, so it only refreshes their features).
 """
 
 from __future__ import annotations
@@ -139,6 +149,32 @@ def _rescale_position(progress: TrainProgress, world_size: int, accum: int) -> N
     progress.step_in_epoch = micro - micro % accum
     progress.local_loader_position = {}
     progress.world_size = world_size
+
+
+def _gallery_batches(cfg: FaceScaleConfig, rank: int, world_size: int, device: torch.device,
+                     epoch: int) -> tuple[Iterator[MicroBatch], dict[str, int]]:
+    """FFC's identity-based gallery batches from ``epoch`` on, endlessly: ``(images, labels, keys)`` and the counts.
+
+    A second loader over the same shards (``data.*`` as the probe's, so DALI/torch and ``s3://`` alike), shuffled
+    with its own seed, regrouped into ``classifier.ffc.ids_per_batch`` x ``images_per_id`` batches by
+    :class:`~facescale.data.identity_batches.IdentityBatcher`; the counts (its ``stats``: batches, samples seen,
+    used, evicted unused) are logged as ``gallery/*``. Not checkpointed (see the module docstring).
+    """
+    from facescale.data.identity_batches import IdentityBatcher
+
+    ffc = cfg.classifier.ffc
+    seed = cfg.train.seed + 7919  # another shuffle of the same shards than the probe's (any fixed offset would do)
+    loader = build_train_loader(cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})}),
+                                rank, world_size, device)
+
+    def epochs() -> Iterator[MicroBatch]:
+        e = epoch
+        while True:
+            yield from loader.epoch_samples(e)
+            e += 1
+
+    batcher = IdentityBatcher(epochs(), ffc.ids_per_batch, ffc.images_per_id, seed=seed + rank)
+    return iter(batcher), batcher.stats
 
 
 def _init_backbone(engine: Any, cfg: FaceScaleConfig) -> None:
@@ -285,6 +321,13 @@ def run_worker(ctx: WorkerContext, payload: dict[str, Any]) -> None:
         _rescale_position(progress, world_size, accum)
     elif cfg.train.init_from:
         _init_backbone(engine, cfg)
+    head = unwrap(classifier)
+    gallery: Iterator[MicroBatch] | None = None
+    gallery_stats: dict[str, int] = {}
+    if cfg.classifier.type == "ffc":  # F²C: identity batches for the gallery network (module docstring)
+        if resumed_from is None:
+            head.init_gallery(unwrap(engine.backbone))  # the gallery starts as the probe (after train.init_from)
+        gallery, gallery_stats = _gallery_batches(cfg, rank, world_size, device, progress.epoch)
     progress.world_size = world_size
     total_steps = planned_total_steps(cfg, progress, loader.steps_per_epoch)
     teacher = (TeacherCache(cfg.distill.teacher_cache, cfg.data.root, shards=loader.local_shards(progress.epoch))
@@ -312,7 +355,7 @@ def run_worker(ctx: WorkerContext, payload: dict[str, Any]) -> None:
     metrics: dict[str, Any] = {}
     first_step, consecutive_bad, last_checkpoint = progress.step, 0, resumed_from
     groups = step_groups(loader, progress, accum, teacher)
-    head, head_epoch = unwrap(classifier), None
+    head_epoch = None
     try:
         while progress.step < total_steps:
             with timer.phase("data_wait"):  # load micro-batches (+ cached teacher embeddings)
@@ -330,7 +373,15 @@ def run_worker(ctx: WorkerContext, payload: dict[str, Any]) -> None:
                 group_["lr"] = lr
             step_number = progress.step + 1
             poison = "loss" if step_number in faults.nonfinite_loss_steps and rank == faults.rank else None
+            if gallery is not None:  # FFC: identity batch -> gallery features -> the pool (all ranks alike)
+                with timer.phase("gallery"):
+                    g_images, g_labels, _ = next(gallery)
+                    g_images, g_labels, _ = to_device(g_images, g_labels, None, device, engine.input_dtype)
+                    head.update_pool(g_images, g_labels)
             outcome = train_step(engine, classifier, classifier_opt, micro, cfg, timer, device, poison)  # step
+            if gallery is not None and outcome.applied:  # the gallery follows the probe's applied updates
+                with timer.phase("gallery"):
+                    head.ema_update(unwrap(engine.backbone))
             progress.step = step_number
             consecutive_bad = _nonfinite_policy(outcome, step_number, consecutive_bad, progress, cfg, rank, store)
             if faults.nonfinite_weights_step == step_number and rank == faults.rank:
@@ -342,7 +393,8 @@ def run_worker(ctx: WorkerContext, payload: dict[str, Any]) -> None:
                 window = _mean_over_ranks({**outcome.losses, "grad_norm": outcome.grad_norm})  # the host read
                 extra = {**timer.flush(), "train/grad_norm": window.pop("grad_norm"),
                          "train/nonfinite_skipped": progress.nonfinite_skipped,
-                         **(head.stats() if hasattr(head, "stats") else {})}
+                         **(head.stats() if hasattr(head, "stats") else {}),
+                         **{f"gallery/{k}": v for k, v in gallery_stats.items()}}
                 metrics = logger.flush(progress.step, window, lr, extra)
                 metrics["step"] = progress.step
                 if cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
