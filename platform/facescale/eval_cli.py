@@ -37,6 +37,9 @@ def add_eval_commands(sub: Any) -> None:
     ev.add_argument("--ijb-weighting", choices=("none", "norm", "detector", "both"), default="both",
                     help="image weights before template pooling: none (unit features), norm (embedding norm), "
                     "detector (detector score), both (norm x score, as InsightFace publishes IJB results; default)")
+    ev.add_argument("--pfe", action="store_true", help="also Probabilistic Face Embeddings (the model needs "
+                    "forward_pfe, e.g. from `facescale pfe`): MLS verification beside cosine, uncertainty rejection "
+                    "beside norm rejection on --bin sets; PFE template fusion and MLS on IJB")
     ev.add_argument("--id-folder", help="1:N from a folder with gallery/<id>/, probes/<id>/ and distractors/")
     ev.add_argument("--id-synthetic", action="store_true", help="1:N on rendered synthetic identities")
     ev.add_argument("--id-enrolled", type=int, default=100, help="synthetic: enrolled identities")
@@ -74,10 +77,11 @@ def _bad_input(exc: Exception) -> int:
 def _input_errors() -> tuple[type[Exception], ...]:
     from facescale.eval.ijb import MetaFileError
     from facescale.eval.images import ImageFolderError
+    from facescale.eval.pfe import PfeModelError
     from facescale.eval.verification import BinFormatError
     from facescale.tracking.models import ModelResolveError
 
-    return BinFormatError, MetaFileError, ImageFolderError, ModelResolveError, EvalUsageError
+    return BinFormatError, MetaFileError, ImageFolderError, ModelResolveError, EvalUsageError, PfeModelError
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
@@ -90,6 +94,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
     if not (args.bin or args.ijb_meta or args.ijb_pairs or args.id_folder or args.id_synthetic):
         raise EvalUsageError("nothing to evaluate: give --bin, --ijb-meta/--ijb-pairs/--ijb-images, --id-folder "
                              "or --id-synthetic")
+    if args.pfe and not (args.bin or args.ijb_meta):
+        raise EvalUsageError("--pfe evaluates --bin sets and IJB templates: give at least one of them")
     names = [Path(b).stem for b in args.bin]
     if len(set(names)) != len(names):
         raise EvalUsageError(f"two --bin files share a name ({', '.join(names)}): results are keyed by file stem")
@@ -117,7 +123,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
 
 
 def _run_protocols(args: argparse.Namespace, module: Any) -> list[Any]:
-    from facescale.eval import suite
+    from facescale.eval import pfe, suite
     from facescale.eval.identification import DISTRACTOR_COUNTS
     from facescale.eval.synthetic import describe, synthetic_identification
 
@@ -125,12 +131,13 @@ def _run_protocols(args: argparse.Namespace, module: Any) -> list[Any]:
     kw = {"batch_size": args.batch_size, "device": args.device}
     reports: list[Any] = []
     for path in args.bin:
-        log.info("verification on %s", path)
-        reports.append(suite.run_bin(module, path, **kw))
+        log.info("verification on %s%s", path, " with PFE" if args.pfe else "")
+        reports.append((pfe.run_bin_pfe if args.pfe else suite.run_bin)(module, path, **kw))
     if args.ijb_meta:
         log.info("IJB templates from %s and %s, %s weighting", args.ijb_meta, args.ijb_pairs, args.ijb_weighting)
-        reports.append(suite.run_ijb(module, args.ijb_meta, args.ijb_pairs, args.ijb_images,
-                                     weighting=args.ijb_weighting, scores_path=args.ijb_scores, **kw))
+        run_ijb = pfe.run_ijb_pfe if args.pfe else suite.run_ijb
+        reports.append(run_ijb(module, args.ijb_meta, args.ijb_pairs, args.ijb_images,
+                               weighting=args.ijb_weighting, scores_path=args.ijb_scores, **kw))
     if args.id_folder:
         log.info("1:N identification from %s", args.id_folder)
         reports.append(suite.run_identification_folder(module, args.id_folder, counts=counts, **kw))
@@ -158,7 +165,7 @@ def _log_to_mlflow(args: argparse.Namespace, loaded: Any, metrics: dict[str, flo
     uri = resolve_local_uri(args.tracking_uri or default_tracking_uri())
     params = {"model": loaded.source, "model_id": loaded.model_id or "", "backbone": loaded.backbone or "",
               "embedding_size": loaded.embedding_size, "bins": ",".join(args.bin), "ijb_pairs": args.ijb_pairs or "",
-              "id_folder": args.id_folder or "", "id_synthetic": args.id_synthetic}
+              "id_folder": args.id_folder or "", "id_synthetic": args.id_synthetic, "pfe": args.pfe}
     tags = {"facescale.kind": "eval", "facescale.model": loaded.source}
     if args.ijb_meta:  # IJB numbers depend on the weighting: the run says which one made them
         params.update({"ijb_weighting": args.ijb_weighting, "ijb_scores": args.ijb_scores or ""})
@@ -192,6 +199,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         _check_inputs(args)
         loaded = load_backbone(args.model, args.tracking_uri)
+        if args.pfe:
+            from facescale.eval.pfe import require_pfe
+
+            require_pfe(loaded.module, loaded.source)  # before the long part
         module = loaded.module.to(args.device)
         print(f"model {loaded.source}: {loaded.backbone or 'unknown backbone'}, embedding {loaded.embedding_size}"
               + (f", model id {loaded.model_id}" if loaded.model_id else ""), flush=True)

@@ -41,8 +41,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from facescale.config import ConfigError, FaceScaleConfig, format_validation, load_config, merge_trees
 from facescale.distill.loss import DEFAULT_ALPHA, DistillForm
 from facescale.models import list_backbones
+from facescale.pfe.config import PFERunConfig
 
 TEACHER, SCRATCH, SCRATCH_MATCHED = "teacher", "scratch", "scratch-matched"
+PFE_SUFFIX = "-pfe"  # a PFE stage is named after the stage whose model it wraps: gen-2-pfe
 SCRATCH_STAGES = (SCRATCH, SCRATCH_MATCHED)
 
 
@@ -98,6 +100,19 @@ class ScratchBaselineSpec(_Strict):
         return value
 
 
+class PFEStageSpec(_Strict):
+    """``pfe``: a PFE uncertainty head (``facescale pfe``, Shi & Jain, ICCV 2019) on the model of each listed stage.
+
+    Stage ``<stage>-pfe`` (``gen-2-pfe``, ``gen-2-pfe/seed1`` under ``seeds``) runs right after its stage, with that
+    stage's config merged with ``config``; it is registered like a stage (alias ``gen-2-pfe``) and is no student.
+    """
+
+    after: list[str] = Field(min_length=1, description="plain stage names (gen-2, teacher, scratch; every seed) "
+                             "whose models get a PFE head")
+    config: dict[str, Any] = Field(default_factory=dict, description="overrides of the PFE runs' config on top of "
+                                   "the stage's, e.g. {pfe: {steps: 500}}")
+
+
 class PipelineSpec(_Strict):
     """A recursive-distillation pipeline (``pipelines/*.yaml``)."""
 
@@ -113,6 +128,7 @@ class PipelineSpec(_Strict):
     init: str = Field("scratch", description="generation 1 starts from 'scratch' or from this model URI/checkpoint")
     distill: DistillSpec = DistillSpec()
     stages: dict[str, dict[str, Any]] = Field(default_factory=dict, description="overrides per stage name")
+    pfe: PFEStageSpec | None = Field(None, description="PFE uncertainty heads on the models of some stages")
     registered_model: str | None = Field(None, description="registered model of the stages (default: name)")
     cache_dir: str | None = Field(None, description="teacher-embedding caches: an s3://bucket/prefix, or a directory "
                                   "every node mounts at that path (default: <storage_path>/teacher_cache)")
@@ -148,6 +164,10 @@ class PipelineSpec(_Strict):
         unknown = set(self.stages) - set(self.base_stage_names())
         if unknown:
             raise ValueError(f"stages: unknown stage(s) {sorted(unknown)}; this pipeline has "
+                             f"{self.base_stage_names()} (plain names, applied to every seed)")
+        unknown = set(self.pfe.after) - set(self.base_stage_names()) if self.pfe else set()
+        if unknown:
+            raise ValueError(f"pfe.after: unknown stage(s) {sorted(unknown)}; this pipeline has "
                              f"{self.base_stage_names()} (plain names, applied to every seed)")
         return self
 
@@ -206,6 +226,38 @@ def student_epochs(configs: dict[str, FaceScaleConfig], stage: str) -> int:
         return configs[stage].train.epochs
     return sum(configs[stage_name(generation_name(g), seed)].train.epochs
                for g in range(1, int(generation_of(base)) + 1))
+
+
+def pfe_stage_name(stage: str) -> str:
+    """The PFE stage on ``stage``'s model: ``gen-2`` → ``gen-2-pfe``, ``gen-2/seed1`` → ``gen-2-pfe/seed1``."""
+    base, seed = split_stage(stage)
+    return stage_name(f"{base}{PFE_SUFFIX}", seed)
+
+
+def pfe_stages(spec: PipelineSpec) -> dict[str, str]:
+    """Each PFE stage and the stage whose model it wraps, in run order (empty without ``pfe``)."""
+    if spec.pfe is None:
+        return {}
+    return {pfe_stage_name(s): s for s in spec.stage_names() if base_stage(s) in spec.pfe.after}
+
+
+def pfe_stage_configs(spec: PipelineSpec, configs: dict[str, FaceScaleConfig],
+                      source: str = "<pipeline>") -> dict[str, PFERunConfig]:
+    """Every PFE stage's validated config: its stage's config (``configs`` from :func:`stage_configs`) merged with
+    ``pfe.config``, run name = the PFE stage.
+
+    Raises:
+        ConfigError: Naming the PFE stage and the key, when a merged config is invalid.
+    """
+    out: dict[str, PFERunConfig] = {}
+    for pfe_stage, stage in pfe_stages(spec).items():
+        tree = merge_trees(configs[stage].model_dump(mode="json"), spec.pfe.config if spec.pfe else {})
+        tree = merge_trees(tree, {"tracking": {"run_name": pfe_stage}})
+        try:
+            out[pfe_stage] = PFERunConfig.model_validate(tree)
+        except ValidationError as exc:
+            raise ConfigError(format_validation(exc, f"{source}, stage {pfe_stage!r}")) from exc
+    return out
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineSpec:

@@ -33,6 +33,8 @@ from facescale.distill.pipeline import (
     dump_spec,
     generation_name,
     generation_of,
+    pfe_stage_configs,
+    pfe_stages,
     split_stage,
     stage_name,
     student_epochs,
@@ -64,6 +66,7 @@ class PipelineResult:
     teacher_cache_built: bool | None
     wall_time_s: float
     stage_times_s: dict[str, float] = field(default_factory=dict)
+    pfe_records: dict[str, StageRecord] = field(default_factory=dict)  # gen-2-pfe, ...: PFE heads on stage models
     plots: list[Path] = field(default_factory=list)
 
 
@@ -155,6 +158,7 @@ class PipelineRunner:
         self.cache_root = cache.rstrip("/") if cache.startswith("s3://") else str(Path(cache).resolve())
         for cfg in self.configs.values():
             check_inputs(cfg)  # dataset manifest and verification files, before anything starts
+        self.pfe_configs = pfe_stage_configs(spec, self.configs, source)  # validated before anything runs
         self.manifest = load_manifest(first.data.root)
         # Models given by URI resolve now: a typo costs a second, not a teacher training.
         self.teacher: LoadedBackbone | None = None
@@ -203,11 +207,13 @@ class PipelineRunner:
                 if done is not None:
                     log.info("stage %s: already complete (run %s), skipped", stage, done.run_id)
                     result.records[stage], result.skipped = done, [*result.skipped, stage]
+                    self._run_pfe_stages(stage, lineage, result)
                     continue
                 s0 = time.perf_counter()
                 result.records[stage] = self._run_stage(stage, lineage, result)
                 result.stage_times_s[stage] = time.perf_counter() - s0
                 lineage.set_champion(list(result.records.values()), self.spec.student_stages())
+                self._run_pfe_stages(stage, lineage, result)
             champion = lineage.set_champion(list(result.records.values()), self.spec.student_stages())
             result.champion = champion.stage if champion else None
             self._compare(lineage, result)
@@ -216,6 +222,24 @@ class PipelineRunner:
             lineage.end(ok)
         result.wall_time_s = time.perf_counter() - t0
         return result
+
+    def _run_pfe_stages(self, stage: str, lineage: PipelineLineage, result: PipelineResult) -> None:
+        """The PFE stages on ``stage``'s model (``pfe.after``): a child run each, registered like a stage."""
+        from facescale.pfe.train import run_pfe
+
+        for pfe_stage, source_stage in pfe_stages(self.spec).items():
+            if source_stage != stage:
+                continue
+            done = lineage.finished_stage(pfe_stage)
+            if done is not None:
+                result.pfe_records[pfe_stage] = done
+                continue
+            tags = {"facescale.pipeline_run_id": self.pipeline_run_id, TAG_BASE_STAGE: split_stage(pfe_stage)[0],
+                    "facescale.generation": generation_of(stage)}
+            res = run_pfe(self.pfe_configs[pfe_stage], f"models:/{result.records[stage].model_id}", stage=pfe_stage,
+                          tags=tags, parent_run_id=lineage.parent_run_id)
+            result.pfe_records[pfe_stage] = lineage.complete_stage(pfe_stage, res.run_id, str(res.model_id), "",
+                                                                   res.metrics)
 
     def _teacher_identity(self, records: dict[str, StageRecord]) -> tuple[str, LoadedBackbone | None, str]:
         """(model id, loaded teacher if already loaded, where to load it from)."""

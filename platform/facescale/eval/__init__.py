@@ -2,7 +2,8 @@
 
 Modules: ``verification`` (the 10-fold ``.bin`` protocol), ``rates`` (ROC, TPR@FPR), ``ijb`` (template pooling
 and meta files), ``identification`` (rank-1 vs distractors, TPIR@FPIR), ``synthetic`` (rendered 1:N sets),
-``quality`` (embedding norm as quality), ``suite`` (a model through each protocol), ``report`` and ``plots``.
+``quality`` (embedding norm as quality), ``pfe`` (Probabilistic Face Embeddings: MLS scores, template fusion, the
+``--pfe`` protocols), ``suite`` (a model through each protocol), ``report`` and ``plots``.
 No module here imports Ray, MLflow or boto3.
 """
 

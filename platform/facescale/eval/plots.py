@@ -133,13 +133,15 @@ def plot_rank1_vs_distractors(curves: Mapping[str, tuple[list[int], list[float]]
 
 
 def plot_quality_rejection(curves: Mapping[str, list[Mapping[str, Any]]], path: str | Path,
-                           title: str = "Accuracy vs rejected low-quality pairs") -> Path:
+                           title: str = "Accuracy vs rejected low-quality pairs",
+                           xlabel: str = "pairs rejected, lowest embedding norm first (%)") -> Path:
     """Verification accuracy as the lowest-quality pairs are rejected (rows of ``accuracy_vs_rejection``).
 
     Args:
         curves: Name → rows with ``reject_fraction`` and ``accuracy_mean``.
         path: Output PNG.
         title: Figure title.
+        xlabel: What was rejected first (PFE curves reject by uncertainty as well as by norm).
 
     Returns:
         The written path.
@@ -149,6 +151,6 @@ def plot_quality_rejection(curves: Mapping[str, list[Mapping[str, Any]]], path: 
     for name, rows in curves.items():
         ax.plot([100 * r["reject_fraction"] for r in rows], [100 * r["accuracy_mean"] for r in rows],
                 marker="o", label=name)
-    ax.set_xlabel("pairs rejected, lowest embedding norm first (%)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("verification accuracy (%)")
     return _finish(fig, ax, Path(path), title, "lower right")

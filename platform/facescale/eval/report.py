@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from facescale.eval import plots
+from facescale.eval.pfe import PfeBinReport, PfeIjbReport
 from facescale.eval.rates import format_fpr
 from facescale.eval.suite import BinReport, IdentificationReport, IjbReport
 
@@ -53,12 +54,21 @@ def format_report(rep: Report) -> str:
         quality = _table(["rejected (lowest norm)", "pairs kept", "accuracy"],
                          [[_pct(q["reject_fraction"], 0), str(q["num_pairs"]),
                            f"{_pct(q['accuracy_mean'])} ± {_pct(q['accuracy_std'])}"] for q in rep.quality])
+        if isinstance(rep, PfeBinReport):
+            return "\n\n".join([head, main, _pfe_bin_tables(rep)])  # its score table holds the TPR@FPR row
         return "\n\n".join([head, main, tpr, quality])
     if isinstance(rep, IjbReport):
         head = (f"== {rep.name}: {rep.num_images} images, {rep.num_templates} templates, "
                 f"{rep.roc.num_pos} genuine / {rep.roc.num_neg} impostor template pairs ==")
         scores = f", detector scores from {rep.scores_path}" if rep.scores_path else ""
         weighting = f"IJB weighting: {rep.weighting} ({rep.weighting_description}{scores})"
+        if isinstance(rep, PfeIjbReport):
+            rows = [(f"pooling ({rep.weighting} weighting), cosine", rep.tpr_at_fpr),
+                    ("PFE fusion, MLS", rep.mls_tpr_at_fpr),
+                    ("PFE fusion, cosine of fused mu", rep.mu_cosine_tpr_at_fpr)]
+            table = _table(["templates", *(f"TPR@FPR={format_fpr(t)}" for t in rep.tpr_at_fpr)],
+                           [[name, *(_pct(v["tpr"]) for v in tpr.values())] for name, tpr in rows])
+            return "\n\n".join([head, weighting, table])
         return "\n\n".join([head, weighting, _tpr_table(rep.tpr_at_fpr)])
     res = rep.result
     comp = ", ".join(f"{k} {v}" for k, v in rep.composition.items())
@@ -69,6 +79,27 @@ def format_report(rep: Report) -> str:
     tpir = _table(["FPIR", "TPIR", "threshold"],
                   [[format_fpr(t), _pct(res.tpir[t]), f"{res.thresholds[t]:.4f}"] for t in res.tpir])
     return "\n\n".join([head, rank1, f"open-set at {res.distractor_counts[-1]:,} distractors:\n{tpir}"])
+
+
+def _pfe_bin_tables(rep: PfeBinReport) -> str:
+    """PFE rows of a ``.bin`` set: accuracy and TPR@FPR by score, rejection by norm beside rejection by uncertainty."""
+    rows = [("cosine (flip sum, the protocol)", rep.verification, f"{rep.verification['best_threshold']:.2f} (sq. L2)",
+             rep.tpr_at_fpr),
+            ("PFE MLS", rep.mls, f"{rep.mls['best_threshold']:.2f} (MLS)", rep.mls_tpr_at_fpr),
+            ("PFE cosine of fused mu", rep.mu_cosine, f"{rep.mu_cosine['best_threshold']:.2f} (sq. L2)",
+             rep.mu_cosine_tpr_at_fpr)]
+    tpr_head = [f"TPR@FPR={format_fpr(t)}" for t in rep.tpr_at_fpr]
+    scores = _table(["score", "accuracy (10-fold)", "mean threshold", *tpr_head],
+                    [[name, f"{_pct(v['accuracy_mean'])} ± {_pct(v['accuracy_std'])}", thr,
+                      *(_pct(x["tpr"]) for x in tpr.values())]
+                     for name, v, thr, tpr in rows])
+    reject = _table(["rejected", "pairs kept", "accuracy (lowest norm rejected)", "accuracy (most uncertain rejected)"],
+                    [[_pct(n["reject_fraction"], 0), str(n["num_pairs"]),
+                      f"{_pct(n['accuracy_mean'])} ± {_pct(n['accuracy_std'])}",
+                      f"{_pct(u['accuracy_mean'])} ± {_pct(u['accuracy_std'])}"]
+                     for n, u in zip(rep.quality, rep.uncertainty_quality)])
+    return (f"{scores}\n\nmean uncertainty (harmonic mean of sigma^2) {rep.uncertainty_mean:.4g}; "
+            f"image and flip fused as a template\n\n{reject}")
 
 
 def report_metrics(rep: Report) -> dict[str, float]:
@@ -83,6 +114,18 @@ def report_metrics(rep: Report) -> dict[str, float]:
             out[f"{p}/accuracy_reject_{round(100 * q['reject_fraction'])}pct"] = q["accuracy_mean"]
     if isinstance(rep, (BinReport, IjbReport)):
         out.update({f"{p}/tpr_at_fpr_{format_fpr(t)}": v["tpr"] for t, v in rep.tpr_at_fpr.items()})
+    if isinstance(rep, (PfeBinReport, PfeIjbReport)):
+        out.update({f"{p}/pfe_mls_tpr_at_fpr_{format_fpr(t)}": v["tpr"] for t, v in rep.mls_tpr_at_fpr.items()})
+    if isinstance(rep, PfeBinReport):
+        out.update({f"{p}/pfe_mls_accuracy": rep.mls["accuracy_mean"],
+                    f"{p}/pfe_mls_accuracy_std": rep.mls["accuracy_std"],
+                    f"{p}/pfe_mu_cosine_accuracy": rep.mu_cosine["accuracy_mean"],
+                    f"{p}/pfe_uncertainty_mean": rep.uncertainty_mean})
+        for q in rep.uncertainty_quality:
+            out[f"{p}/pfe_accuracy_reject_uncertain_{round(100 * q['reject_fraction'])}pct"] = q["accuracy_mean"]
+    if isinstance(rep, PfeIjbReport):
+        out.update({f"{p}/pfe_mu_cosine_tpr_at_fpr_{format_fpr(t)}": v["tpr"]
+                    for t, v in rep.mu_cosine_tpr_at_fpr.items()})
     if isinstance(rep, IdentificationReport):
         res = rep.result
         out.update({f"{p}/rank1_at_{c}": r for c, r in zip(res.distractor_counts, res.rank1)})
@@ -92,6 +135,20 @@ def report_metrics(rep: Report) -> dict[str, float]:
 
 def report_dict(rep: Report) -> dict[str, Any]:
     """A JSON-ready summary of one set (no per-threshold curves)."""
+    if isinstance(rep, PfeBinReport):
+        base = report_dict(BinReport(**{k: getattr(rep, k) for k in BinReport.__dataclass_fields__}))
+        return {**base, "pfe": {"mls": {k: rep.mls[k] for k in ("accuracy_mean", "accuracy_std", "best_threshold",
+                                                                 "fold_accuracies")},
+                                "mls_tpr_at_fpr": {format_fpr(t): x for t, x in rep.mls_tpr_at_fpr.items()},
+                                "mu_cosine_accuracy_mean": rep.mu_cosine["accuracy_mean"],
+                                "mu_cosine_tpr_at_fpr": {format_fpr(t): x for t, x in rep.mu_cosine_tpr_at_fpr.items()},
+                                "uncertainty_mean": rep.uncertainty_mean,
+                                "uncertainty_quality": rep.uncertainty_quality}}
+    if isinstance(rep, PfeIjbReport):
+        base = report_dict(IjbReport(**{k: getattr(rep, k) for k in IjbReport.__dataclass_fields__}))
+        cos = {format_fpr(t): x for t, x in rep.mu_cosine_tpr_at_fpr.items()}
+        return {**base, "pfe": {"mls_tpr_at_fpr": {format_fpr(t): x for t, x in rep.mls_tpr_at_fpr.items()},
+                                "mu_cosine_tpr_at_fpr": cos}}
     if isinstance(rep, BinReport):
         v = rep.verification
         return {"kind": "bin", "name": rep.name, "path": rep.path, "num_pairs": v["num_pairs"],
@@ -137,4 +194,15 @@ def write_plots(reports: Sequence[Report], out_dir: str | Path) -> list[Path]:
              if isinstance(r, IdentificationReport)}
     if ident:
         written.append(plots.plot_rank1_vs_distractors(ident, out / "rank1_vs_distractors.png"))
+    pfe = [r for r in reports if isinstance(r, (PfeBinReport, PfeIjbReport))]
+    if pfe:  # MLS beside cosine, and (for .bin sets) uncertainty beside norm as the quality that rejects
+        pfe_curves = {f"{r.name} {label}": roc for r in pfe for label, roc in
+                      (("MLS", r.mls_roc), ("cosine", r.roc), ("cosine of fused mu", r.mu_cosine_roc))}
+        written.append(plots.plot_roc_log(pfe_curves, out / "pfe_roc.png", title="Verification ROC: PFE MLS vs cosine"))
+        rejection = {f"{r.name} {label}": rows for r in pfe if isinstance(r, PfeBinReport)
+                     for label, rows in (("by norm", r.quality), ("by uncertainty", r.uncertainty_quality))}
+        if rejection:
+            written.append(plots.plot_quality_rejection(
+                rejection, out / "pfe_quality_rejection.png", title="Accuracy vs rejected pairs: uncertainty vs norm",
+                xlabel="pairs rejected, lowest quality first (%)"))
     return written

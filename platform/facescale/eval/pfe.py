@@ -1,0 +1,455 @@
+"""Probabilistic Face Embeddings: mutual likelihood score, uncertainty-aware template fusion, PFE evaluation.
+
+Shi & Jain, "Probabilistic Face Embeddings", ICCV 2019 (arXiv:1904.09658). A face is a Gaussian
+``N(mu, diag(sigma^2))`` in the embedding space: ``mu`` is the (frozen) backbone's L2-normalised embedding,
+``sigma^2`` comes from an uncertainty head (``facescale.pfe``). Two faces are compared by the mutual likelihood
+score (MLS, eq. 3), the log-likelihood that both are noisy observations of one latent code; a template (several
+faces of one subject) is fused into one Gaussian ("feature fusion with uncertainty", eqs. 6-7) before it is
+compared.
+
+``mls_score`` and ``fuse_template`` accept torch tensors (result a torch tensor, differentiable: the PFE loss uses
+``mls_score``) or numpy arrays (result numpy); one call never mixes the two.
+
+``facescale eval --pfe`` runs :func:`run_bin_pfe` and :func:`run_ijb_pfe`: the model's ``forward`` gives the
+protocol's embeddings (every existing number is unchanged) and its ``forward_pfe`` the Gaussian, from the same
+batches. Each image's two views (image and horizontal flip) are fused with :func:`fuse_template`, as two faces of
+one subject -- the probabilistic counterpart of the protocol's flip sum. Reported beside the existing numbers:
+10-fold verification accuracy by MLS (each fold's MLS threshold the best one on the other nine folds) and by cosine
+of the fused means; ROC / TPR@FPR by MLS; accuracy as the most uncertain pairs are rejected (uncertainty = harmonic
+mean of sigma^2 over dimensions, as in the paper's risk-controlled recognition experiment) beside the norm-based
+rejection of :mod:`facescale.eval.quality`; IJB templates fused with :func:`fuse_template` and compared by MLS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from facescale.data.transforms import normalize_images
+from facescale.eval.ijb import (
+    IjbWeighting,
+    pool_templates,
+    read_template_media,
+    read_template_pairs,
+    template_pair_scores,
+    weight_features,
+)
+from facescale.eval.images import read_aligned_image, read_images
+from facescale.eval.quality import REJECT_FRACTIONS, accuracy_vs_rejection
+from facescale.eval.rates import FPR_TARGETS, Roc, compute_roc, pair_scores, tpr_at_fpr
+from facescale.eval.suite import BinReport, IjbReport, load_ijb_scores
+from facescale.eval.verification import evaluate, load_bin
+
+Array = TypeVar("Array", torch.Tensor, np.ndarray)
+
+
+def _kind(name: str, *arrays: Any) -> str:
+    """``"torch"`` or ``"numpy"`` for arguments that are all one kind; raises naming the odd one out."""
+    kinds = ["torch" if isinstance(a, torch.Tensor) else "numpy" if isinstance(a, np.ndarray) else type(a).__name__
+             for a in arrays]
+    if kinds[0] not in ("torch", "numpy") or len(set(kinds)) != 1:
+        raise TypeError(f"{name}: arguments must be all torch tensors or all numpy arrays, got {kinds}")
+    return kinds[0]
+
+
+def mls_score(mu1: Array, sigma_sq1: Array, mu2: Array, sigma_sq2: Array) -> Array:
+    """Mutual likelihood score of each pair of Gaussian embeddings.
+
+    ``s(x1, x2) = -sum_d ((mu1_d - mu2_d)^2 / (s1_d + s2_d) + log(s1_d + s2_d))`` with ``s = sigma^2``.
+
+    Args:
+        mu1: ``[N, D]`` means of the first faces (L2-normalised embeddings).
+        sigma_sq1: ``[N, D]`` variances of the first faces, all > 0.
+        mu2: ``[N, D]`` means of the second faces.
+        sigma_sq2: ``[N, D]`` variances of the second faces, all > 0.
+
+    Returns:
+        ``[N]`` scores (higher = more likely the same identity): a torch tensor carrying gradients to all four
+        inputs for torch inputs, a float64 numpy array for numpy inputs.
+
+    Raises:
+        TypeError: torch and numpy inputs mixed, or neither.
+        ValueError: the four shapes differ or are not ``[N, D]``.
+    """
+    kind = _kind("mls_score", mu1, sigma_sq1, mu2, sigma_sq2)
+    shapes = [tuple(a.shape) for a in (mu1, sigma_sq1, mu2, sigma_sq2)]
+    if len(shapes[0]) != 2 or len(set(shapes)) != 1:
+        raise ValueError(f"mls_score: mu1, sigma_sq1, mu2, sigma_sq2 must all be [N, D], got shapes {shapes}")
+    # Shi & Jain 2019, eq. 3: s(x_i, x_j) = -1/2 sum_l ((mu_i - mu_j)^2 / (s_i + s_j) + log(s_i + s_j))
+    #                                        - D/2 log(2 pi).
+    # Issue 19 fixes the form without the constants: neither the factor 1/2 nor the -D/2 log(2 pi) term is kept.
+    # Scores are an order-preserving (affine) map of the paper's, so thresholds, ROC curves and accuracies are
+    # the same; the MLS loss built on this (facescale.pfe) is twice the paper's eq. 4, which only rescales its
+    # gradient.
+    if kind == "torch":
+        var = sigma_sq1 + sigma_sq2
+        return -(((mu1 - mu2) ** 2) / var + torch.log(var)).sum(dim=1)
+    mu1, sigma_sq1, mu2, sigma_sq2 = (np.asarray(a, dtype=np.float64) for a in (mu1, sigma_sq1, mu2, sigma_sq2))
+    var = sigma_sq1 + sigma_sq2
+    return -(((mu1 - mu2) ** 2) / var + np.log(var)).sum(axis=1)
+
+
+def fuse_template(mu: Array, sigma_sq: Array) -> tuple[Array, Array]:
+    """Fuses the Gaussian embeddings of one template (several faces of one subject) into one.
+
+    Args:
+        mu: ``[K, D]`` means of the template's K faces.
+        sigma_sq: ``[K, D]`` their variances, all > 0.
+
+    Returns:
+        ``(mu [D], sigma_sq [D])``: the mean weighted per dimension by ``1/sigma^2`` (weights normalised to sum to
+        1 over the K faces), L2-normalised; and the per-dimension minimum variance. Torch in, torch out
+        (differentiable); numpy in, float64 numpy out.
+
+    Raises:
+        TypeError: torch and numpy inputs mixed, or neither.
+        ValueError: shapes differ, are not ``[K, D]``, or K is 0.
+    """
+    _kind("fuse_template", mu, sigma_sq)
+    if mu.ndim != 2 or tuple(mu.shape) != tuple(sigma_sq.shape) or mu.shape[0] == 0:
+        raise ValueError(f"fuse_template: mu and sigma_sq must both be [K, D] with K >= 1, "
+                         f"got {tuple(mu.shape)} and {tuple(sigma_sq.shape)}")
+    return _fuse(mu, sigma_sq, axis=0)
+
+
+def _fuse(mu: Array, sigma_sq: Array, axis: int) -> tuple[Array, Array]:
+    """:func:`fuse_template` along ``axis`` (the faces axis), mu normalised along the last axis."""
+    # Shi & Jain 2019 ("feature fusion with uncertainty", eqs. 6-7) fuse a template as the posterior of the latent
+    # code given all its faces: mu_hat = sum_i (sigma_hat^2 / sigma_i^2) mu_i, i.e. weights 1/sigma_i^2 normalised
+    # per dimension -- kept here -- and sigma_hat^2 = 1 / sum_i (1/sigma_i^2). Issue 19 asks instead for the
+    # per-dimension minimum as the fused variance, as the authors' released code does (aggregate_PFE in
+    # seasonSH/Probabilistic-Face-Embeddings): it is >= the posterior variance, so a large template does not become
+    # over-confident when its faces are not independent observations (frames of one video). Fused mu is
+    # L2-normalised so a fused template lies on the sphere like single faces (cosine and MLS treat both alike).
+    if isinstance(mu, torch.Tensor):
+        precision = 1.0 / sigma_sq
+        fused = (precision / precision.sum(dim=axis, keepdim=True) * mu).sum(dim=axis)
+        return torch.nn.functional.normalize(fused, dim=-1), sigma_sq.min(dim=axis).values
+    mu, sigma_sq = np.asarray(mu, dtype=np.float64), np.asarray(sigma_sq, dtype=np.float64)
+    precision = 1.0 / sigma_sq
+    fused = (precision / precision.sum(axis=axis, keepdims=True) * mu).sum(axis=axis)
+    return fused / np.linalg.norm(fused, axis=-1, keepdims=True).clip(min=1e-12), sigma_sq.min(axis=axis)
+
+
+class PfeModelError(ValueError):
+    """A model that cannot give probabilistic embeddings: no ``forward_pfe``, or outputs not ``(mu, sigma_sq > 0)``."""
+
+
+def require_pfe(model: nn.Module, source: str) -> None:
+    """Raises :class:`PfeModelError` naming ``source`` unless ``model`` has a ``forward_pfe`` method."""
+    if not callable(getattr(model, "forward_pfe", None)):
+        raise PfeModelError(f"{source}: --pfe needs a model with forward_pfe(x) -> (mu, sigma_sq), such as one "
+                            f"that `facescale pfe` logs; this model is a {type(model).__name__} without it")
+
+
+def uncertainty(sigma_sq: np.ndarray) -> np.ndarray:
+    """Per-face uncertainty: the harmonic mean of ``sigma^2`` over dimensions (Shi & Jain 2019, risk-controlled FR).
+
+    Args:
+        sigma_sq: ``[N, D]`` variances.
+
+    Returns:
+        float64 ``[N]``.
+    """
+    sigma_sq = np.asarray(sigma_sq, dtype=np.float64)
+    return sigma_sq.shape[1] / (1.0 / sigma_sq).sum(axis=1)
+
+
+@dataclass
+class PfeFeatures:
+    """What one pass over images gives: the protocol's flip sums and norms, and each image's fused Gaussian.
+
+    Attributes:
+        flip_sums: float32 ``[N, D]`` un-normalised ``f(x) + f(flip(x))`` from ``forward``
+            (:func:`facescale.eval.suite.flip_sum_features`).
+        norms: float32 ``[N]`` mean raw norm of ``f(x)`` and ``f(flip(x))`` (the MagFace quality score).
+        mu: float32 ``[N, D']`` unit-norm means, image and flip fused by :func:`fuse_template`.
+        sigma_sq: float32 ``[N, D']`` variances, fused likewise.
+    """
+
+    flip_sums: np.ndarray
+    norms: np.ndarray
+    mu: np.ndarray
+    sigma_sq: np.ndarray
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """The protocol's unit-norm embeddings (the same op on the same values as ``compute_embeddings``)."""
+        return torch.nn.functional.normalize(torch.from_numpy(self.flip_sums)).numpy()
+
+
+def _forward_pfe(model: nn.Module, x: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model.forward_pfe(x)`` as float32, checked: a pair of equal ``[B, D]`` shapes, sigma^2 finite and > 0."""
+    out = model.forward_pfe(x)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise PfeModelError(f"forward_pfe returned a {type(out).__name__}, expected a (mu, sigma_sq) pair")
+    mu, sigma_sq = out[0].float(), out[1].float()
+    if mu.ndim != 2 or mu.shape != sigma_sq.shape or len(mu) != len(x):
+        raise PfeModelError(f"forward_pfe on {len(x)} images returned mu {tuple(mu.shape)} and sigma_sq "
+                            f"{tuple(sigma_sq.shape)}, expected both [{len(x)}, D]")
+    bad = ~(torch.isfinite(sigma_sq) & (sigma_sq > 0)).all(dim=1)
+    if bool(bad.any()):  # one host sync per batch: evaluation, not the training hot path
+        raise PfeModelError(f"forward_pfe gave sigma_sq <= 0 or non-finite for image {first + int(bad.nonzero()[0])}")
+    return mu, sigma_sq
+
+
+@torch.no_grad()
+def pfe_features(model: nn.Module, images: np.ndarray, batch_size: int = 128,
+                 device: torch.device | str = "cpu") -> PfeFeatures:
+    """Runs ``forward`` and ``forward_pfe`` on each image and its horizontal flip.
+
+    Args:
+        model: A model with ``forward_pfe`` (run in eval mode; its mode is restored afterwards).
+        images: uint8 ``[N, H, W, 3]`` RGB.
+        batch_size: Images per forward pass.
+        device: Device of the model.
+
+    Returns:
+        The features.
+
+    Raises:
+        PfeModelError: ``forward_pfe`` missing or its outputs malformed (naming the image).
+    """
+    require_pfe(model, type(model).__name__)
+    was_training = model.training
+    model.eval()
+    sums, norms, mus, variances = [], [], [], []
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
+            x = normalize_images(batch.contiguous(), device)  # uint8 crosses to the device, normalised there
+            flipped = torch.flip(x, dims=[3])
+            plain_emb, flip_emb = model(x).float(), model(flipped).float()
+            sums.append((plain_emb + flip_emb).cpu())
+            norms.append(((plain_emb.norm(dim=1) + flip_emb.norm(dim=1)) / 2).cpu())
+            views = [_forward_pfe(model, v, start) for v in (x, flipped)]
+            # The two views are two observations of one face: fused by the template rule (faces axis = 1).
+            mu, sigma_sq = _fuse(torch.stack([views[0][0], views[1][0]], dim=1),
+                                 torch.stack([views[0][1], views[1][1]], dim=1), axis=1)
+            mus.append(mu.cpu())
+            variances.append(sigma_sq.cpu())
+    finally:
+        model.train(was_training)
+    if not sums:
+        empty = np.empty((0, 0), np.float32)
+        return PfeFeatures(empty, np.empty(0, np.float32), empty, empty)
+    return PfeFeatures(*(torch.cat(c).numpy() for c in (sums, norms, mus, variances)))
+
+
+def evaluate_scores(scores: np.ndarray, issame: np.ndarray, nfolds: int = 10) -> dict[str, Any]:
+    """The 10-fold protocol of :func:`facescale.eval.verification.evaluate` for similarity scores of any range.
+
+    Same contiguous folds; "same" = ``score > threshold``, each fold's threshold the one with the best accuracy on
+    the other folds among all cuts between distinct scores (MLS has no fixed range for a fixed grid), the highest
+    such cut on ties (the fewest accepted pairs, as ``evaluate`` takes the lowest distance on ties).
+
+    Args:
+        scores: ``[N]`` pair scores, higher = more likely the same identity.
+        issame: ``[N]`` booleans.
+        nfolds: Number of contiguous folds.
+
+    Returns:
+        ``accuracy_mean``, ``accuracy_std``, ``best_threshold`` (mean over folds), ``fold_thresholds``,
+        ``fold_accuracies``, ``num_pairs``.
+    """
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    issame = np.asarray(issame, dtype=bool).ravel()
+    if scores.shape != issame.shape:
+        raise ValueError(f"{len(scores)} scores for {len(issame)} pairs")
+    if len(issame) < nfolds:
+        raise ValueError(f"{len(issame)} pairs cannot be split into {nfolds} folds")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{int((~np.isfinite(scores)).sum())} scores are not finite")
+    fold_acc, fold_thr = [], []
+    for test_idx in np.array_split(np.arange(len(issame)), nfolds):  # KFold(shuffle=False)'s split, as evaluate
+        train = np.ones(len(issame), dtype=bool)
+        train[test_idx] = False
+        threshold = _best_threshold(scores[train], issame[train])
+        fold_thr.append(threshold)
+        fold_acc.append(float(np.mean((scores[test_idx] > threshold) == issame[test_idx])))
+    return {"accuracy_mean": float(np.mean(fold_acc)), "accuracy_std": float(np.std(fold_acc)),
+            "best_threshold": float(np.mean(fold_thr)), "fold_thresholds": fold_thr, "fold_accuracies": fold_acc,
+            "num_pairs": int(len(issame))}
+
+
+def _best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The cut with the most correct decisions when the pairs above it are called "same"."""
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    n = len(s)
+    # Accepting the top k pairs (k = 0..n): correct = true positives + true negatives.
+    tp = np.concatenate([[0], np.cumsum(y)])
+    correct = tp + (n - int(y.sum())) - (np.arange(n + 1) - tp)
+    cuttable = np.ones(n + 1, dtype=bool)
+    cuttable[1:n] = s[:-1] != s[1:]  # no cut between equal scores
+    k = int(np.argmax(np.where(cuttable, correct, -1)))  # first best = fewest accepted
+    if k == 0:
+        return float("inf")
+    if k == n:
+        return float("-inf")
+    return float((s[k - 1] + s[k]) / 2)
+
+
+def _pair_mls(mu: np.ndarray, sigma_sq: np.ndarray, rows1: np.ndarray, rows2: np.ndarray,
+              chunk: int = 1 << 15) -> np.ndarray:
+    """MLS of ``(rows1[i], rows2[i])`` in chunks (bounded memory for millions of pairs)."""
+    out = np.empty(len(rows1), dtype=np.float64)
+    for s in range(0, len(rows1), chunk):
+        a, b = rows1[s:s + chunk], rows2[s:s + chunk]
+        out[s:s + chunk] = mls_score(mu[a], sigma_sq[a], mu[b], sigma_sq[b])
+    return out
+
+
+@dataclass(kw_only=True)
+class PfeBinReport(BinReport):
+    """A ``.bin`` report (every existing number from ``forward``, unchanged) with the PFE numbers beside it.
+
+    Attributes:
+        mls: :func:`evaluate_scores` of the MLS of the fused Gaussians.
+        mls_roc: ROC by MLS.
+        mls_tpr_at_fpr: TPR@FPR by MLS.
+        mu_cosine: :func:`facescale.eval.verification.evaluate` of the fused means (cosine without sigma^2).
+        mu_cosine_roc: ROC by cosine of the fused means.
+        mu_cosine_tpr_at_fpr: TPR@FPR by that cosine.
+        uncertainty_mean: Mean per-image :func:`uncertainty`.
+        uncertainty_quality: ``accuracy_vs_rejection`` rows rejecting the most uncertain pairs (same embeddings
+            and protocol as ``quality``, which rejects by norm).
+    """
+
+    mls: dict[str, Any]
+    mls_roc: Roc
+    mls_tpr_at_fpr: dict[float, dict[str, float]]
+    mu_cosine: dict[str, Any]
+    mu_cosine_roc: Roc
+    mu_cosine_tpr_at_fpr: dict[float, dict[str, float]]
+    uncertainty_mean: float
+    uncertainty_quality: list[dict[str, Any]]
+
+
+def run_bin_pfe(model: nn.Module, path: str | Path, batch_size: int = 128, device: str = "cpu",
+                fpr_targets: tuple[float, ...] = FPR_TARGETS,
+                reject_fractions: tuple[float, ...] = REJECT_FRACTIONS) -> PfeBinReport:
+    """:func:`facescale.eval.suite.run_bin` plus MLS verification and uncertainty rejection, in one pass.
+
+    Args:
+        model: A model with ``forward_pfe``.
+        path: The ``.bin`` file.
+        batch_size: Images per forward pass.
+        device: Device for the model.
+        fpr_targets: FPR targets.
+        reject_fractions: Shares of pairs to reject (by norm and by uncertainty).
+
+    Returns:
+        The report.
+    """
+    images, issame = load_bin(path)
+    f = pfe_features(model, images, batch_size=batch_size, device=device)
+    emb = f.embeddings
+    roc = compute_roc(pair_scores(emb[0::2], emb[1::2]), issame)
+    mls = mls_score(f.mu[0::2], f.sigma_sq[0::2], f.mu[1::2], f.sigma_sq[1::2])
+    mls_roc = compute_roc(mls, issame)
+    cos_roc = compute_roc(pair_scores(f.mu[0::2], f.mu[1::2]), issame)
+    # Pair quality is the lower of the two images' (quality.pair_quality): minus uncertainty, so the more uncertain.
+    per_image = uncertainty(f.sigma_sq)
+    return PfeBinReport(
+        name=Path(path).stem, path=str(path), verification=evaluate(emb, issame), norm_mean=float(np.mean(f.norms)),
+        roc=roc, tpr_at_fpr=tpr_at_fpr(roc, fpr_targets),
+        quality=accuracy_vs_rejection(emb, issame, f.norms, reject_fractions),
+        mls=evaluate_scores(mls, issame), mls_roc=mls_roc, mls_tpr_at_fpr=tpr_at_fpr(mls_roc, fpr_targets),
+        mu_cosine=evaluate(f.mu, issame), mu_cosine_roc=cos_roc, mu_cosine_tpr_at_fpr=tpr_at_fpr(cos_roc, fpr_targets),
+        uncertainty_mean=float(np.mean(per_image)),
+        uncertainty_quality=accuracy_vs_rejection(emb, issame, -per_image, reject_fractions))
+
+
+@dataclass(kw_only=True)
+class PfeIjbReport(IjbReport):
+    """An IJB report (existing pooling, unchanged) with templates also fused by :func:`fuse_template`.
+
+    Attributes:
+        mls_roc: ROC of template pairs by MLS of the fused templates.
+        mls_tpr_at_fpr: TPR@FPR by MLS.
+        mu_cosine_roc: ROC by cosine of the fused template means.
+        mu_cosine_tpr_at_fpr: TPR@FPR by that cosine.
+    """
+
+    mls_roc: Roc
+    mls_tpr_at_fpr: dict[float, dict[str, float]]
+    mu_cosine_roc: Roc
+    mu_cosine_tpr_at_fpr: dict[float, dict[str, float]]
+
+
+def fuse_templates(mu: np.ndarray, sigma_sq: np.ndarray,
+                   templates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`fuse_template` over all images of each template.
+
+    The existing pooling averages media first (frames of a video count once); here the 1/sigma^2 weights decide,
+    as in the paper's IJB-A/IJB-C protocol, so a blurred frame adds little whatever its media.
+
+    Args:
+        mu: ``[L, D]`` per-image means.
+        sigma_sq: ``[L, D]`` per-image variances.
+        templates: ``[L]`` template id per image.
+
+    Returns:
+        ``(template_ids [T] sorted, mu [T, D], sigma_sq [T, D])``.
+    """
+    template_ids, inverse = np.unique(templates, return_inverse=True)
+    order = np.argsort(inverse.ravel(), kind="stable")
+    bounds = np.cumsum(np.bincount(inverse.ravel(), minlength=len(template_ids)))[:-1]
+    fused = [fuse_template(mu[rows], sigma_sq[rows]) for rows in np.split(order, bounds)]
+    return template_ids, np.stack([m for m, _ in fused]), np.stack([s for _, s in fused])
+
+
+def _ijb_features(model: nn.Module, names: list[str], root: Path, batch_size: int, device: str) -> PfeFeatures:
+    if len(names) <= 50_000:
+        return pfe_features(model, read_images(root, names, desc="ijb images"), batch_size, device)
+    parts = []  # large sets: one slice of images in memory at a time, as suite._embed_paths
+    step = max(batch_size, 256)
+    for s in range(0, len(names), step):
+        imgs = np.stack([read_aligned_image(root / n) for n in names[s:s + step]])
+        parts.append(pfe_features(model, imgs, batch_size, device))
+    return PfeFeatures(*(np.concatenate([getattr(p, k) for p in parts])
+                         for k in ("flip_sums", "norms", "mu", "sigma_sq")))
+
+
+def run_ijb_pfe(model: nn.Module, meta_path: str | Path, pairs_path: str | Path, images_root: str | Path,
+                batch_size: int = 128, device: str = "cpu", fpr_targets: tuple[float, ...] = FPR_TARGETS,
+                weighting: IjbWeighting = "both", scores_path: str | Path | None = None) -> PfeIjbReport:
+    """:func:`facescale.eval.suite.run_ijb` plus PFE template fusion and MLS between templates, in one pass.
+
+    Args:
+        model: A model with ``forward_pfe``.
+        meta_path: ``image template media`` file.
+        pairs_path: ``template1 template2 label`` file.
+        images_root: Directory of the aligned crops the image list names.
+        batch_size: Images per forward pass.
+        device: Device for the model.
+        fpr_targets: FPR targets.
+        weighting: Weighting of the existing pooling (:func:`facescale.eval.ijb.weight_features`); PFE fusion
+            weights by 1/sigma^2 alone.
+        scores_path: Detector-score file; required by ``detector`` and ``both``.
+
+    Returns:
+        The report.
+    """
+    meta = read_template_media(meta_path)
+    pairs = read_template_pairs(pairs_path, meta)  # checked before the (slow) embedding pass
+    detector_scores = load_ijb_scores(meta, weighting, scores_path)
+    f = _ijb_features(model, meta.images, Path(images_root), batch_size, device)
+    template_ids, features = pool_templates(weight_features(f.flip_sums, weighting, detector_scores),
+                                            meta.templates, meta.media)
+    roc = compute_roc(template_pair_scores(template_ids, features, pairs), pairs.labels)
+    fused_ids, mu, sigma_sq = fuse_templates(f.mu, f.sigma_sq, meta.templates)
+    cos_roc = compute_roc(template_pair_scores(fused_ids, mu, pairs), pairs.labels)  # also checks every template
+    rows1, rows2 = (np.searchsorted(fused_ids, side) for side in (pairs.template1, pairs.template2))
+    mls_roc = compute_roc(_pair_mls(mu, sigma_sq, rows1, rows2), pairs.labels)
+    return PfeIjbReport(name=Path(pairs_path).stem, num_images=len(meta.images), num_templates=len(template_ids),
+                        roc=roc, tpr_at_fpr=tpr_at_fpr(roc, fpr_targets), weighting=weighting,
+                        scores_path=str(scores_path) if detector_scores is not None else None,
+                        mls_roc=mls_roc, mls_tpr_at_fpr=tpr_at_fpr(mls_roc, fpr_targets),
+                        mu_cosine_roc=cos_roc, mu_cosine_tpr_at_fpr=tpr_at_fpr(cos_roc, fpr_targets))
