@@ -43,10 +43,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         held_out_identities=args.held_out_identities or s.held_out_identities,
         num_pairs=args.pairs or s.num_pairs,
         samples_per_shard=args.samples_per_shard or s.samples_per_shard,
+        occluded_pairs=args.occluded_pairs,
     )
     print(f"wrote {manifest.num_samples} samples of {manifest.num_classes} identities in "
           f"{len(manifest.shards)} shards to {out} (digest {manifest.digest[:12]}), verification pairs in "
           f"{os.path.join(out, 'verification.bin')}")
+    if args.occluded_pairs:
+        print(f"occluded verification pairs in {os.path.join(out, 'verification_occluded.bin')}")
     return 0
 
 
@@ -119,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--images-per-identity", type=int)
     synth.add_argument("--held-out-identities", type=int)
     synth.add_argument("--pairs", type=int, help="verification pairs in verification.bin")
+    synth.add_argument("--occluded-pairs", type=int, default=0, help="pairs of a second held-out set, "
+                       "verification_occluded.bin, one face of each occluded (the same pairs as --pairs when equal)")
     synth.add_argument("--seed", type=int)
     synth.add_argument("--difficulty", type=float, help="0 (easy) .. 1 (hard)")
     synth.add_argument("--samples-per-shard", type=int)
@@ -145,13 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     from facescale.parallel.plan import add_plan_arguments
 
-    plan = sub.add_parser("plan", help="per-rank memory and communication of a Partial FC classifier")
+    plan = sub.add_parser("plan", help="per-rank memory and communication of a Partial FC or FFC classifier")
     add_plan_arguments(plan)
     plan.set_defaults(func=_cmd_plan)
 
     from facescale.eval_cli import add_eval_commands
 
     add_eval_commands(sub)  # eval, export
+    from facescale.pfe.cli import add_pfe_command
+
+    add_pfe_command(sub)  # pfe: the PFE uncertainty head on a trained model
     return parser
 
 

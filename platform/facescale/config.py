@@ -28,6 +28,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# The regions of facescale.data.occlusion.REGIONS (tests check they agree); named here so the config tree loads and
+# reports a wrong one without importing the data layer.
+OcclusionRegion = Literal["eyes", "nose", "mouth", "upper", "lower", "left", "right"]
+
+
+class OcclusionConfig(_Strict):
+    """``data.augment.occlusion``: erase a face region of training images (AOFD's occlusion masks, Chen et al.,
+    BTAS 2018), drawn per ``(train.seed, epoch, sample key)``; see ``facescale/data/occlusion.py``."""
+
+    p: float = Field(0.0, ge=0.0, le=1.0, description="probability that a training sample gets a region erased "
+                     "(0: off, the loaders' batches untouched)")
+    regions: list[OcclusionRegion] = Field(
+        default_factory=lambda: ["eyes", "nose", "mouth", "upper", "lower", "left", "right"], min_length=1,
+        description="regions drawn uniformly: eyes, nose, mouth (boxes on the ArcFace 112x112 template's "
+        "landmarks), upper, lower, left, right (canvas halves, in image coordinates after the loader's mirror)")
+
+
+class AugmentConfig(_Strict):
+    """``data.augment``: training-time augmentation on the loaders' uint8 batches, before normalisation."""
+
+    occlusion: OcclusionConfig = OcclusionConfig()
+
+
 class DataConfig(_Strict):
     """Where the training shards and the held-out verification set are."""
 
@@ -47,6 +70,7 @@ class DataConfig(_Strict):
                                   "<tempdir>/facescale-shards")
     cache_bytes: int = Field(20 << 30, gt=0, description="byte budget of that cache per node (shared by the ranks "
                              "of a node); it must hold the shard being read and the prefetched ones")
+    augment: AugmentConfig = AugmentConfig()
 
 
 class ViTOptions(_Strict):
@@ -241,6 +265,9 @@ class FaceScaleConfig(_Strict):
                              "(the linear classifier passes no embedding norms or cross-rank sums)")
         if c.type == "partial_fc" and not c.dense_state and self.train.optimizer == "sgd" and self.train.momentum == 0:
             raise ValueError("train.momentum must be > 0 with classifier.type: partial_fc (sparse SGD state)")
+        if c.type == "ffc" and self.train.engine == "deepspeed" and self.train.deepspeed.zero_stage == 3:
+            raise ValueError("classifier.type ffc needs the probe backbone whole on every rank (the gallery EMA): "
+                             "train.deepspeed.zero_stage 3 partitions it; use zero_stage 1 or 2, or train.engine: ddp")
         return self
 
     def tracking_uri(self) -> str:

@@ -10,6 +10,7 @@ import torch
 
 from facescale.data.errors import DataError
 from facescale.data.loader import FaceLoader, build_loader
+from facescale.data.occlusion import with_occlusion
 from facescale.data.shards import load_manifest
 
 if TYPE_CHECKING:
@@ -69,7 +70,8 @@ def build_train_loader(
 
     Returns:
         A ``FaceLoader``: ``epoch_samples(epoch, start_step, resume)``, ``local_position()``, ``stats``,
-        ``fallback_reason``.
+        ``fallback_reason``; inside an ``OcclusionLoader`` (the loader as ``.inner``) when
+        ``data.augment.occlusion.p > 0``.
 
     Raises:
         ManifestError, ShardError, DataError: From the loader chosen (no manifest, stale index, too few samples),
@@ -77,6 +79,7 @@ def build_train_loader(
             ``data.cache_dir`` not writable, ``data.cache_bytes`` too small).
     """
     data = cfg.data
+    occlusion = data.augment.occlusion  # erases regions of either loader's batches (data/occlusion.py says why here)
     pin = device is not None and device.type == "cuda"
     common = {"batch_size": cfg.train.batch_size, "rank": rank, "world_size": world_size, "seed": cfg.train.seed,
               "on_error": data.on_error, "pin_memory": pin}  # fmt: skip
@@ -94,11 +97,11 @@ def build_train_loader(
             logger.info("rank %d: DALI loader (%s decode, %d threads%s), %d steps per epoch", rank, decode_device,
                         loader.num_threads, f", shards cached in {loader.shard_cache.root}" if loader.shard_cache
                         else "", loader.steps_per_epoch)  # fmt: skip
-            return loader
+            return with_occlusion(loader, occlusion.p, occlusion.regions, cfg.train.seed)
         if data.loader == "dali":
             raise DataError(f"data.loader=dali, but DALI cannot be used here: {reason}; install nvidia-dali (and its "
                             "PyTorch plugin), or set data.loader: auto (falls back to torch) or torch")  # fmt: skip
         logger.warning("rank %d: data.loader=auto falls back to the torch loader: %s", rank, reason)
     torch_loader = build_loader(manifest, num_workers=data.num_workers, **common)
     torch_loader.fallback_reason = reason
-    return torch_loader
+    return with_occlusion(torch_loader, occlusion.p, occlusion.regions, cfg.train.seed)

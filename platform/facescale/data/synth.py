@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import simplejpeg
@@ -28,8 +29,11 @@ from facescale.data.shards import IMAGE_SIZE, Manifest, ShardSetWriter
 
 JPEG_QUALITY = 90
 VERIFICATION_NAME = "verification.bin"
+OCCLUDED_VERIFICATION_NAME = "verification_occluded.bin"  # `synthesize(occluded_pairs=N)`: one face per pair occluded
+OCCLUDERS = ("sunglasses", "mask", "patch")  # what the renderer draws in front of a face
 # Seed-stream tags keep the generators for identities, samples, shuffling and pairs independent of each other.
 _TAG_TRAIN_IDS, _TAG_HELD_OUT_IDS, _TAG_SAMPLE, _TAG_SHUFFLE, _TAG_PAIRS = 1, 2, 3, 4, 5
+_TAG_OCCLUDED_PAIRS, _TAG_OCCLUDER = 6, 7  # which face of a pair is occluded and by what; the occluder's draws
 _SIBLING_SIGMA = 0.05  # latent std of a look-alike around its parent (latent range is [0, 1])
 _MAX_SIBLING_SHARE = 0.6  # share of look-alike identities at difficulty 1
 
@@ -124,6 +128,19 @@ class _Pose:
         return x, self.scale * (self.sin * u + self.cos * v) + self.ty
 
 
+class _FaceFrame(NamedTuple):
+    """What an occluder needs of the face under it: canonical-frame grids (``uf``: with the yaw shift of the inner
+    features), the head's coverage, the anti-aliasing width and the landmarks' canonical positions."""
+
+    v: np.ndarray
+    uf: np.ndarray
+    head: np.ndarray
+    aa: float
+    eye_y: float
+    eye_dx: float
+    nose_v: float
+
+
 class FaceRenderer:
     """Draws one face from an identity latent and a per-sample generator, vectorised over the pixel grid.
 
@@ -142,6 +159,38 @@ class FaceRenderer:
         self.x, self.y = np.meshgrid(xs, ys)
         self.pixel = 2.0 / w
 
+    def _occluder(self, img: np.ndarray, kind: str, face: _FaceFrame, rng: np.random.Generator,
+                  where: tuple[list[float], list[float]] | None = None) -> None:
+        """Paint one occluder; its colour comes from ``rng``. ``where``: a patch's centre and half-size."""
+        if kind == "sunglasses":  # follows the pose, so drawn in the canonical frame
+            band = _soft(np.abs(face.v - face.eye_y) - 0.09, face.aa) * _soft(np.abs(face.uf) - face.eye_dx - 0.14,
+                                                                              face.aa)  # fmt: skip
+            _paint(img, band, rng.uniform(0.0, 0.15, 3))
+        elif kind == "mask":  # face mask below the nose
+            _paint(img, face.head * _soft(face.nose_v + 0.05 - face.v, face.aa), rng.uniform(0.5, 1.0, 3))
+        elif kind == "patch":  # an object in front of the face, axis-aligned in the image
+            assert where is not None
+            (cx, cy), (ow, oh) = where
+            patch = _soft(np.maximum(np.abs(self.x - cx) - ow, np.abs(self.y - cy) - oh), self.pixel)
+            _paint(img, patch, rng.uniform(0.0, 1.0, 3))
+        else:
+            raise ValueError(f"unknown occluder {kind!r}; expected one of {', '.join(OCCLUDERS)}")
+
+    def _occluders(self, img: np.ndarray, face: _FaceFrame, rng: np.random.Generator, d: float,
+                   forced: tuple[str, np.random.Generator] | None) -> None:
+        """The sample's own occluders (each likelier with difficulty ``d``), then the ``forced`` one on top."""
+        if rng.random() < 0.15 * d:
+            self._occluder(img, "sunglasses", face, rng)
+        if rng.random() < 0.1 * d:
+            self._occluder(img, "mask", face, rng)
+        for _ in range(int(rng.random() < 0.5 * d) + int(rng.random() < 0.2 * d)):
+            self._occluder(img, "patch", face, rng, (rng.uniform(-0.9, 0.9, 2).tolist(),
+                                                     rng.uniform(0.15, 0.45, 2).tolist()))  # fmt: skip
+        if forced is not None:  # a forced patch lands on the inner face, not anywhere in the frame
+            kind, frng = forced
+            where = (frng.uniform(-0.35, 0.35, 2).tolist(), frng.uniform(0.2, 0.35, 2).tolist())
+            self._occluder(img, kind, face, frng, where if kind == "patch" else None)
+
     def _window(self, pose: _Pose, u: float, v: float, radius: float) -> tuple[slice, slice]:
         """Pixel slices covering a canonical-frame disc (the yaw shift of inner features included)."""
         x, y = pose.to_image(u + 0.25 * pose.yaw, v)
@@ -150,13 +199,17 @@ class FaceRenderer:
         rows = slice(max(int(row - r), 0), max(int(row + r) + 1, 0))
         return rows, slice(max(int(col - r), 0), max(int(col + r) + 1, 0))
 
-    def render(self, latent: np.ndarray, rng: np.random.Generator, difficulty: float) -> np.ndarray:
+    def render(self, latent: np.ndarray, rng: np.random.Generator, difficulty: float,
+               occluder: tuple[str, np.random.Generator] | None = None) -> np.ndarray:
         """Render one sample.
 
         Args:
             latent: Identity latent, shape ``[NUM_TRAITS]`` in ``[0, 1]``.
             rng: The sample's generator (all nuisance comes from it).
             difficulty: Nuisance strength in ``[0, 1]``.
+            occluder: ``(kind, generator)``: one more occluder of that kind (``OCCLUDERS``) over the face, drawn
+                from its own generator after the sample's own occluders; ``rng`` is used exactly as without it, so
+                the image differs from the unoccluded render only where the occluder is (and its blurred edge).
 
         Returns:
             RGB image, ``uint8 [H, W, 3]``.
@@ -310,15 +363,7 @@ class FaceRenderer:
         img *= np.exp(rng.normal(0.0, amp(0.01, 0.08), 3)).astype(np.float32)[:, None, None]
 
         # --- occluders, blur, noise ----------------------------------------------------------------------------
-        if rng.random() < 0.15 * d:  # sunglasses: follow the pose, so drawn in the canonical frame
-            band = _soft(np.abs(v - p["eye_y"]) - 0.09, aa) * _soft(np.abs(uf) - p["eye_dx"] - 0.14, aa)
-            _paint(img, band, rng.uniform(0.0, 0.15, 3))
-        if rng.random() < 0.1 * d:  # face mask below the nose
-            _paint(img, head * _soft(nv + 0.05 - v, aa), rng.uniform(0.5, 1.0, 3))
-        for _ in range(int(rng.random() < 0.5 * d) + int(rng.random() < 0.2 * d)):
-            (cx, cy_), (ow, oh) = rng.uniform(-0.9, 0.9, 2).tolist(), rng.uniform(0.15, 0.45, 2).tolist()
-            patch = _soft(np.maximum(np.abs(self.x - cx) - ow, np.abs(self.y - cy_) - oh), self.pixel)
-            _paint(img, patch, rng.uniform(0.0, 1.0, 3))
+        self._occluders(img, _FaceFrame(v, uf, head, aa, p["eye_y"], p["eye_dx"], nv), rng, d, occluder)
         for _ in range(int(rng.integers(0, 1 + round(3 * d)))):  # binomial [1, 2, 1] / 4 blur, both axes
             img[:, 1:-1] = 0.25 * (img[:, :-2] + img[:, 2:]) + 0.5 * img[:, 1:-1]
             img[:, :, 1:-1] = 0.25 * (img[:, :, :-2] + img[:, :, 2:]) + 0.5 * img[:, :, 1:-1]
@@ -334,10 +379,16 @@ class FaceRenderer:
         return out
 
 
-def render_jpeg(renderer: FaceRenderer, latent: np.ndarray, seed: int, identity: int, sample: int, d: float) -> bytes:
-    """Render sample ``sample`` of ``identity`` and encode it (quality 90); depends only on its arguments."""
+def render_jpeg(renderer: FaceRenderer, latent: np.ndarray, seed: int, identity: int, sample: int, d: float,
+                occluder: str | None = None) -> bytes:
+    """Render sample ``sample`` of ``identity`` and encode it (quality 90); depends only on its arguments.
+
+    ``occluder`` (one of ``OCCLUDERS``) adds that occluder over the face, drawn from its own ``(seed, identity,
+    sample)`` generator: the same sample as without it, with the occluder in front.
+    """
     rng = np.random.default_rng([seed, _TAG_SAMPLE, identity, sample])
-    return simplejpeg.encode_jpeg(renderer.render(latent, rng, d), quality=JPEG_QUALITY, colorspace="RGB")
+    forced = None if occluder is None else (occluder, np.random.default_rng([seed, _TAG_OCCLUDER, identity, sample]))
+    return simplejpeg.encode_jpeg(renderer.render(latent, rng, d, forced), quality=JPEG_QUALITY, colorspace="RGB")
 
 
 def _pairs(parents: np.ndarray, num_pairs: int, seed: int, difficulty: float) -> list[tuple[int, int]]:
@@ -359,6 +410,32 @@ def _pairs(parents: np.ndarray, num_pairs: int, seed: int, difficulty: float) ->
     return [pairs[i] for i in rng.permutation(len(pairs))]
 
 
+def _write_pairs(out: Path, name: str, renderer: FaceRenderer, latents: np.ndarray, pairs: list[tuple[int, int]],
+                 first_id: int, seed: int, difficulty: float, bar: tqdm,
+                 occluded: list[tuple[int, str]] | None = None) -> None:
+    """Render ``pairs`` of held-out identities into ``name`` (``.bin``) and its ``.json``.
+
+    Pair ``i``'s images are samples ``2i`` and ``2i + 1`` (unique per image, so no two images repeat nuisance);
+    ``occluded[i] = (side, occluder)`` puts that occluder on face ``side`` (0 or 1) of pair ``i``.
+    """
+    jpegs: list[bytes] = []
+    issame: list[bool] = []
+    pair_ids: list[list[int]] = []
+    for i, (a, b) in enumerate(pairs):
+        for j, h in enumerate((a, b)):
+            kind = occluded[i][1] if occluded is not None and occluded[i][0] == j else None
+            jpegs.append(render_jpeg(renderer, latents[h], seed, first_id + h, 2 * i + j, difficulty, kind))
+        issame.append(a == b)
+        pair_ids.append([first_id + a, first_id + b])
+        bar.update(2)
+    with open(out / name, "wb") as f:
+        pickle.dump((jpegs, issame), f, protocol=4)
+    info: dict[str, list] = {"held_out_identities": list(range(first_id, first_id + len(latents))), "pairs": pair_ids}
+    if occluded is not None:
+        info["occluded"] = [[side, kind] for side, kind in occluded]
+    (out / name).with_suffix(".json").write_text(json.dumps(info) + "\n")
+
+
 def synthesize(
     out_dir: str | os.PathLike[str],
     identities: int,
@@ -369,6 +446,7 @@ def synthesize(
     num_pairs: int = 1000,
     samples_per_shard: int = 1000,
     progress: bool = True,
+    occluded_pairs: int = 0,
 ) -> Manifest:
     """Write a synthetic training shard set and a held-out verification set.
 
@@ -387,6 +465,10 @@ def synthesize(
         num_pairs: Verification pairs, half same-identity (0 to skip the set).
         samples_per_shard: Samples per shard.
         progress: Show a progress bar.
+        occluded_pairs: Pairs of a second held-out set, ``verification_occluded.bin`` (+ ``.json``: pairs, and
+            per pair the occluded side and the occluder), 0 to skip it. Its pairs are drawn as ``verification.bin``'s
+            (the same pairs and images when ``occluded_pairs == num_pairs``) and one face of each, chosen at random,
+            has a sunglasses, face-mask or patch occluder (``OCCLUDERS``) drawn over it. Nothing else changes.
 
     Returns:
         The manifest of the training shards.
@@ -395,13 +477,14 @@ def synthesize(
         raise ValueError(f"need identities >= 1 and images_per_identity >= 1, got {identities}, {images_per_identity}")
     if not 0.0 <= difficulty <= 1.0:
         raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
-    if num_pairs > 0 and held_out_identities < 2:
-        raise ValueError(f"num_pairs={num_pairs} needs held_out_identities >= 2, got {held_out_identities}")
+    if max(num_pairs, occluded_pairs) > 0 and held_out_identities < 2:
+        raise ValueError(f"num_pairs={num_pairs}, occluded_pairs={occluded_pairs} need held_out_identities >= 2, "
+                         f"got {held_out_identities}")
     out = Path(out_dir)
     renderer = FaceRenderer()
     latents, _ = sample_identities(identities, seed, difficulty)
     order = np.random.default_rng([seed, _TAG_SHUFFLE]).permutation(identities * images_per_identity)
-    total = len(order) + (2 * num_pairs if num_pairs > 0 else 0)
+    total = len(order) + 2 * max(num_pairs, 0) + 2 * max(occluded_pairs, 0)
     bar = tqdm(total=total, desc="synth", unit="img", disable=not progress, smoothing=0.1)
     writer = ShardSetWriter(out, prefix="synth", samples_per_shard=samples_per_shard)
     for flat in order.tolist():
@@ -414,20 +497,15 @@ def synthesize(
         f"difficulty={difficulty} held_out_identities={held_out_identities} num_pairs={num_pairs}"
     )
     manifest = writer.close(num_classes=identities, source=source)
+    held_latents, parents = sample_identities(held_out_identities, seed, difficulty, held_out=True)
     if num_pairs > 0:
-        held_latents, parents = sample_identities(held_out_identities, seed, difficulty, held_out=True)
-        jpegs: list[bytes] = []
-        issame: list[bool] = []
-        pair_ids: list[list[int]] = []
-        for i, (a, b) in enumerate(_pairs(parents, num_pairs, seed, difficulty)):
-            for j, h in enumerate((a, b)):  # sample indices unique per image, so no two images repeat nuisance
-                jpegs.append(render_jpeg(renderer, held_latents[h], seed, identities + h, 2 * i + j, difficulty))
-            issame.append(a == b)
-            pair_ids.append([identities + a, identities + b])
-            bar.update(2)
-        with open(out / VERIFICATION_NAME, "wb") as f:
-            pickle.dump((jpegs, issame), f, protocol=4)
-        info = {"held_out_identities": list(range(identities, identities + held_out_identities)), "pairs": pair_ids}
-        (out / "verification.json").write_text(json.dumps(info) + "\n")
+        pairs = _pairs(parents, num_pairs, seed, difficulty)
+        _write_pairs(out, VERIFICATION_NAME, renderer, held_latents, pairs, identities, seed, difficulty, bar)
+    if occluded_pairs > 0:
+        rng = np.random.default_rng([seed, _TAG_OCCLUDED_PAIRS])
+        occluded = [(int(rng.integers(2)), OCCLUDERS[int(rng.integers(len(OCCLUDERS)))]) for _ in range(occluded_pairs)]
+        pairs = _pairs(parents, occluded_pairs, seed, difficulty)
+        _write_pairs(out, OCCLUDED_VERIFICATION_NAME, renderer, held_latents, pairs, identities, seed, difficulty,
+                     bar, occluded)  # fmt: skip
     bar.close()
     return manifest
