@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from facescale.data import storage
+from facescale import storage
 from facescale.heads import CombinedMarginLoss, NormalizedLinearClassifier
 from facescale.models import build_backbone
 from facescale.parallel import PartialFC, SparseRowSGD

@@ -22,9 +22,9 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from facescale.data import storage
-from facescale.data.storage import StorageError
+from facescale import storage
 from facescale.parallel.dist import free_loopback_port
+from facescale.storage import StorageError
 from facescale.train import ckpt_store
 from facescale.train.ckpt_store import (
     MANIFEST_NAME,

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from facescale import storage
 from facescale.config import ConfigError, ScalingConfig
-from facescale.data import ShardSetWriter, build_loader, iter_shard, load_manifest, storage
+from facescale.data import ShardSetWriter, build_loader, iter_shard, load_manifest
 from facescale.distill import cache as cache_mod
 from facescale.distill.cache import (
     TeacherCache,

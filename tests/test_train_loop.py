@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import facescale.train.loop as loop
+from facescale import storage
 from facescale.config import dump_config, load_config
-from facescale.data import build_loader, storage
+from facescale.data import build_loader
 from facescale.data.synth import synthesize
 from facescale.tracking.mlflow_run import start_run
 from facescale.train.checkpoint import TrainProgress

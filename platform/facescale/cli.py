@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     from facescale.data.cli import add_data_commands
 
     add_data_commands(data)  # from-rec, from-folder, push, pull
-    from facescale.data.wds_index import add_index_command
+    from facescale.data.shard_sets import add_index_command
 
     add_index_command(data)  # index: DALI index files for shard sets written without them
 

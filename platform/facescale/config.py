@@ -7,7 +7,6 @@ before Ray or anything else starts.
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from facescale.distill.config import DistillConfig
 from facescale.heads.config import ClassifierConfig
 from facescale.train.engine_config import DeepSpeedConfig
+from facescale.trees import merge_trees  # noqa: F401  (re-exported for config users)
 
 
 class ConfigError(ValueError):
@@ -270,17 +270,6 @@ def _set_dotted(tree: dict[str, Any], parts: list[str], value: Any, item: str) -
             raise ConfigError(f"override {item!r}: key {'.'.join(parts[:depth + 1])!r} is not a section")
         node = child
     node[parts[-1]] = value
-
-
-def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``base`` with ``update`` merged in: nested dicts merge key by key, anything else replaces."""
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_trees(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def format_validation(err: ValidationError, source: str) -> str:

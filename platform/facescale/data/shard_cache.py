@@ -245,7 +245,7 @@ class ShardCache:
         return fd
 
     def _download(self, f: CachedFile, part: Path, final: Path) -> None:
-        from facescale.data import storage  # lazy: boto3 loads only when s3:// is used (DESIGN.md)
+        from facescale import storage  # lazy: boto3 loads only when s3:// is used (DESIGN.md)
 
         try:
             storage.download_file(f.url, part)  # writes <part>.tmp, then renames it to <part>
@@ -389,7 +389,7 @@ def build_shard_cache(manifest: Manifest, index_urls: list[str], cache_dir: str 
     Raises:
         ShardCacheError: A shard or index is not on S3, the directory is not writable, or the budget too small.
     """
-    from facescale.data import storage  # lazy: boto3 loads only when s3:// is used (DESIGN.md)
+    from facescale import storage  # lazy: boto3 loads only when s3:// is used (DESIGN.md)
 
     urls, shards = manifest.shard_urls(), manifest.shards
     remote = [i for i, u in enumerate(urls) if storage.is_s3_url(u)]

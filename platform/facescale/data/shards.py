@@ -26,6 +26,7 @@ import webdataset as wds
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from tqdm import tqdm
 
+from facescale import storage
 from facescale.data.errors import ImageDecodeError, LabelError, ManifestError, ShardError
 from facescale.data.tar_reader import iter_tar_samples
 from facescale.data.wds_index import index_name, write_index
@@ -156,10 +157,8 @@ def load_manifest(path_or_dir: str | os.PathLike[str]) -> Manifest:
     Raises:
         ManifestError: If the directory or file is missing, the JSON is malformed, or fields are wrong.
     """
-    if str(path_or_dir).startswith("s3://"):
-        from facescale.data import storage  # lazy: only data/storage imports boto3 (DESIGN.md)
-
-        url, text = storage.read_manifest_text(str(path_or_dir))
+    if storage.is_remote(path_or_dir):
+        url, text = read_manifest_text(str(path_or_dir))
         return parse_manifest(text, url).with_root(url.rsplit("/", 1)[0])
     path = Path(path_or_dir)
     if path.is_dir():
@@ -174,6 +173,30 @@ def load_manifest(path_or_dir: str | os.PathLike[str]) -> Manifest:
     except (OSError, UnicodeDecodeError) as exn:
         raise ManifestError(f"cannot read manifest {path}: {exn}", path=str(path)) from exn
     return parse_manifest(text, str(path)).with_root(path.parent)
+
+
+def read_manifest_text(url: str) -> tuple[str, str]:
+    """Read a manifest from S3.
+
+    Args:
+        url: ``s3://bucket/prefix/manifest.json`` or the prefix ``s3://bucket/prefix[/]``.
+
+    Returns:
+        ``(manifest URL, JSON text)``.
+
+    Raises:
+        ManifestError: If there is no manifest there (for instance a push that has not finished) or it is unreadable.
+    """
+    if not url.endswith(".json"):
+        url = url.rstrip("/") + "/" + MANIFEST_NAME
+    try:
+        return url, storage.read_bytes(url).decode("utf-8")
+    except storage.StorageError as exn:
+        missing = exn.code in ("NoSuchKey", "404", "NoSuchBucket")
+        what = "manifest file not found (or its push has not finished)" if missing else "cannot read manifest"
+        raise ManifestError(f"{what}: {url}: {exn}", path=url) from exn
+    except UnicodeDecodeError as exn:
+        raise ManifestError(f"cannot read manifest {url}: {exn}", path=url) from exn
 
 
 def parse_manifest(text: str, where: str) -> Manifest:
@@ -403,17 +426,15 @@ def iter_shard(
 
 
 def open_shard(url: str) -> BinaryIO:
-    """Open a shard for streaming reads: ``s3://`` through boto3 (``data/storage.py``), anything else with ``gopen``.
+    """Open a shard for streaming reads: object stores through ``facescale.storage``, anything else with ``gopen``.
 
     Raises:
         StorageError: For an ``s3://`` object that is missing or unreadable (names the URL).
         OSError: For a local file that cannot be opened.
     """
-    if url.startswith("s3://"):
-        from facescale.data import storage  # lazy: only data/storage imports boto3 (DESIGN.md)
-
+    if storage.is_remote(url):
         return storage.open_read(url)
-    return wds.gopen(url, "rb")
+    return wds.gopen(url, "rb")  # local paths and the other URL kinds gopen knows (pipe:, http:)
 
 
 def parse_label(sample: dict[str, Any], num_classes: int) -> int:

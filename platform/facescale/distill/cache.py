@@ -33,9 +33,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from facescale import storage
 from facescale.data.errors import ImageDecodeError
 from facescale.data.shards import Manifest, decode_image, iter_shard, load_manifest
 from facescale.eval.verification import compute_embeddings
@@ -76,24 +75,17 @@ class CacheMeta:
     format_version: int = CACHE_FORMAT_VERSION
 
 
-# --- where a cache lives: a local directory or an s3:// prefix, behind five small functions --------------------
-
-
-def _storage() -> Any:
-    # NOTE: boto3 loads only for s3:// caches (only facescale.data.storage imports it, DESIGN.md).
-    from facescale.data import storage
-
-    return storage
+# --- where a cache lives: a local directory or an s3:// prefix (facescale.storage) ---------------------------------
 
 
 def is_s3(cache_dir: str | Path) -> bool:
-    """Whether the cache lives on S3."""
-    return str(cache_dir).startswith("s3://")
+    """Whether the cache lives in an object store (the builder then needs no shared directory)."""
+    return storage.is_remote(cache_dir)
 
 
 def cache_uri(cache_dir: str | Path) -> str:
     """The cache's location as one string: the ``s3://`` URL without a trailing ``/``, or the local path."""
-    return str(cache_dir).rstrip("/") if is_s3(cache_dir) else str(Path(cache_dir))
+    return str(cache_dir).rstrip("/") if storage.is_remote(cache_dir) else str(Path(cache_dir))
 
 
 def shard_name(shard_index: int) -> str:
@@ -107,57 +99,32 @@ def shard_file(cache_dir: str | Path, shard_index: int) -> str:
 
 
 def _location(cache_dir: str | Path, name: str) -> str:
-    return f"{cache_uri(cache_dir)}/{name}" if is_s3(cache_dir) else str(Path(cache_dir) / name)
+    return storage.join(cache_uri(cache_dir), name)
 
 
 def _read(cache_dir: str | Path, name: str) -> bytes | None:
     """A cache file's bytes, or None when it does not exist (an unreachable store raises ``StorageError``)."""
-    where = _location(cache_dir, name)
-    if not is_s3(cache_dir):
-        try:
-            return Path(where).read_bytes()
-        except FileNotFoundError:
-            return None
-    storage = _storage()
     try:
-        return storage.read_bytes(where)
-    except storage.StorageError as exn:
-        if exn.code in ("NoSuchKey", "404"):
+        return storage.read_bytes(_location(cache_dir, name))
+    except OSError as exn:  # StorageError is an OSError too
+        if storage.is_missing(exn):
             return None
         raise
 
 
 def _write(cache_dir: str | Path, name: str, data: bytes) -> None:
-    """Writes a cache file whole: a local file through a temporary file and a rename, an S3 object by one upload."""
-    if not is_s3(cache_dir):
-        target = Path(cache_dir) / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-        return
-    with tempfile.TemporaryDirectory(prefix="facescale-cache-") as tmp_dir:
-        tmp = Path(tmp_dir) / name
-        tmp.write_bytes(data)
-        _storage().upload_file(tmp, _location(cache_dir, name))
+    """Writes a cache file whole (``facescale.storage.write_bytes``: never seen half-written)."""
+    storage.write_bytes(_location(cache_dir, name), data)
 
 
 def list_cache(cache_dir: str | Path) -> set[str]:
     """Names of the cache files present (``cache.json``, ``building.json``, shard files): one listing on S3."""
-    if is_s3(cache_dir):
-        names = _storage().list_objects(cache_uri(cache_dir))
-    else:
-        names = os.listdir(cache_dir) if Path(cache_dir).is_dir() else []
+    names = storage.list_objects(cache_uri(cache_dir))
     return {n for n in names if n in (CACHE_META, BUILD_MARKER) or _SHARD_RE.fullmatch(n)}
 
 
 def _delete(cache_dir: str | Path, names: list[str]) -> None:
-    if is_s3(cache_dir):
-        if names:
-            _storage().delete_objects(cache_uri(cache_dir), names)
-        return
-    for name in names:
-        (Path(cache_dir) / name).unlink(missing_ok=True)
+    storage.delete_objects(cache_uri(cache_dir), names)
 
 
 # --- metadata, checks, build steps ------------------------------------------------------------------------------

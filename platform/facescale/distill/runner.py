@@ -80,7 +80,7 @@ def _checkpoint_identity(directory: str) -> str:
     """
     digest = hashlib.sha256()
     if directory.startswith("s3://"):
-        from facescale.data import storage  # lazy: boto3 only for s3:// (DESIGN.md)
+        from facescale import storage  # lazy: boto3 only for s3:// (DESIGN.md)
 
         url = directory.rstrip("/") + "/model.pt"
         try:
@@ -260,7 +260,7 @@ class PipelineRunner:
         identity = self.init.model_id or _checkpoint_identity(self.spec.init)
         if not self.remote_storage:
             return _save_init(self.init, Path(self.storage) / self.pipeline_run_id / "init"), identity
-        from facescale.data import storage  # lazy: boto3 only for s3:// (DESIGN.md)
+        from facescale import storage  # lazy: boto3 only for s3:// (DESIGN.md)
 
         uri = f"{self.storage}/{self.pipeline_run_id}/init"
         with tempfile.TemporaryDirectory(prefix="facescale-init-") as tmp:

@@ -21,12 +21,14 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from facescale.parallel.dist import barrier, class_range
-from facescale.parallel.partial_fc import PartialFC
+
+if TYPE_CHECKING:  # annotations only: partial_fc.py calls into this module to save itself
+    from facescale.parallel.partial_fc import PartialFC
 
 MANIFEST_NAME = "partial_fc.json"
 FORMAT_VERSION = 1

@@ -44,6 +44,7 @@ from torch import nn
 
 from facescale.heads.margin import IGNORE_LABEL
 from facescale.heads.subcenter import SubCenters
+from facescale.parallel.checkpoint import load_partial_fc, save_partial_fc
 from facescale.parallel.dist import (
     all_gather_rows,
     all_reduce_,
@@ -380,14 +381,10 @@ class PartialFC(nn.Module):
 
     def save_sharded(self, directory: str | os.PathLike, rank: int) -> None:
         """Saves centers + attached optimizer state by class range (the training checkpoint calls this)."""
-        from facescale.parallel.checkpoint import save_partial_fc
-
         save_partial_fc(self, self._optimizer, directory, rank)
 
     def load_sharded(self, directory: str | os.PathLike) -> None:
         """Loads centers + attached optimizer state saved on any world size."""
-        from facescale.parallel.checkpoint import load_partial_fc
-
         load_partial_fc(self, self._optimizer, directory)
 
     def sample_rows(self, positive_rows: torch.Tensor, step: int) -> torch.Tensor | None:

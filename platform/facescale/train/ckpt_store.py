@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from facescale import storage
 from facescale.data.errors import DataError
 
 logger = logging.getLogger("facescale.checkpoint")
@@ -57,7 +58,7 @@ _OWN_DIR_RE = re.compile(r"^\.rank\d+\.writing$")
 # Why rank 0 may not see a rank's receipt or file (the likely cause, for the error message).
 _UNSEEN_LOCAL = "is not visible on rank 0's node: is scaling.storage_path on a filesystem every node mounts?"
 _UNSEEN_S3 = "is not on S3: did rank {rank} finish uploading?"
-_PARALLEL_FILES = 4  # uploads/downloads at once per rank (as facescale.data.storage.PARALLEL_FILES)
+_PARALLEL_FILES = 4  # uploads/downloads at once per rank (as facescale.storage.s3.PARALLEL_FILES)
 
 
 class IncompleteCheckpointError(FileNotFoundError):
@@ -84,23 +85,11 @@ def checkpoint_name(step: int) -> str:
 
 
 def _is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
+    return storage.is_remote(uri)  # an object store: commit by manifest last (no atomic directory rename there)
 
 
-def _join(uri: str, name: str) -> str:
-    return uri.rstrip("/") + "/" + name if _is_s3(uri) else os.path.join(uri, name)
-
-
-def _normalize(uri: str | os.PathLike[str]) -> str:
-    uri = str(uri)
-    return uri.rstrip("/") if _is_s3(uri) else os.path.abspath(uri)
-
-
-def _storage() -> Any:
-    # NOTE: boto3 loads only for s3:// roots, as facescale.data does for shard sets.
-    from facescale.data import storage
-
-    return storage
+_join = storage.join
+_normalize = storage.absolute
 
 
 # --- reading and verifying -------------------------------------------------------------------------------------
@@ -108,19 +97,12 @@ def _storage() -> Any:
 
 def _read_manifest(uri: str) -> dict[str, Any] | None:
     """The parsed manifest of ``uri``; None if it has none."""
-    url = _join(uri, MANIFEST_NAME)
-    if _is_s3(uri):
-        storage = _storage()
-        try:
-            raw = storage.read_bytes(url)
-        except storage.StorageError as exn:
-            if exn.code in ("NoSuchKey", "404"):
-                return None
-            raise  # an unreachable store is an error, not an uncommitted checkpoint
-    elif os.path.isfile(url):
-        raw = Path(url).read_bytes()
-    else:
-        return None
+    try:
+        raw = storage.read_bytes(_join(uri, MANIFEST_NAME))
+    except OSError as exn:
+        if storage.is_missing(exn) or (not _is_s3(uri) and not os.path.isfile(_join(uri, MANIFEST_NAME))):
+            return None
+        raise  # an unreachable store is an error, not an uncommitted checkpoint
     try:
         manifest = json.loads(raw)
         files = manifest["files"]
@@ -169,7 +151,7 @@ def _verify(uri: str, listing: dict[str, int] | None = None) -> dict[str, Any]:
                                         MANIFEST_NAME)  # fmt: skip
     owner = {name: rank for rank, names in (ranks or {}).items() for name in names}
     if listing is None:
-        listing = _storage().list_objects(uri) if _is_s3(uri) else _local_sizes(uri, list(files))
+        listing = storage.list_objects(uri) if _is_s3(uri) else _local_sizes(uri, list(files))
     for name, size in sorted(files.items()):
         if name not in listing:
             by = f" as written by rank {owner[name]}" if name in owner else ""
@@ -201,7 +183,7 @@ def _candidates(root: str) -> list[tuple[int, str, dict[str, int] | None]]:
     """``(step, uri, S3 listing or None)`` of every ``checkpoint_<step>`` under ``root``, committed or not."""
     if _is_s3(root):
         grouped: dict[str, dict[str, int]] = {}
-        for key, size in _storage().list_objects(root).items():
+        for key, size in storage.list_objects(root).items():
             top, _, rest = key.partition("/")
             if rest and _CHECKPOINT_RE.match(top):
                 grouped.setdefault(top, {})[rest] = size
@@ -268,7 +250,6 @@ def local_copy(uri: str | os.PathLike[str], wanted: Callable[[str], bool] | None
     if not _is_s3(uri):
         yield Path(uri)
         return
-    storage = _storage()
     listed: dict[str, int] = manifest["files"]
     with tempfile.TemporaryDirectory(prefix=f"facescale-{os.path.basename(uri)}-") as tmp:
         local = Path(tmp)
@@ -373,7 +354,6 @@ def _retire_local(path: str) -> None:
 
 def _retire_s3(uri: str, listing: dict[str, int]) -> None:
     """Delete a checkpoint prefix: the manifest object first (uncommitted from then on), then the rest."""
-    storage = _storage()
     if MANIFEST_NAME in listing:
         storage.delete_objects(uri, [MANIFEST_NAME])
     storage.delete_objects(uri, sorted(n for n in listing if n != MANIFEST_NAME))
@@ -492,7 +472,6 @@ class CheckpointStore:
         return str(final)
 
     def _save_s3(self, step: int, write_files: Callable[[Path], None], meta: dict[str, Any]) -> str:
-        storage = _storage()
         uri = self.checkpoint_uri(step)
         if self.rank == 0:
             if stale := storage.list_objects(uri):

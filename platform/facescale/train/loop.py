@@ -30,8 +30,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from facescale import storage
 from facescale.config import FaceScaleConfig
-from facescale.data import build_train_loader, storage
+from facescale.data import build_train_loader
 from facescale.distill.cache import TeacherCache
 from facescale.parallel.dist import all_reduce_, barrier, rank_and_world_size
 from facescale.tracking.mlflow_run import Tracker
