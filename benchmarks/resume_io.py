@@ -54,10 +54,10 @@ def _digest(tensor: torch.Tensor) -> str:
 
 def _build(args: argparse.Namespace, seed: int):
     """Backbone, Partial FC, their optimizers and the checkpoint object of this rank (after one step)."""
+    from facescale.checkpoint.format import TrainCheckpoint, TrainProgress
     from facescale.heads.config import MarginConfig, build_margin
     from facescale.models import build_backbone
     from facescale.parallel import PartialFC, build_partial_fc_optimizer
-    from facescale.train.checkpoint import TrainCheckpoint, TrainProgress
 
     torch.manual_seed(seed)
     backbone = build_backbone("iresnet_tiny", args.dim)
@@ -90,7 +90,7 @@ def _rank(rank: int, world_size: int, port: int, mode: str, args: argparse.Names
                             timeout=datetime.timedelta(minutes=30))
     _one_request_per_object()
     from facescale import storage
-    from facescale.train.ckpt_store import CheckpointStore, local_copy
+    from facescale.checkpoint.store import CheckpointStore, local_copy
 
     t0 = time.perf_counter()
     if mode == "save":
@@ -175,8 +175,8 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only: no JSON, no BENCHMARKS.md section")
     args = ap.parse_args()
     from facescale import storage
+    from facescale.checkpoint.store import verify_checkpoint
     from facescale.parallel.optim import state_bytes_per_row
-    from facescale.train.ckpt_store import verify_checkpoint
 
     server = _start_s3()
     try:

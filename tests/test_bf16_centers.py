@@ -9,8 +9,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from facescale.checkpoint import load_partial_fc, save_partial_fc
 from facescale.heads.config import ClassifierConfig, MarginConfig, build_margin
-from facescale.parallel import PartialFC, SparseRowSGD, build_partial_fc_optimizer, load_partial_fc, save_partial_fc
+from facescale.parallel import PartialFC, SparseRowSGD, build_partial_fc_optimizer
 from facescale.parallel.optim import stochastic_round_bf16
 from gloo_ranks import spawn
 

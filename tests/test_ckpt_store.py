@@ -23,10 +23,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from facescale import storage
-from facescale.parallel.dist import free_loopback_port
-from facescale.storage import StorageError
-from facescale.train import ckpt_store
-from facescale.train.ckpt_store import (
+from facescale.checkpoint import store as ckpt_store
+from facescale.checkpoint.store import (
     MANIFEST_NAME,
     CheckpointStore,
     IncompleteCheckpointError,
@@ -34,6 +32,8 @@ from facescale.train.ckpt_store import (
     resolve_checkpoint,
     verify_checkpoint,
 )
+from facescale.parallel.dist import free_loopback_port
+from facescale.storage import StorageError
 
 pytestmark = pytest.mark.integration
 BACKENDS = ["local", "s3"]
@@ -150,7 +150,7 @@ def test_two_gloo_ranks_write_one_checkpoint(tmp_path: Path, bucket: str) -> Non
 _KILLED_SAVE = """
 import sys, time
 from pathlib import Path
-from facescale.train.ckpt_store import CheckpointStore
+from facescale.checkpoint.store import CheckpointStore
 root, kill_at, ready = sys.argv[1:4]
 barriers = []
 

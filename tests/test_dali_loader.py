@@ -15,6 +15,7 @@ import simplejpeg
 import torch
 from torch import nn
 
+from facescale.checkpoint.format import TrainCheckpoint, TrainProgress
 from facescale.config import FaceScaleConfig
 from facescale.data import (
     MANIFEST_NAME,
@@ -32,7 +33,6 @@ from facescale.data import (
 from facescale.data.dali_loader import DaliFaceLoader, build_dali_loader
 from facescale.data.factory import resolve_decode_device
 from facescale.data.wds_index import index_text
-from facescale.train.checkpoint import TrainCheckpoint, TrainProgress
 
 
 def _jpeg(value: int, noise: bool = False, size: int = 112) -> bytes:

@@ -22,8 +22,8 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from facescale.checkpoint.store import MANIFEST_NAME, resolve_checkpoint
 from facescale.config import load_config
-from facescale.train.ckpt_store import MANIFEST_NAME, resolve_checkpoint
 from facescale.train.launch import run_training
 from facescale.train.schedule import lr_at
 from facescale.train.step import NonFiniteError

@@ -145,9 +145,9 @@ def test_training_checkpoints_to_s3_and_another_run_resumes_from_there(tmp_path:
 
     import ray
 
+    from facescale.checkpoint.store import resolve_checkpoint
     from facescale.config import load_config
     from facescale.data.synth import synthesize
-    from facescale.train.ckpt_store import resolve_checkpoint
     from facescale.train.launch import run_training
 
     synthesize(tmp_path / "d", identities=12, images_per_identity=8, seed=0, difficulty=0.2, held_out_identities=4,

@@ -20,8 +20,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from facescale.checkpoint.store import resolve_checkpoint, verify_checkpoint
 from facescale.cli import main
-from facescale.train.ckpt_store import resolve_checkpoint, verify_checkpoint
 
 pytestmark = pytest.mark.integration
 

@@ -15,12 +15,12 @@ import torch
 
 import facescale.train.loop as loop
 from facescale import storage
+from facescale.checkpoint.format import TrainProgress
+from facescale.checkpoint.store import resolve_checkpoint, verify_checkpoint
 from facescale.config import dump_config, load_config
 from facescale.data import build_loader
 from facescale.data.synth import synthesize
 from facescale.tracking.mlflow_run import start_run
-from facescale.train.checkpoint import TrainProgress
-from facescale.train.ckpt_store import resolve_checkpoint, verify_checkpoint
 from facescale.train.components import build_bare_backbone
 from facescale.train.engine import build_engine
 from facescale.train.loop import _init_backbone, _mean_over_ranks, _rescale_position, planned_total_steps, step_groups

@@ -33,7 +33,6 @@ gradients over the ``world_size`` ranks. Batches must have the same size on ever
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +43,6 @@ from torch import nn
 
 from facescale.heads.margin import IGNORE_LABEL
 from facescale.heads.subcenter import SubCenters
-from facescale.parallel.checkpoint import load_partial_fc, save_partial_fc
 from facescale.parallel.dist import (
     all_gather_rows,
     all_reduce_,
@@ -366,7 +364,7 @@ class PartialFC(nn.Module):
         self.sampler_step = int(state["sampler_step"])
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """The optimizer of ``weight``: its sharded state is saved by :meth:`save_sharded`, and a lazy optimizer
+        """The optimizer of ``weight``: saved with the centers by ``facescale.checkpoint``; a lazy optimizer
         (``SparseRowSGD``) brings sampled rows up to date before they are scored. bf16 centers need an optimizer
         that rounds stochastically (the sparse row optimizers); it is keyed with this module's seed and global rows.
         """
@@ -379,13 +377,10 @@ class PartialFC(nn.Module):
             set_key(self.weight, self.seed, self.class_start * self.num_subcenters)
         self._optimizer = optimizer
 
-    def save_sharded(self, directory: str | os.PathLike, rank: int) -> None:
-        """Saves centers + attached optimizer state by class range (the training checkpoint calls this)."""
-        save_partial_fc(self, self._optimizer, directory, rank)
-
-    def load_sharded(self, directory: str | os.PathLike) -> None:
-        """Loads centers + attached optimizer state saved on any world size."""
-        load_partial_fc(self, self._optimizer, directory)
+    @property
+    def attached_optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer given to :meth:`attach_optimizer` (saved with the centers by ``facescale.checkpoint``)."""
+        return self._optimizer
 
     def sample_rows(self, positive_rows: torch.Tensor, step: int) -> torch.Tensor | None:
         """Sorted local classes to score: every positive plus uniform negatives; ``None`` means all classes.

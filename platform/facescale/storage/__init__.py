@@ -1,6 +1,6 @@
 """One storage interface over local paths and ``s3://`` URLs: open, read, list, delete, upload, download.
 
-Shard readers and converters (``facescale.data``), the checkpoint store (``facescale.train.ckpt_store``) and the
+Shard readers and converters (``facescale.data``), the checkpoint store (``facescale.checkpoint.store``) and the
 teacher cache (``facescale.distill``) call these functions with whatever root the user configured; the backend is
 chosen here from the URL, and S3 specifics (clients, retries from botocore's own config, error codes) stay in
 :mod:`facescale.storage.s3`, which is imported -- with boto3 -- only the first time an ``s3://`` URL is used.

@@ -18,6 +18,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from facescale.checkpoint.store import resolve_checkpoint, verify_checkpoint
 from facescale.config import ConfigError, FaceScaleConfig, dump_config
 from facescale.console import RunProgress, is_verbose, ray_runtime_env, ray_train_log_level
 from facescale.data import ManifestError, load_manifest
@@ -30,7 +31,6 @@ from facescale.tracking.mlflow_run import (
     start_run,
     ui_url,
 )
-from facescale.train.ckpt_store import resolve_checkpoint, verify_checkpoint
 from facescale.train.context import process_group_backend
 from facescale.train.node_check import PathSpec, check_paths_on_nodes, is_local
 from facescale.train.step import STOP_TAG, NonFiniteError
@@ -202,7 +202,7 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, paren
     log.info("MLflow run %s at %s", run_id, tracking_uri)
     verbose = is_verbose()
     name = ray_run_name or f"facescale-{run_id}"
-    run_root = f"{storage.rstrip('/')}/{name}"  # the run's checkpoints (facescale.train.ckpt_store) live here
+    run_root = f"{storage.rstrip('/')}/{name}"  # the run's checkpoints (facescale.checkpoint.store) live here
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking_uri,

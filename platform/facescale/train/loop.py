@@ -4,7 +4,7 @@ It reads as named steps: load micro-batches → to the device → optimizer step
 checkpoint. Rank checks live in the :class:`~facescale.tracking.mlflow_run.Tracker` and the objects of
 ``observe.py``; who this worker is and where it reports come from its :class:`~facescale.train.context.WorkerContext`.
 
-Recovery: checkpoints are committed to the run's storage (``facescale.train.ckpt_store``) every
+Recovery: checkpoints are committed to the run's storage (``facescale.checkpoint.store``) every
 ``train.checkpoint_every`` steps. When a worker dies, Ray Train (``scaling.max_failures``) restarts the worker
 group, and every worker resumes from the newest committed checkpoint of the run: backbone and its optimizer (the
 engine's), classifier and its optimizer (Partial FC by class range), progress, RNG and each rank's data position.
@@ -31,13 +31,13 @@ import torch
 import torch.distributed as dist
 
 from facescale import storage
+from facescale.checkpoint.format import TrainCheckpoint, TrainProgress, is_sharded, load_backbone_state, unwrap
+from facescale.checkpoint.store import CheckpointStore, local_copy, resolve_checkpoint
 from facescale.config import FaceScaleConfig
 from facescale.data import build_train_loader
 from facescale.distill.cache import TeacherCache
 from facescale.parallel.dist import all_reduce_, barrier, rank_and_world_size
 from facescale.tracking.mlflow_run import Tracker
-from facescale.train.checkpoint import TrainCheckpoint, TrainProgress, load_backbone_state, unwrap
-from facescale.train.ckpt_store import CheckpointStore, local_copy, resolve_checkpoint
 from facescale.train.components import build_bare_backbone, build_classifier, build_classifier_optimizer
 from facescale.train.context import WorkerContext
 from facescale.train.engine import build_engine
@@ -270,7 +270,7 @@ def run_worker(ctx: WorkerContext, payload: dict[str, Any]) -> None:
     engine = build_engine(cfg, build_bare_backbone(cfg, device), device)
     classifier = build_classifier(cfg, loader.manifest.num_classes, device)
     classifier_opt = build_classifier_optimizer(cfg, classifier)
-    replicated = {} if hasattr(classifier, "save_sharded") else {"classifier": classifier_opt}
+    replicated = {} if is_sharded(classifier) else {"classifier": classifier_opt}
     progress = TrainProgress(world_size=world_size)
     arch = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size}
     ckpt = TrainCheckpoint(engine.backbone, classifier, replicated, progress, arch=arch, engine=engine)

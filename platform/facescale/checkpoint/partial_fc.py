@@ -27,13 +27,13 @@ import torch
 
 from facescale.parallel.dist import barrier, class_range
 
-if TYPE_CHECKING:  # annotations only: partial_fc.py calls into this module to save itself
+if TYPE_CHECKING:  # annotations only
     from facescale.parallel.partial_fc import PartialFC
 
 MANIFEST_NAME = "partial_fc.json"
 FORMAT_VERSION = 1
 _RANGE_FILE_RE = re.compile(r"^partial_fc_classes_(\d+)_(\d+)\.pt$")
-log = logging.getLogger("facescale.parallel.checkpoint")
+log = logging.getLogger("facescale.checkpoint.partial_fc")
 
 
 def _range_file(start: int, end: int) -> str:
