@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 from facescale import storage
-from facescale.data.errors import DataError
 
 logger = logging.getLogger("facescale.checkpoint")
 
@@ -506,7 +505,7 @@ class CheckpointStore:
         attempts. Failures are logged, never raised: the new checkpoint is committed, and the next save retries."""
         try:
             self._retain_or_raise(step, _is_s3(self.root))
-        except (OSError, DataError) as exn:  # I/O only; a half-done deletion is uncommitted, so it is never used
+        except OSError as exn:  # I/O only (StorageError too); a half-done deletion is uncommitted, never used
             logger.warning("cleaning up old checkpoints under %s after step %d failed (retried after the next "
                            "save): %r", self.root, step, exn)  # fmt: skip
 
