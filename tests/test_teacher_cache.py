@@ -75,7 +75,7 @@ def _etags(url: str) -> dict[str, str]:
 # ---------------------------------------------------------------- on s3://
 def test_cache_built_on_s3_by_ray_tasks_is_reused_resumed_and_rebuilt(
         tiny_data: Path, bucket: str, ray_s3: None, caplog: pytest.LogCaptureFixture) -> None:
-    from facescale.train.teacher_cache import build_teacher_cache
+    from facescale.distill.cache_build import build_teacher_cache
 
     manifest = load_manifest(tiny_data)
     scaling = ScalingConfig(num_workers=2, cpus_per_worker=1)

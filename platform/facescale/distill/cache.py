@@ -1,7 +1,7 @@
 """Teacher-embedding cache: the teacher's embedding of every training sample, computed once, keyed by sample key.
 
 Every student generation of a pipeline distils from the same teacher on the same data, so the teacher's forward
-passes are done once (in parallel, one Ray task per group of shards: ``facescale.train.teacher_cache``) and each
+passes are done once (in parallel, one Ray task per group of shards: ``facescale.distill.cache_build``) and each
 generation only looks embeddings up -- a generation then costs what a plain student training costs.
 
 A cache lives in a local directory (one that every node using it mounts at the same path) or under an

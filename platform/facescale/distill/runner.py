@@ -25,6 +25,7 @@ import torch
 
 from facescale.config import ConfigError, FaceScaleConfig
 from facescale.data import load_manifest
+from facescale.distill.cache_build import build_teacher_cache
 from facescale.distill.pipeline import (
     SCRATCH,
     SCRATCH_STAGES,
@@ -45,7 +46,6 @@ from facescale.tracking.mlflow_run import resolve_local_uri
 from facescale.tracking.models import LoadedBackbone, ModelResolveError, load_backbone
 from facescale.train.launch import check_inputs, init_ray, run_training
 from facescale.train.node_check import PathSpec, check_paths_on_nodes, is_local
-from facescale.train.teacher_cache import build_teacher_cache
 
 log = logging.getLogger("facescale.distill")
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from facescale.config import FaceScaleConfig
 from facescale.data.transforms import normalize_images
-from facescale.distill.loss import angular_distillation_loss
+from facescale.heads.distillation import angular_distillation_loss
 from facescale.parallel.dist import all_reduce_, all_reduce_values
 from facescale.train.observe import StepTimer
 
