@@ -90,7 +90,8 @@ def _rank(rank: int, world_size: int, port: int, mode: str, args: argparse.Names
                             timeout=datetime.timedelta(minutes=30))
     _one_request_per_object()
     from facescale import storage
-    from facescale.checkpoint.store import CheckpointStore, local_copy
+    from facescale.checkpoint.committed import local_copy
+    from facescale.checkpoint.store import CheckpointStore
 
     t0 = time.perf_counter()
     if mode == "save":
@@ -175,8 +176,8 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only: no JSON, no BENCHMARKS.md section")
     args = ap.parse_args()
     from facescale import storage
-    from facescale.checkpoint.store import verify_checkpoint
-    from facescale.parallel.optim import state_bytes_per_row
+    from facescale.checkpoint.committed import verify_checkpoint
+    from facescale.parallel.row_state import state_bytes_per_row
 
     server = _start_s3()
     try:

@@ -12,14 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from facescale import storage
+from facescale.checkpoint.committed import IncompleteCheckpointError, local_copy, resolve_checkpoint, verify_checkpoint
 from facescale.checkpoint.format import TrainCheckpoint, TrainProgress
-from facescale.checkpoint.store import (
-    CheckpointStore,
-    IncompleteCheckpointError,
-    local_copy,
-    resolve_checkpoint,
-    verify_checkpoint,
-)
+from facescale.checkpoint.store import CheckpointStore
 from facescale.heads import CombinedMarginLoss, NormalizedLinearClassifier
 from facescale.models import build_backbone
 from facescale.parallel import PartialFC, SparseRowSGD

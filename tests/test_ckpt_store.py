@@ -24,14 +24,14 @@ import torch.multiprocessing as mp
 
 from facescale import storage
 from facescale.checkpoint import store as ckpt_store
-from facescale.checkpoint.store import (
+from facescale.checkpoint.committed import (
     MANIFEST_NAME,
-    CheckpointStore,
     IncompleteCheckpointError,
     local_copy,
     resolve_checkpoint,
     verify_checkpoint,
 )
+from facescale.checkpoint.store import CheckpointStore
 from facescale.parallel.dist import free_loopback_port
 from facescale.storage import StorageError
 

@@ -22,7 +22,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from facescale.checkpoint.store import MANIFEST_NAME, resolve_checkpoint
+from facescale.checkpoint.committed import MANIFEST_NAME, resolve_checkpoint
 from facescale.config import load_config
 from facescale.train.launch import run_training
 from facescale.train.schedule import lr_at

@@ -145,7 +145,7 @@ def test_training_checkpoints_to_s3_and_another_run_resumes_from_there(tmp_path:
 
     import ray
 
-    from facescale.checkpoint.store import resolve_checkpoint
+    from facescale.checkpoint.committed import resolve_checkpoint
     from facescale.config import load_config
     from facescale.data.synth import synthesize
     from facescale.train.launch import run_training

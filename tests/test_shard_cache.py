@@ -18,7 +18,7 @@ from facescale import storage
 from facescale.config import FaceScaleConfig
 from facescale.data import ShardCacheError, build_train_loader, load_manifest, shard_sets
 from facescale.data.dali_loader import DaliFaceLoader, build_dali_loader
-from facescale.data.shard_cache import build_shard_cache
+from facescale.data.shard_cache_build import build_shard_cache
 from facescale.data.wds_index import ensure_indices
 
 pytestmark = pytest.mark.integration

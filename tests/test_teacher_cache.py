@@ -17,15 +17,8 @@ from facescale import storage
 from facescale.config import ConfigError, ScalingConfig
 from facescale.data import ShardSetWriter, build_loader, iter_shard, load_manifest
 from facescale.distill import cache as cache_mod
-from facescale.distill.cache import (
-    TeacherCache,
-    TeacherCacheError,
-    check_cache,
-    commit_cache,
-    read_meta,
-    write_build_marker,
-    write_shard,
-)
+from facescale.distill.cache import TeacherCache, TeacherCacheError, check_cache, read_meta, write_build_marker
+from facescale.distill.cache_write import commit_cache, write_shard
 from facescale.models import build_backbone
 
 EMB = 16

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from facescale.checkpoint.store import resolve_checkpoint, verify_checkpoint
+from facescale.checkpoint.committed import resolve_checkpoint, verify_checkpoint
 from facescale.cli import main
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,8 @@ import torch
 
 import facescale.train.loop as loop
 from facescale import storage
+from facescale.checkpoint.committed import resolve_checkpoint, verify_checkpoint
 from facescale.checkpoint.format import TrainProgress
-from facescale.checkpoint.store import resolve_checkpoint, verify_checkpoint
 from facescale.config import dump_config, load_config
 from facescale.data import build_loader
 from facescale.data.synth import synthesize

@@ -5,11 +5,21 @@ the Partial FC class-range files.
   loader positions) and which files each rank reads on resume (:class:`TrainCheckpoint`).
 - :mod:`facescale.checkpoint.store` -- where checkpoints live (a run root, local or ``s3://``, through
   ``facescale.storage``), committed only with every rank's receipt, retained by ``keep_last``
-  (:class:`CheckpointStore`, :func:`resolve_checkpoint`, :func:`local_copy`).
+  (:class:`CheckpointStore`).
+- :mod:`facescale.checkpoint.committed` -- reading them: whether one is committed, the newest committed one, a
+  verified local copy (:func:`verify_checkpoint`, :func:`resolve_checkpoint`, :func:`local_copy`).
 - :mod:`facescale.checkpoint.partial_fc` -- the sharded classifier's centers and optimizer state by class range, so
   a checkpoint written on W ranks loads onto any W'.
 """
 
+from facescale.checkpoint.committed import (
+    MANIFEST_NAME,
+    IncompleteCheckpointError,
+    checkpoint_name,
+    local_copy,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 from facescale.checkpoint.format import (
     TrainCheckpoint,
     TrainProgress,
@@ -18,15 +28,7 @@ from facescale.checkpoint.format import (
     unwrap,
 )
 from facescale.checkpoint.partial_fc import load_partial_fc, read_manifest, save_partial_fc
-from facescale.checkpoint.store import (
-    MANIFEST_NAME,
-    CheckpointStore,
-    IncompleteCheckpointError,
-    checkpoint_name,
-    local_copy,
-    resolve_checkpoint,
-    verify_checkpoint,
-)
+from facescale.checkpoint.store import CheckpointStore
 
 __all__ = ["MANIFEST_NAME", "CheckpointStore", "IncompleteCheckpointError", "TrainCheckpoint", "TrainProgress",
            "checkpoint_name", "is_sharded", "load_backbone_state", "load_partial_fc", "local_copy", "read_manifest",

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from facescale.checkpoint.committed import IncompleteCheckpointError
 from facescale.checkpoint.partial_fc import file_class_range, load_partial_fc, ranges_overlap, save_partial_fc
-from facescale.checkpoint.store import IncompleteCheckpointError
 from facescale.parallel.partial_fc import PartialFC
 
 FORMAT_VERSION = 1

@@ -7,20 +7,11 @@ from facescale.data.convert import ConvertError, ConvertReport, from_folder, fro
 from facescale.data.errors import DataError, ImageDecodeError, LabelError, ManifestError, ShardError
 from facescale.data.factory import build_train_loader, dali_unavailable
 from facescale.data.loader import FaceLoader, TorchFaceLoader, build_loader
+from facescale.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest
 from facescale.data.recordio import InsightFaceRec, RecordIOError
 from facescale.data.shard_cache import ShardCacheError
 from facescale.data.shard_sets import index_shard_set
-from facescale.data.shards import (
-    MANIFEST_NAME,
-    Manifest,
-    ShardInfo,
-    ShardSetWriter,
-    decode_image,
-    iter_shard,
-    load_manifest,
-    parse_label,
-    verify_manifest,
-)
+from facescale.data.shards import ShardSetWriter, decode_image, iter_shard, parse_label, verify_manifest
 from facescale.data.synth import VERIFICATION_NAME, synthesize
 from facescale.data.transforms import normalize_images
 from facescale.data.wds_index import ensure_indices

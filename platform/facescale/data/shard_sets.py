@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from facescale import storage
 from facescale.data.errors import DataError, ManifestError, ShardError
-from facescale.data.shards import MANIFEST_NAME, Manifest, load_manifest, parse_manifest, read_manifest_text
+from facescale.data.manifest import MANIFEST_NAME, Manifest, load_manifest, parse_manifest, read_manifest_text
 from facescale.data.wds_index import index_name, read_index_count, write_index
 from facescale.storage import StorageError
 

@@ -26,6 +26,9 @@ others, so per-rank memory grows with N / W.
 
 A cache made by another teacher, for other data, or left half-built is detected by ``check_cache`` and rebuilt by
 the builder (the pipeline's policy); a training run that opens a mismatched cache refuses to start.
+
+This module holds the layout and the read side; the shard files and the commit are written by
+:mod:`facescale.distill.cache_write`.
 """
 
 from __future__ import annotations
@@ -42,12 +45,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from facescale import storage
-from facescale.data.errors import ImageDecodeError
-from facescale.data.shards import Manifest, decode_image, iter_shard, load_manifest
-from facescale.eval.verification import compute_embeddings
+from facescale.data.manifest import Manifest, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ CACHE_META = "cache.json"
 BUILD_MARKER = "building.json"  # teacher and dataset of a build in progress: its shard files may be kept
 CACHE_FORMAT_VERSION = 1
 _SHARD_RE = re.compile(r"shard-\d{5,}\.npz")
-_PARALLEL_READS = 4  # shard objects fetched at once from S3
+PARALLEL_READS = 4  # shard objects fetched at once from S3
 
 
 class TeacherCacheError(ValueError):
@@ -112,7 +112,7 @@ def _read(cache_dir: str | Path, name: str) -> bytes | None:
         raise
 
 
-def _write(cache_dir: str | Path, name: str, data: bytes) -> None:
+def write_file(cache_dir: str | Path, name: str, data: bytes) -> None:
     """Writes a cache file whole (``facescale.storage.write_bytes``: never seen half-written)."""
     storage.write_bytes(_location(cache_dir, name), data)
 
@@ -123,11 +123,11 @@ def list_cache(cache_dir: str | Path) -> set[str]:
     return {n for n in names if n in (CACHE_META, BUILD_MARKER) or _SHARD_RE.fullmatch(n)}
 
 
-def _delete(cache_dir: str | Path, names: list[str]) -> None:
+def delete_files(cache_dir: str | Path, names: list[str]) -> None:
     storage.delete_objects(cache_uri(cache_dir), names)
 
 
-# --- metadata, checks, build steps ------------------------------------------------------------------------------
+# --- metadata, checks, build marker --------------------------------------------------------------------------
 
 
 def read_meta(cache_dir: str | Path) -> CacheMeta | None:
@@ -155,13 +155,13 @@ def check_cache(cache_dir: str | Path, teacher_model_id: str, manifest: Manifest
         return f"made for dataset digest {meta.dataset_digest[:12]}, not {manifest.digest[:12]}"
     if meta.num_shards != len(manifest.shards):
         return f"holds {meta.num_shards} shards, the dataset has {len(manifest.shards)}"
-    missing = _missing_shards(cache_dir, meta.num_shards)
+    missing = missing_shards(cache_dir, meta.num_shards)
     if missing:
         return f"shard files missing for shards {missing[:5]}{'...' if len(missing) > 5 else ''}"
     return None
 
 
-def _missing_shards(cache_dir: str | Path, num_shards: int) -> list[int]:
+def missing_shards(cache_dir: str | Path, num_shards: int) -> list[int]:
     present = list_cache(cache_dir)
     return [i for i in range(num_shards) if shard_name(i) not in present]
 
@@ -169,8 +169,8 @@ def _missing_shards(cache_dir: str | Path, num_shards: int) -> list[int]:
 def clear_cache(cache_dir: str | Path) -> None:
     """Removes the files a cache consists of (and nothing else there); the commit marker first."""
     names = list_cache(cache_dir)
-    _delete(cache_dir, [CACHE_META])  # NOTE: uncommitted first, so no reader trusts a cache losing its shards
-    _delete(cache_dir, sorted(names - {CACHE_META}))
+    delete_files(cache_dir, [CACHE_META])  # NOTE: uncommitted first, so no reader trusts a cache losing its shards
+    delete_files(cache_dir, sorted(names - {CACHE_META}))
 
 
 def read_build_marker(cache_dir: str | Path) -> dict[str, Any] | None:
@@ -183,56 +183,11 @@ def read_build_marker(cache_dir: str | Path) -> dict[str, Any] | None:
 
 
 def write_build_marker(cache_dir: str | Path, teacher_model_id: str, dataset_digest: str) -> None:
-    _write(cache_dir, BUILD_MARKER, json.dumps({"teacher_model_id": teacher_model_id,
+    write_file(cache_dir, BUILD_MARKER, json.dumps({"teacher_model_id": teacher_model_id,
                                                 "dataset_digest": dataset_digest}).encode())
 
 
-def write_shard(cache_dir: str | Path, shard_index: int, keys: list[str] | np.ndarray, embeddings: np.ndarray,
-                skipped: int = 0) -> None:
-    """Writes ``shard-<i>.npz`` whole: sample keys, their float16 embeddings, and how many samples were skipped."""
-    buffer = io.BytesIO()
-    np.savez(buffer, keys=np.asarray(keys, dtype=str), embeddings=np.asarray(embeddings, dtype=np.float16),
-             skipped=np.int64(skipped))  # fmt: skip
-    _write(cache_dir, shard_name(shard_index), buffer.getvalue())
-
-
-def embed_shard(teacher: nn.Module, manifest: Manifest, shard_index: int, cache_dir: str | Path,
-                batch_size: int = 128, device: torch.device | str = "cpu", on_error: str = "fail") -> tuple[int, int]:
-    """Embeds every sample of one shard with the teacher and writes ``shard-<i>.npz`` whole.
-
-    Args:
-        teacher: The teacher backbone (put in eval mode here).
-        manifest: The dataset manifest.
-        shard_index: Index of the shard in ``manifest.shards``.
-        cache_dir: Cache directory or ``s3://`` prefix.
-        batch_size: Images per forward pass.
-        device: Where the teacher runs.
-        on_error: ``"skip"`` leaves a corrupt image out (the training loader skips it too), ``"fail"`` raises.
-
-    Returns:
-        ``(embedded, skipped)`` sample counts.
-    """
-    url = manifest.shard_urls()[shard_index]
-    keys: list[str] = []
-    images: list[np.ndarray] = []
-    skipped = 0
-    for sample in iter_shard(url):
-        try:
-            images.append(decode_image(sample, manifest.image_size))
-        except ImageDecodeError:
-            if on_error == "fail":
-                raise
-            skipped += 1
-            continue
-        keys.append(sample["__key__"])
-    teacher.eval()
-    with torch.no_grad():
-        emb = compute_embeddings(teacher, np.stack(images), batch_size, device) if images else np.zeros((0, 0))
-    write_shard(cache_dir, shard_index, keys, emb, skipped)
-    return len(keys), skipped
-
-
-def _load_npz(cache_dir: str | Path, shard_index: int) -> Any:
+def load_npz(cache_dir: str | Path, shard_index: int) -> Any:
     """The shard file as an open ``NpzFile`` (members load on access); TeacherCacheError when it is missing."""
     if is_s3(cache_dir):
         raw = _read(cache_dir, shard_name(shard_index))
@@ -241,44 +196,6 @@ def _load_npz(cache_dir: str | Path, shard_index: int) -> Any:
     elif Path(shard_file(cache_dir, shard_index)).is_file():
         return np.load(shard_file(cache_dir, shard_index))
     raise TeacherCacheError(f"teacher cache {cache_uri(cache_dir)}: {shard_name(shard_index)} is missing")
-
-
-def shard_counts(cache_dir: str | Path, shard_index: int) -> tuple[int, int]:
-    """``(embedded, skipped)`` of a shard file already written (local files: reads the keys only)."""
-    with _load_npz(cache_dir, shard_index) as part:
-        return len(part["keys"]), int(part["skipped"])
-
-
-def commit_cache(cache_dir: str | Path, teacher_model_id: str, manifest: Manifest, embedding_size: int,
-                 counts: dict[int, tuple[int, int]] | None = None) -> CacheMeta:
-    """Checks every shard file is there, then writes ``cache.json`` last: only now does the cache count as complete.
-
-    Args:
-        cache_dir: Cache directory or ``s3://`` prefix.
-        teacher_model_id: Identity of the teacher.
-        manifest: The dataset manifest.
-        embedding_size: Teacher embedding size.
-        counts: ``{shard: (embedded, skipped)}`` as ``embed_shard`` returned them; shards not in it are read back.
-
-    Raises:
-        TeacherCacheError: When a shard file is not visible here, e.g. a local ``cache_dir`` that Ray tasks on other
-            nodes wrote to their own disks.
-    """
-    missing = _missing_shards(cache_dir, len(manifest.shards))
-    if missing:
-        raise TeacherCacheError(f"teacher cache {cache_uri(cache_dir)}: shard files of shards {missing[:5]} are not "
-                                "visible here after the build; a local cache directory must be a filesystem every "
-                                "node mounts at that path (else use an s3:// cache_dir)")  # fmt: skip
-    counts = dict(counts or {})
-    todo = [i for i in range(len(manifest.shards)) if i not in counts]
-    with ThreadPoolExecutor(_PARALLEL_READS if is_s3(cache_dir) else 1) as pool:
-        counts.update(zip(todo, pool.map(lambda i: shard_counts(cache_dir, i), todo)))
-    meta = CacheMeta(teacher_model_id=teacher_model_id, dataset_digest=manifest.digest, embedding_size=embedding_size,
-                     num_shards=len(manifest.shards), num_samples=sum(n for n, _ in counts.values()),
-                     skipped_samples=sum(s for _, s in counts.values()))  # fmt: skip
-    _write(cache_dir, CACHE_META, json.dumps(meta.__dict__, indent=2).encode())  # the commit
-    _delete(cache_dir, [BUILD_MARKER])
-    return meta
 
 
 # --- read side ----------------------------------------------------------------------------------------------------
@@ -346,14 +263,14 @@ class TeacherCache:
             del self._parts[i]
         self._index()  # frees the old index before the new shards arrive: peak memory stays near one share
         new = [i for i in wanted if i not in self._parts]
-        with ThreadPoolExecutor(_PARALLEL_READS if is_s3(self.cache_dir) and len(new) > 1 else 1) as pool:
+        with ThreadPoolExecutor(PARALLEL_READS if is_s3(self.cache_dir) and len(new) > 1 else 1) as pool:
             self._parts.update(zip(new, pool.map(self._load, new)))
         self._index()
         log.debug("teacher cache %s: holding %d of %d shards (%d samples)", self.cache_dir, len(self._parts),
                   self.meta.num_shards, len(self._keys))  # fmt: skip
 
     def _load(self, shard_index: int) -> tuple[np.ndarray, np.ndarray]:
-        with _load_npz(self.cache_dir, shard_index) as part:
+        with load_npz(self.cache_dir, shard_index) as part:
             keys, emb = part["keys"], part["embeddings"]
         if len(keys) == 0:
             emb = np.zeros((0, self.embedding_size), np.float16)

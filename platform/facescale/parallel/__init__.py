@@ -1,13 +1,8 @@
 """Model-parallel classifier: Partial FC, its sparse optimizers, the memory planner (range files: checkpoint/)."""
 
-from facescale.parallel.optim import (
-    SparseRowAdamW,
-    SparseRowSGD,
-    build_partial_fc_optimizer,
-    state_bytes_per_row,
-    stochastic_round_bf16,
-)
+from facescale.parallel.optim import SparseRowAdamW, SparseRowSGD, build_partial_fc_optimizer
 from facescale.parallel.partial_fc import PartialFC, filter_inter_class
+from facescale.parallel.row_state import state_bytes_per_row, stochastic_round_bf16
 
 __all__ = [
     "PartialFC",
