@@ -99,14 +99,6 @@ class ModelConfig(_Strict):
         return kwargs
 
 
-class FaultInjection(_Strict):
-    """Planted faults, to test the non-finite policy and alerting end to end (never set in real runs)."""
-
-    nonfinite_loss_steps: list[int] = Field(default_factory=list, description="optimizer steps (1-based) whose "
-                                            "loss is made NaN on rank ``rank``")
-    nonfinite_weights_step: int | None = Field(None, gt=0, description="after this optimizer step a backbone "
-                                               "weight is set to NaN on rank ``rank``")
-    rank: int = Field(0, ge=0)
 
 
 class TrainConfig(_Strict):
@@ -153,7 +145,6 @@ class TrainConfig(_Strict):
                                       "breakdown charges each phase its own kernels (a few % of GPU throughput)")
     system_metrics_interval_s: float | None = Field(10.0, gt=0, description="sampling interval of the system "
                                                     "metrics logged to MLflow (per node); null disables them")
-    inject_faults: FaultInjection = FaultInjection()
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> TrainConfig:

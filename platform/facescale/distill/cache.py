@@ -33,6 +33,7 @@ This module holds the layout and the read side; the shard files and the commit a
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -41,13 +42,17 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from facescale import storage
 from facescale.data.manifest import Manifest, load_manifest
+from facescale.train.hooks import WorkerHooks
+
+if TYPE_CHECKING:
+    from facescale.config import FaceScaleConfig
 
 log = logging.getLogger(__name__)
 
@@ -319,3 +324,30 @@ class TeacherCache:
             mask = slots == s
             out[mask] = self._emb[s][rows[mask]]
         return torch.from_numpy(out).float()
+
+
+def open_teacher(cfg: FaceScaleConfig, shards: list[int]) -> TeacherCache:
+    """Opens ``distill.teacher_cache`` for a training worker, holding the embeddings of ``shards`` (the hook).
+
+    Raises:
+        ValueError: When the cache's embeddings are not ``model.embedding_size``-d.
+    """
+    teacher = TeacherCache(cfg.distill.teacher_cache, cfg.data.root, shards=shards)
+    if teacher.embedding_size != cfg.model.embedding_size:
+        raise ValueError(f"distill.teacher_cache: teacher embeddings are {teacher.embedding_size}-d, "
+                         f"model.embedding_size is {cfg.model.embedding_size}")
+    return teacher
+
+
+def teacher_hooks(cfg: FaceScaleConfig, base: WorkerHooks | None = None) -> WorkerHooks | None:
+    """The loop hooks of a run: ``base`` plus the teacher reader when ``distill.teacher_cache`` is set.
+
+    Raises:
+        FileNotFoundError: When the cache there is not complete (no ``cache.json``), before any worker starts.
+    """
+    cache = cfg.distill.teacher_cache
+    if not cache:
+        return base
+    if read_meta(cache) is None:  # a local directory or an s3:// prefix
+        raise FileNotFoundError(f"distill.teacher_cache: {cache} is not a complete teacher cache (no cache.json)")
+    return dataclasses.replace(base or WorkerHooks(), open_teacher=open_teacher)

@@ -25,6 +25,7 @@ import torch
 
 from facescale.config import ConfigError, FaceScaleConfig
 from facescale.data import load_manifest
+from facescale.distill.cache import teacher_hooks
 from facescale.distill.cache_build import build_teacher_cache
 from facescale.distill.pipeline import (
     SCRATCH,
@@ -286,7 +287,7 @@ class PipelineRunner:
             log.info("stage %s: resuming interrupted run %s", stage, resume_run)
         log.info("stage %s: %s, init %s, teacher %s", stage, cfg.model.backbone, init_id, teacher_id)
         res = run_training(cfg, tags=tags, parent_run_id=lineage.parent_run_id, run_id=resume_run,
-                           ray_run_name=f"{self.pipeline_run_id}-{safe_name(stage)}")
+                           ray_run_name=f"{self.pipeline_run_id}-{safe_name(stage)}", hooks=teacher_hooks(cfg))
         model_id = res.metrics.get("model_id")
         if not model_id or not res.checkpoint_path:
             raise RuntimeError(f"stage {stage}: the run logged no model or checkpoint (tracking.log_model must be on)")
