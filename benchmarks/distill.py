@@ -30,7 +30,8 @@ from _report import machine, table, update_section, write_json  # noqa: E402
 
 from facescale.config import load_config  # noqa: E402
 from facescale.data import build_loader, load_manifest, synthesize  # noqa: E402
-from facescale.distill.cache import TeacherCache, commit_cache, embed_shard  # noqa: E402
+from facescale.distill.cache import TeacherCache  # noqa: E402
+from facescale.distill.cache_write import commit_cache, embed_shard  # noqa: E402
 from facescale.models import build_backbone  # noqa: E402
 from facescale.train.components import (  # noqa: E402
     build_bare_backbone,

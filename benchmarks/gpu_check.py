@@ -44,13 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import machine, table, update_section, write_json  # noqa: E402
 
+from facescale.checkpoint.committed import local_copy, resolve_checkpoint  # noqa: E402
+from facescale.checkpoint.format import TrainCheckpoint, TrainProgress  # noqa: E402
+from facescale.checkpoint.store import CheckpointStore  # noqa: E402
 from facescale.config import FaceScaleConfig, load_config  # noqa: E402
 from facescale.heads.config import MarginConfig, build_margin  # noqa: E402
 from facescale.models import build_backbone, list_backbones  # noqa: E402
 from facescale.parallel import PartialFC, build_partial_fc_optimizer  # noqa: E402
 from facescale.parallel import dist as fdist  # noqa: E402
-from facescale.train.checkpoint import TrainCheckpoint, TrainProgress  # noqa: E402
-from facescale.train.ckpt_store import CheckpointStore, local_copy, resolve_checkpoint  # noqa: E402
 from facescale.train.components import build_bare_backbone, build_classifier, build_classifier_optimizer  # noqa: E402
 from facescale.train.context import init_process_group  # noqa: E402
 from facescale.train.engine import build_engine  # noqa: E402

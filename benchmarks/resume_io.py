@@ -54,10 +54,10 @@ def _digest(tensor: torch.Tensor) -> str:
 
 def _build(args: argparse.Namespace, seed: int):
     """Backbone, Partial FC, their optimizers and the checkpoint object of this rank (after one step)."""
+    from facescale.checkpoint.format import TrainCheckpoint, TrainProgress
     from facescale.heads.config import MarginConfig, build_margin
     from facescale.models import build_backbone
     from facescale.parallel import PartialFC, build_partial_fc_optimizer
-    from facescale.train.checkpoint import TrainCheckpoint, TrainProgress
 
     torch.manual_seed(seed)
     backbone = build_backbone("iresnet_tiny", args.dim)
@@ -79,9 +79,9 @@ def _build(args: argparse.Namespace, seed: int):
 def _one_request_per_object() -> None:
     from boto3.s3.transfer import TransferConfig
 
-    from facescale.data import storage
+    from facescale import storage
 
-    storage.DEFAULT_TRANSFER = TransferConfig(multipart_threshold=16 << 30, max_concurrency=1)
+    storage.s3.DEFAULT_TRANSFER = TransferConfig(multipart_threshold=16 << 30, max_concurrency=1)
 
 
 def _rank(rank: int, world_size: int, port: int, mode: str, args: argparse.Namespace, out: str) -> None:
@@ -89,8 +89,9 @@ def _rank(rank: int, world_size: int, port: int, mode: str, args: argparse.Names
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(minutes=30))
     _one_request_per_object()
-    from facescale.data import storage
-    from facescale.train.ckpt_store import CheckpointStore, local_copy
+    from facescale import storage
+    from facescale.checkpoint.committed import local_copy
+    from facescale.checkpoint.store import CheckpointStore
 
     t0 = time.perf_counter()
     if mode == "save":
@@ -156,7 +157,7 @@ def _start_s3() -> object:
     os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
                        "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
                        "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull})  # fmt: skip
-    from facescale.data import storage
+    from facescale import storage
 
     storage.s3_client().create_bucket(Bucket=BUCKET)
     return server
@@ -174,9 +175,9 @@ def main() -> None:
     ap.add_argument("--resume-ranks", type=int, default=2)
     ap.add_argument("--no-write", action="store_true", help="print only: no JSON, no BENCHMARKS.md section")
     args = ap.parse_args()
-    from facescale.data import storage
-    from facescale.parallel.optim import state_bytes_per_row
-    from facescale.train.ckpt_store import verify_checkpoint
+    from facescale import storage
+    from facescale.checkpoint.committed import verify_checkpoint
+    from facescale.parallel.row_state import state_bytes_per_row
 
     server = _start_s3()
     try:

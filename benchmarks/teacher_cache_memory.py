@@ -45,8 +45,8 @@ def _status_mb(field: str) -> float:
 
 def build(root: Path, num_shards: int, per_shard: int, dim: int) -> None:
     """Writes a manifest (shards listed, no tar files: nothing here reads images) and a committed cache."""
-    from facescale.data.shards import Manifest, ShardInfo, digest_of
-    from facescale.distill.cache import commit_cache, write_shard
+    from facescale.data.manifest import Manifest, ShardInfo, digest_of
+    from facescale.distill.cache_write import commit_cache, write_shard
 
     rng = np.random.default_rng(SEED)
     n = num_shards * per_shard
@@ -82,7 +82,7 @@ def child(mode: str, root: Path, shards: list[list[int]]) -> dict[str, Any]:
     """One measurement in this (fresh) process: peak RSS of opening the cache, over the RSS just before."""
     import torch  # noqa: F401  -- everything a worker has imported already, before the baseline
 
-    from facescale.data.shards import load_manifest
+    from facescale.data.manifest import load_manifest
     from facescale.distill.cache import TeacherCache, read_meta
 
     meta = read_meta(root / "cache")
@@ -130,7 +130,7 @@ def main() -> None:
         return
 
     from facescale.data.dali_loader import DaliFaceLoader
-    from facescale.data.shards import load_manifest
+    from facescale.data.manifest import load_manifest
 
     with tempfile.TemporaryDirectory(prefix="teacher-cache-bench-") as tmp:
         root = Path(tmp)

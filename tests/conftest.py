@@ -82,7 +82,7 @@ def s3_endpoint() -> Iterator[str]:
 @pytest.fixture
 def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
     """A fresh bucket; endpoint and dummy credentials in the standard AWS variables (subprocesses inherit them)."""
-    from facescale.data import storage
+    from facescale import storage
 
     for name in [k for k in os.environ if k.startswith("AWS_")]:
         monkeypatch.delenv(name)

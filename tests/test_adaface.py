@@ -13,9 +13,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from facescale.checkpoint import load_partial_fc, save_partial_fc
 from facescale.heads import AdaFaceLoss, NormalizedLinearClassifier
 from facescale.heads.config import MarginConfig, build_margin
-from facescale.parallel import PartialFC, SparseRowSGD, load_partial_fc, save_partial_fc
+from facescale.parallel import PartialFC, SparseRowSGD
 from facescale.parallel.dist import all_gather_rows, all_reduce_
 from facescale.parallel.partial_fc import init_centers
 from gloo_ranks import spawn

@@ -9,9 +9,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from facescale.checkpoint import load_partial_fc, save_partial_fc
 from facescale.heads.config import ClassifierConfig, MarginConfig, build_margin
-from facescale.parallel import PartialFC, SparseRowSGD, build_partial_fc_optimizer, load_partial_fc, save_partial_fc
-from facescale.parallel.optim import stochastic_round_bf16
+from facescale.parallel import PartialFC, SparseRowSGD, build_partial_fc_optimizer
+from facescale.parallel.row_state import stochastic_round_bf16
 from gloo_ranks import spawn
 
 BF16_STEP_AT_1 = 2.0 ** -7  # spacing of bf16 values in [1, 2)

@@ -11,19 +11,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from facescale.data import storage
+from facescale import storage
+from facescale.checkpoint.committed import IncompleteCheckpointError, local_copy, resolve_checkpoint, verify_checkpoint
+from facescale.checkpoint.format import TrainCheckpoint, TrainProgress
+from facescale.checkpoint.store import CheckpointStore
 from facescale.heads import CombinedMarginLoss, NormalizedLinearClassifier
 from facescale.models import build_backbone
 from facescale.parallel import PartialFC, SparseRowSGD
 from facescale.parallel.dist import class_range, free_loopback_port
-from facescale.train.checkpoint import TrainCheckpoint, TrainProgress
-from facescale.train.ckpt_store import (
-    CheckpointStore,
-    IncompleteCheckpointError,
-    local_copy,
-    resolve_checkpoint,
-    verify_checkpoint,
-)
 from facescale.train.schedule import lr_at
 
 

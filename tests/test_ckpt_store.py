@@ -22,18 +22,18 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from facescale.data import storage
-from facescale.data.storage import StorageError
-from facescale.parallel.dist import free_loopback_port
-from facescale.train import ckpt_store
-from facescale.train.ckpt_store import (
+from facescale import storage
+from facescale.checkpoint import store as ckpt_store
+from facescale.checkpoint.committed import (
     MANIFEST_NAME,
-    CheckpointStore,
     IncompleteCheckpointError,
     local_copy,
     resolve_checkpoint,
     verify_checkpoint,
 )
+from facescale.checkpoint.store import CheckpointStore
+from facescale.parallel.dist import free_loopback_port
+from facescale.storage import StorageError
 
 pytestmark = pytest.mark.integration
 BACKENDS = ["local", "s3"]
@@ -150,7 +150,7 @@ def test_two_gloo_ranks_write_one_checkpoint(tmp_path: Path, bucket: str) -> Non
 _KILLED_SAVE = """
 import sys, time
 from pathlib import Path
-from facescale.train.ckpt_store import CheckpointStore
+from facescale.checkpoint.store import CheckpointStore
 root, kill_at, ready = sys.argv[1:4]
 barriers = []
 

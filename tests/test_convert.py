@@ -13,7 +13,7 @@ from PIL import Image
 
 from facescale.cli import main as facescale_main
 from facescale.data import ConvertError, build_loader, from_folder, iter_shard, load_manifest, verify_manifest
-from facescale.data.convert import prepare_image
+from facescale.data.convert_images import prepare_image
 
 
 def _image(seed: int, height: int = 112, width: int = 112, fmt: str = "JPEG", mode: str = "RGB") -> bytes:

@@ -15,6 +15,7 @@ import simplejpeg
 import torch
 from torch import nn
 
+from facescale.checkpoint.format import TrainCheckpoint, TrainProgress
 from facescale.config import FaceScaleConfig
 from facescale.data import (
     MANIFEST_NAME,
@@ -32,7 +33,6 @@ from facescale.data import (
 from facescale.data.dali_loader import DaliFaceLoader, build_dali_loader
 from facescale.data.factory import resolve_decode_device
 from facescale.data.wds_index import index_text
-from facescale.train.checkpoint import TrainCheckpoint, TrainProgress
 
 
 def _jpeg(value: int, noise: bool = False, size: int = 112) -> bytes:
@@ -223,7 +223,7 @@ def test_position_survives_the_training_checkpoint(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["dali", "torch"])
 def test_training_loop_resumes_from_a_checkpoint_where_it_stopped(tmp_path: Path, kind: str) -> None:
-    from facescale.train.loop import _batches  # the loop's own batch source (imports MLflow, so only here)
+    from facescale.train.batches import epoch_batches  # the loop's own batch source
 
     root = tmp_path / "set"
     _write_set(root, num_samples=60, per_shard=10, bad={"s0001": b"not a jpeg"})
@@ -231,7 +231,7 @@ def test_training_loop_resumes_from_a_checkpoint_where_it_stopped(tmp_path: Path
     model, head = nn.Linear(2, 2), nn.Linear(2, 2)
     progress = TrainProgress(epoch=1)
     before = []
-    for _, _, keys in _batches(make(), progress):  # the loop's bookkeeping, then a checkpoint after step 4
+    for _, _, keys in epoch_batches(make(), progress):  # the loop's bookkeeping, then a checkpoint after step 4
         before.append(keys)
         progress.step += 1
         progress.step_in_epoch += 1
@@ -240,7 +240,7 @@ def test_training_loop_resumes_from_a_checkpoint_where_it_stopped(tmp_path: Path
             break
     restored = TrainCheckpoint(model, head, {}, TrainProgress()).load(tmp_path / "ckpt", rank=0)
     assert (restored.epoch, restored.step_in_epoch) == (1, 4) and restored.local_loader_position["step_in_epoch"] == 4
-    after = [keys for _, _, keys in _batches(make(), restored)]
+    after = [keys for _, _, keys in epoch_batches(make(), restored)]
     assert before + after == [keys for _, _, keys in make().epoch_samples(1)]
 
 

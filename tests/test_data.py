@@ -30,7 +30,7 @@ from facescale.data import (
     synthesize,
     verify_manifest,
 )
-from facescale.data.shards import digest_of
+from facescale.data.manifest import digest_of
 
 IDENTITIES, IMAGES_PER_IDENTITY, HELD_OUT, PAIRS = 6, 3, 4, 6
 

@@ -114,7 +114,7 @@ def local_ray():
 
 def test_cache_built_once_reused_without_teacher_and_rebuilt_for_another_teacher(
         tiny_data: Path, tmp_path: Path, local_ray: None, caplog: pytest.LogCaptureFixture) -> None:
-    from facescale.train.teacher_cache import build_teacher_cache
+    from facescale.distill.cache_build import build_teacher_cache
 
     manifest = load_manifest(tiny_data)
     scaling = ScalingConfig(num_workers=2, cpus_per_worker=1)
@@ -145,7 +145,7 @@ def test_cache_built_once_reused_without_teacher_and_rebuilt_for_another_teacher
 
 def test_cache_for_other_data_is_refused_and_missing_keys_are_named(tiny_data: Path, tmp_path: Path,
                                                                    local_ray: None) -> None:
-    from facescale.train.teacher_cache import build_teacher_cache
+    from facescale.distill.cache_build import build_teacher_cache
 
     other = tmp_path / "other"
     synthesize(other, identities=6, images_per_identity=4, seed=2, difficulty=0.2, held_out_identities=4, num_pairs=20,
@@ -164,8 +164,8 @@ def test_cache_for_other_data_is_refused_and_missing_keys_are_named(tiny_data: P
 
 def test_cached_embedding_is_the_flip_sum_embedding(tiny_data: Path, tmp_path: Path, local_ray: None) -> None:
     from facescale.data.shards import decode_image
+    from facescale.distill.cache_build import build_teacher_cache
     from facescale.eval.verification import compute_embeddings
-    from facescale.train.teacher_cache import build_teacher_cache
 
     manifest = load_manifest(tiny_data)
     teacher = _CountingTeacher()

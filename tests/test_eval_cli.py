@@ -12,12 +12,12 @@ import simplejpeg
 import torch
 from mlflow.tracking import MlflowClient
 
+from facescale.checkpoint.format import TrainCheckpoint, TrainProgress
 from facescale.cli import main
 from facescale.data.synth import synthesize
 from facescale.eval.verification import compute_embeddings, evaluate, load_bin
 from facescale.models import build_backbone
 from facescale.tracking.mlflow_run import Tracker, end_run, start_run
-from facescale.train.checkpoint import TrainCheckpoint, TrainProgress
 
 ARCH = {"backbone": "iresnet_tiny", "embedding_size": 64}  # the fastest backbone: tests measure logic
 BIN = Path(sys.executable).parent

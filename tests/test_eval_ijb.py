@@ -9,6 +9,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from facescale.checkpoint.format import TrainCheckpoint, TrainProgress
 from facescale.cli import main
 from facescale.eval.ijb import (
     MetaFileError,
@@ -23,7 +24,6 @@ from facescale.eval.ijb import (
 from facescale.eval.report import format_report, report_dict
 from facescale.eval.suite import run_ijb
 from facescale.models import build_backbone
-from facescale.train.checkpoint import TrainCheckpoint, TrainProgress
 
 
 def brute_force_templates(emb, templates, media):

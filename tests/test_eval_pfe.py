@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
+from facescale.checkpoint.format import TrainCheckpoint, TrainProgress
 from facescale.cli import main
 from facescale.data.synth import synthesize
 from facescale.eval import suite
@@ -29,7 +30,6 @@ from facescale.eval.pfe import (
 )
 from facescale.eval.verification import evaluate, load_bin
 from facescale.models import build_backbone
-from facescale.train.checkpoint import TrainCheckpoint, TrainProgress
 
 DIM, ID_DIMS = 12, 8  # planted embeddings: dims 0-7 carry the identity, 8-11 are clean or, on corrupted faces, noise
 

@@ -15,10 +15,12 @@ import pytest
 import torch
 
 import facescale.train.loop as loop
+from facescale.checkpoint.committed import resolve_checkpoint, verify_checkpoint
+from facescale.checkpoint.format import TrainCheckpoint, unwrap
 from facescale.config import dump_config, load_config
 from facescale.tracking.mlflow_run import start_run
-from facescale.train.checkpoint import TrainCheckpoint, unwrap
-from facescale.train.ckpt_store import resolve_checkpoint, verify_checkpoint
+from facescale.train.batches import gallery_batches
+from facescale.train.components import build_bare_backbone
 from gloo_ranks import spawn
 from recording_context import RecordingContext
 
@@ -87,7 +89,7 @@ def test_ffc_run_feeds_the_pool_one_identity_batch_per_step_and_checkpoints_it(
         assert 0.0 <= report["classifier/in_pool_fraction"] <= 1.0
     # The gallery stream the loop reads (its own seed), rebuilt here: its first 3 batches' labels, by hand through
     # an LRU of 6, give the checkpoint's pool order (least recently used first).
-    stream, _ = loop._gallery_batches(cfg, 0, 1, torch.device("cpu"), 0)
+    stream, _ = gallery_batches(cfg, 0, 1, torch.device("cpu"), 0)
     batches = [next(stream)[1].tolist() for _ in range(3)]
     assert all(b[0] == b[1] and b[2] == b[3] and b[0] != b[2] for b in batches)  # [id0 x 2, id1 x 2]
     expected = _lru_replay(batches, 6)
@@ -101,7 +103,7 @@ def test_ffc_run_feeds_the_pool_one_identity_batch_per_step_and_checkpoints_it(
     filled = queue[0, final["_extra_state"]["lru_slots"]]
     assert torch.allclose(filled.norm(dim=1), torch.ones(len(expected)), atol=1e-5)  # normalised gallery features
     # Gallery = 0.5 * gallery + 0.5 * probe after each applied step, parameters only.
-    names = [n for n, _ in loop.build_bare_backbone(cfg, torch.device("cpu")).named_parameters()]
+    names = [n for n, _ in build_bare_backbone(cfg, torch.device("cpu")).named_parameters()]
     for before, after in zip(states[:-1], states[1:]):
         g0, g1 = _params(before["classifier"], "gallery.", names), _params(after["classifier"], "gallery.", names)
         p1 = _params(after["backbone"], "", names)
@@ -147,7 +149,7 @@ def test_a_2_rank_ffc_run_resumes_on_1_rank_with_the_same_pool_and_gallery(
     saved = _model(resolve_checkpoint(str(tmp_path / "two")))["classifier"]
     _same_state(saved, rank0)
     # Each step's gathered labels are rank 0's identity batch, then rank 1's: by hand through the LRU of 6.
-    streams = [loop._gallery_batches(cfg, r, 2, torch.device("cpu"), 0)[0] for r in (0, 1)]
+    streams = [gallery_batches(cfg, r, 2, torch.device("cpu"), 0)[0] for r in (0, 1)]
     batches = [next(streams[r])[1].tolist() for _ in range(2) for r in (0, 1)]
     assert saved["_extra_state"]["lru_labels"].tolist() == _lru_replay(batches, 6)
 

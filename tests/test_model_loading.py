@@ -5,10 +5,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from facescale.checkpoint.format import TrainCheckpoint, TrainProgress
 from facescale.models import build_backbone
 from facescale.tracking.mlflow_run import Tracker, end_run, start_run
 from facescale.tracking.models import ModelResolveError, load_backbone
-from facescale.train.checkpoint import TrainCheckpoint, TrainProgress
 
 ARCH = {"backbone": "mobilefacenet", "embedding_size": 64}
 

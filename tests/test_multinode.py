@@ -53,9 +53,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Iterat
     shutil.copy(tiny_data / "verification.bin", work / "shared" / "verification.bin")
     try:
         c.start()
-        c.python(f"import json\nfrom facescale.data import storage\n"
+        c.python(f"import json\nfrom facescale import storage\nfrom facescale.data import shard_sets\n"
                  f"storage.s3_client().create_bucket(Bucket='{BUCKET}')\n"
-                 f"storage.push('{c.local / 'data'}', 's3://{BUCKET}/data', progress=False)\nprint(json.dumps(1))")
+                 f"shard_sets.push('{c.local / 'data'}', 's3://{BUCKET}/data', progress=False)\nprint(json.dumps(1))")
         yield c
     finally:
         c.stop()
@@ -86,7 +86,7 @@ def _runs(c: TwoNodeCluster, experiment: str) -> list[dict]:
 
 
 def _s3_keys(c: TwoNodeCluster, prefix: str) -> dict[str, int]:
-    return c.python(f"import json\nfrom facescale.data import storage\n"
+    return c.python(f"import json\nfrom facescale import storage\n"
                     f"print(json.dumps(storage.list_objects('s3://{BUCKET}/{prefix}')))")
 
 
@@ -123,7 +123,7 @@ def test_a_node_local_dataset_is_refused_naming_the_node_that_cannot_see_it(clus
 KILLER = """\
 import os, signal, sys, time
 from pathlib import Path
-from facescale.data import storage
+from facescale import storage
 prefix, marker, mount_ns = sys.argv[1:4]
 deadline = time.time() + 600
 while time.time() < deadline:
@@ -161,7 +161,7 @@ def test_s3_run_across_two_nodes_survives_losing_the_second_nodes_worker(cluster
     assert run["steps"]["train/loss"] == [2, 4, 6, 8, 10, 12]  # every logging step once, across the restart
     run_root = f"facescale-{run['id']}"  # the run's checkpoints: <storage_path>/<Ray Train run name>/
     final = json.loads(cluster.python(
-        f"import json\nfrom facescale.data import storage\n"
+        f"import json\nfrom facescale import storage\n"
         f"print(json.dumps(storage.read_bytes('s3://{BUCKET}/runs-b/{run_root}/checkpoint_00000012/"
         f"checkpoint.json').decode()))"))
     files = set(final["files"])

@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from facescale.checkpoint import load_partial_fc, save_partial_fc
 from facescale.heads.config import MarginConfig, build_margin
-from facescale.parallel import PartialFC, SparseRowAdamW, SparseRowSGD, load_partial_fc, save_partial_fc
+from facescale.parallel import PartialFC, SparseRowAdamW, SparseRowSGD
 from facescale.parallel.partial_fc import init_centers
 from gloo_ranks import spawn
 

@@ -22,11 +22,14 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from facescale.checkpoint.committed import MANIFEST_NAME, resolve_checkpoint
 from facescale.config import load_config
-from facescale.train.ckpt_store import MANIFEST_NAME, resolve_checkpoint
 from facescale.train.launch import run_training
 from facescale.train.schedule import lr_at
 from facescale.train.step import NonFiniteError
+from planted_faults import PlantedFaults, ship_to_ray_workers
+
+ship_to_ray_workers()  # the hooks reach the Ray workers by value (tests/ is not on their path)
 
 pytestmark = pytest.mark.integration
 
@@ -125,9 +128,8 @@ def test_nonfinite_skip_counts_the_step_and_accumulation_steps_the_lr_once_per_o
                                                                                               tmp_path):
     # 192 samples / (8 x 2 workers) = 12 micro-batches per epoch = 6 optimizer steps of 2
     cfg = _config(tiny_data, tmp_path, "train.epochs=1", "train.grad_accum_steps=2", "train.warmup_steps=2",
-                  "train.nonfinite=skip", "train.inject_faults.nonfinite_loss_steps=[3]",
-                  "train.inject_faults.rank=1", "train.system_metrics_interval_s=1")
-    result = run_training(cfg)
+                  "train.nonfinite=skip", "train.system_metrics_interval_s=1")
+    result = run_training(cfg, hooks=PlantedFaults(nonfinite_loss_steps=(3,), rank=1).hooks())
     assert result.metrics["step"] == 6 and result.metrics["train/nonfinite_skipped"] == 1
     # observability: phase times per logging window, system metrics of the node, the end-of-run summary
     run = MlflowClient(result.tracking_uri).get_run(result.run_id)
@@ -146,10 +148,9 @@ def test_nonfinite_skip_counts_the_step_and_accumulation_steps_the_lr_once_per_o
 
 
 def test_nonfinite_stop_names_the_step_and_keeps_the_last_good_checkpoint(tiny_data, local_ray, tmp_path):
-    cfg = _config(tiny_data, tmp_path, "train.max_steps=8", "train.checkpoint_every=2", "train.nonfinite=stop",
-                  "train.inject_faults.nonfinite_loss_steps=[5]")
+    cfg = _config(tiny_data, tmp_path, "train.max_steps=8", "train.checkpoint_every=2", "train.nonfinite=stop")
     with pytest.raises(NonFiniteError, match=r"non-finite step 5: loss nan .*train\.nonfinite=stop"):
-        run_training(cfg, ray_run_name="stopped")
+        run_training(cfg, ray_run_name="stopped", hooks=PlantedFaults(nonfinite_loss_steps=(5,)).hooks())
     assert resolve_checkpoint(str(tmp_path / "runs" / "stopped")).rstrip("/").endswith("checkpoint_00000004")
     client = MlflowClient(cfg.tracking.uri)
     run = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0]
@@ -157,10 +158,9 @@ def test_nonfinite_stop_names_the_step_and_keeps_the_last_good_checkpoint(tiny_d
 
 
 def test_nan_weights_are_never_checkpointed(tiny_data, local_ray, tmp_path):
-    cfg = _config(tiny_data, tmp_path, "train.max_steps=8", "train.checkpoint_every=2", "train.nonfinite=skip",
-                  "train.inject_faults.nonfinite_weights_step=3")
+    cfg = _config(tiny_data, tmp_path, "train.max_steps=8", "train.checkpoint_every=2", "train.nonfinite=skip")
     with pytest.raises(NonFiniteError, match=r"refusing to write the checkpoint of step 4: backbone\.\S+ on rank 0"):
-        run_training(cfg, ray_run_name="poisoned")
+        run_training(cfg, ray_run_name="poisoned", hooks=PlantedFaults(nonfinite_weights_step=3).hooks())
     runs = tmp_path / "runs" / "poisoned"
     assert resolve_checkpoint(str(runs)).rstrip("/").endswith("checkpoint_00000002")
     assert not any(p.name.startswith("checkpoint_0000000") and p.name > "checkpoint_00000002"

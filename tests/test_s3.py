@@ -11,9 +11,10 @@ import pytest
 import simplejpeg
 from boto3.s3.transfer import TransferConfig
 
+from facescale import storage
 from facescale.cli import main as facescale_main
-from facescale.data import MANIFEST_NAME, ManifestError, ShardSetWriter, build_loader, load_manifest, storage
-from facescale.data.storage import StorageError
+from facescale.data import MANIFEST_NAME, ManifestError, ShardSetWriter, build_loader, load_manifest, shard_sets
+from facescale.storage import StorageError, s3
 
 pytestmark = pytest.mark.integration
 
@@ -47,25 +48,25 @@ def test_push_pull_round_trip_with_multipart(tmp_path: Path, bucket: str, monkey
     client = storage.s3_client()
     client.put_object(Bucket=bucket, Key="sets/v1/manifest.json", Body=b"{}")  # an older push's manifest
     order: list[str] = []
-    real_upload = storage._upload
+    real_upload = shard_sets._upload
 
-    def spy(client, path, url, config, bar):  # records the order and what a reader would see meanwhile
+    def spy(path, url, config, bar):  # records the order and what a reader would see meanwhile
         if path.name != MANIFEST_NAME:
             with pytest.raises(ManifestError, match="manifest file not found"):
                 load_manifest(f"s3://{bucket}/sets/v1/")
         order.append(path.name)
-        real_upload(client, path, url, config, bar)
+        real_upload(path, url, config, bar)
 
-    monkeypatch.setattr(storage, "_upload", spy)
+    monkeypatch.setattr(shard_sets, "_upload", spy)
     small_parts = TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20)
-    pushed = storage.push(local, url, transfer_config=small_parts, progress=False)
+    pushed = shard_sets.push(local, url, transfer_config=small_parts, progress=False)
     files = sorted(p.name for p in local.iterdir() if p.name not in (MANIFEST_NAME, "stale.tar"))
     assert order[-1] == MANIFEST_NAME and sorted(order[:-1]) == files, "manifest last, stale.tar left out"
     head = client.head_object(Bucket=bucket, Key="sets/v1/verification.bin")
     assert head["ETag"].strip('"').endswith("-3"), "uploaded in 3 multipart parts"
     remote = load_manifest(url + "/")
     assert remote.root == url and remote.digest == load_manifest(local).digest
-    pulled = storage.pull(url, tmp_path / "pulled", progress=False)
+    pulled = shard_sets.pull(url, tmp_path / "pulled", progress=False)
     assert pulled.digest == remote.digest
     assert sorted(p.name for p in (tmp_path / "pulled").iterdir()) == sorted([MANIFEST_NAME, *files])
     assert (tmp_path / "pulled" / "verification.bin").read_bytes() == big
@@ -76,19 +77,19 @@ def test_push_pull_round_trip_with_multipart(tmp_path: Path, bucket: str, monkey
 def test_pull_rejects_a_shard_that_changed(tmp_path: Path, bucket: str) -> None:
     _write_set(tmp_path / "local")
     url = f"s3://{bucket}/v2"
-    manifest = storage.push(tmp_path / "local", url, progress=False)
+    manifest = shard_sets.push(tmp_path / "local", url, progress=False)
     storage.s3_client().put_object(Bucket=bucket, Key=f"v2/{manifest.shards[1].url}", Body=b"tampered")
     with pytest.raises(StorageError, match=rf"{url}/{manifest.shards[1].url}: sha256 is [0-9a-f]+, the manifest"):
-        storage.pull(url, tmp_path / "pulled", progress=False)
+        shard_sets.pull(url, tmp_path / "pulled", progress=False)
     assert not (tmp_path / "pulled" / MANIFEST_NAME).exists(), "an incomplete pull never has a manifest"
     with pytest.raises(ManifestError, match=rf"manifest file not found.*s3://{bucket}/nothing/manifest.json"):
-        storage.pull(f"s3://{bucket}/nothing", tmp_path / "x", progress=False)
+        shard_sets.pull(f"s3://{bucket}/nothing", tmp_path / "x", progress=False)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_loader_trains_from_s3(tmp_path: Path, bucket: str, num_workers: int) -> None:
     expected = _write_set(tmp_path / "local")  # 4 shards of 6: an epoch covers every sample exactly once
-    storage.push(tmp_path / "local", f"s3://{bucket}/train", progress=False)
+    shard_sets.push(tmp_path / "local", f"s3://{bucket}/train", progress=False)
     for train in (False, True):
         local = _epoch(tmp_path / "local", num_workers, train)
         remote = _epoch(f"s3://{bucket}/train/manifest.json", num_workers, train)
@@ -99,7 +100,7 @@ def test_stream_resumes_after_a_broken_connection(bucket: str, monkeypatch: pyte
     data = np.random.default_rng(1).bytes(300_000)
     client = storage.s3_client()
     client.put_object(Bucket=bucket, Key="blob", Body=data)
-    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr(s3.time, "sleep", lambda s: None)
 
     class Breaks:
         """Stands in for the HTTP body once: the connection drops on the next read."""
@@ -144,9 +145,9 @@ def test_training_checkpoints_to_s3_and_another_run_resumes_from_there(tmp_path:
 
     import ray
 
+    from facescale.checkpoint.committed import resolve_checkpoint
     from facescale.config import load_config
     from facescale.data.synth import synthesize
-    from facescale.train.ckpt_store import resolve_checkpoint
     from facescale.train.launch import run_training
 
     synthesize(tmp_path / "d", identities=12, images_per_identity=8, seed=0, difficulty=0.2, held_out_identities=4,

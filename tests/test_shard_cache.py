@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from facescale import storage
 from facescale.config import FaceScaleConfig
-from facescale.data import ShardCacheError, build_train_loader, load_manifest, storage
+from facescale.data import ShardCacheError, build_train_loader, load_manifest, shard_sets
 from facescale.data.dali_loader import DaliFaceLoader, build_dali_loader
-from facescale.data.shard_cache import build_shard_cache
+from facescale.data.shard_cache_build import build_shard_cache
 from facescale.data.wds_index import ensure_indices
 
 pytestmark = pytest.mark.integration
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 def _push(tiny_data: Path, bucket: str) -> str:
     url = f"s3://{bucket}/set"
-    storage.push(tiny_data, url, progress=False)
+    shard_sets.push(tiny_data, url, progress=False)
     return url
 
 

@@ -14,9 +14,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from facescale.checkpoint import load_partial_fc, save_partial_fc
 from facescale.heads import CombinedMarginLoss, NormalizedLinearClassifier, SubCenters
 from facescale.heads.config import ClassifierConfig, MarginConfig, build_margin
-from facescale.parallel import PartialFC, SparseRowSGD, load_partial_fc, save_partial_fc
+from facescale.parallel import PartialFC, SparseRowSGD
 from facescale.parallel.partial_fc import init_centers
 from facescale.parallel.plan import estimate, format_plan
 from facescale.parallel.plan import main as plan_main

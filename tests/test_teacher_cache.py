@@ -13,18 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from facescale import storage
 from facescale.config import ConfigError, ScalingConfig
-from facescale.data import ShardSetWriter, build_loader, iter_shard, load_manifest, storage
+from facescale.data import ShardSetWriter, build_loader, iter_shard, load_manifest
 from facescale.distill import cache as cache_mod
-from facescale.distill.cache import (
-    TeacherCache,
-    TeacherCacheError,
-    check_cache,
-    commit_cache,
-    read_meta,
-    write_build_marker,
-    write_shard,
-)
+from facescale.distill.cache import TeacherCache, TeacherCacheError, check_cache, read_meta, write_build_marker
+from facescale.distill.cache_write import commit_cache, write_shard
 from facescale.models import build_backbone
 
 EMB = 16
@@ -74,7 +68,7 @@ def _etags(url: str) -> dict[str, str]:
 # ---------------------------------------------------------------- on s3://
 def test_cache_built_on_s3_by_ray_tasks_is_reused_resumed_and_rebuilt(
         tiny_data: Path, bucket: str, ray_s3: None, caplog: pytest.LogCaptureFixture) -> None:
-    from facescale.train.teacher_cache import build_teacher_cache
+    from facescale.distill.cache_build import build_teacher_cache
 
     manifest = load_manifest(tiny_data)
     scaling = ScalingConfig(num_workers=2, cpus_per_worker=1)

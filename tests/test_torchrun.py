@@ -20,8 +20,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from facescale.checkpoint.committed import resolve_checkpoint, verify_checkpoint
 from facescale.cli import main
-from facescale.train.ckpt_store import resolve_checkpoint, verify_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -54,11 +54,15 @@ def _config_file(data: Path, work: Path) -> Path:
     return path
 
 
-def _torchrun(config: Path, no_ray: Path, *overrides: str, returncode: int = 0) -> subprocess.CompletedProcess:
+def _torchrun(config: Path, no_ray: Path, *overrides: str, returncode: int = 0,
+              faults: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``torchrun -m facescale train``; with ``faults``, the same CLI through tests/planted_faults.py."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "RAY_ADDRESS")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(no_ray), env.get("PYTHONPATH")] if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(no_ray), str(Path(__file__).parent), env.get("PYTHONPATH")]
+                                        if p)
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "facescale", "train", "--config",
+    entry = ["-m", "planted_faults", *faults, "--"] if faults else ["-m", "facescale"]
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", *entry, "train", "--config",
            str(config), "scaling.launcher=torchrun", *overrides]
     proc = subprocess.run(cmd, cwd=config.parent, env=env, capture_output=True, text=True, timeout=480)
     assert proc.returncode == returncode, \
@@ -114,8 +118,8 @@ def test_torchrun_trains_checkpoints_and_resumes_without_ray(tiny_data: Path, no
 def test_a_nonfinite_stop_under_torchrun_fails_the_run_naming_the_step(tiny_data: Path, no_ray: Path,
                                                                        tmp_path: Path) -> None:
     config = _config_file(tiny_data, tmp_path)
-    proc = _torchrun(config, no_ray, "train.max_steps=4", "train.nonfinite=stop",
-                     "train.inject_faults.nonfinite_loss_steps=[3]", returncode=1)
+    proc = _torchrun(config, no_ray, "train.max_steps=4", "train.nonfinite=stop", returncode=1,
+                     faults=("--nonfinite-loss-steps", "3"))
     stopped = re.search(r"facescale: non-finite step 3: loss nan .*train\.nonfinite=stop", proc.stderr)
     assert stopped, proc.stderr[-4000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")

@@ -14,15 +14,18 @@ import pytest
 import torch
 
 import facescale.train.loop as loop
+from facescale import storage
+from facescale.checkpoint.committed import resolve_checkpoint, verify_checkpoint
+from facescale.checkpoint.format import TrainProgress
 from facescale.config import dump_config, load_config
-from facescale.data import build_loader, storage
+from facescale.data import build_loader
 from facescale.data.synth import synthesize
 from facescale.tracking.mlflow_run import start_run
-from facescale.train.checkpoint import TrainProgress
-from facescale.train.ckpt_store import resolve_checkpoint, verify_checkpoint
+from facescale.train.batches import planned_total_steps, rescale_position, step_groups
 from facescale.train.components import build_bare_backbone
 from facescale.train.engine import build_engine
-from facescale.train.loop import _init_backbone, _mean_over_ranks, _rescale_position, planned_total_steps, step_groups
+from facescale.train.loop import _mean_over_ranks
+from facescale.train.start import init_backbone
 from recording_context import RecordingContext
 
 
@@ -75,7 +78,7 @@ def test_planned_steps_count_optimizer_steps_and_survive_a_world_size_change() -
     assert planned_total_steps(cfg, TrainProgress(), steps_per_epoch=7) == 9  # 3 per epoch
     # mid-run on 2 workers (14 batches/epoch at 1 worker = 7 at 2): step 5 = epoch 1, 4 micro-batches in
     progress = TrainProgress(step=5, epoch=1, step_in_epoch=4, world_size=2)
-    _rescale_position(progress, world_size=1, accum=2)
+    rescale_position(progress, world_size=1, accum=2)
     assert (progress.step_in_epoch, progress.world_size, progress.local_loader_position) == (8, 1, {})
     # the rest of epoch 1 (7 - 4 steps at 1 worker) and epoch 2 (7 steps)
     assert planned_total_steps(cfg, progress, steps_per_epoch=14) == 5 + (7 - 4) + 7
@@ -84,10 +87,10 @@ def test_planned_steps_count_optimizer_steps_and_survive_a_world_size_change() -
 
 def test_rescaled_position_rounds_down_to_whole_steps() -> None:
     progress = TrainProgress(step=3, epoch=0, step_in_epoch=6, world_size=2, local_loader_position={"x": 1})
-    _rescale_position(progress, world_size=4, accum=2)  # 6 * 2 / 4 = 3 micro-batches -> 2 (a whole step)
+    rescale_position(progress, world_size=4, accum=2)  # 6 * 2 / 4 = 3 micro-batches -> 2 (a whole step)
     assert progress.step_in_epoch == 2
     same = TrainProgress(step=3, step_in_epoch=6, world_size=2, local_loader_position={"x": 1})
-    _rescale_position(same, world_size=2, accum=2)
+    rescale_position(same, world_size=2, accum=2)
     assert same.step_in_epoch == 6 and same.local_loader_position == {"x": 1}
 
 
@@ -165,7 +168,7 @@ def _init_from(source: str, cfg):
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": source})})
     torch.manual_seed(2)
     engine = build_engine(cfg, build_bare_backbone(cfg, torch.device("cpu")), torch.device("cpu"))
-    _init_backbone(engine, cfg)
+    init_backbone(engine, cfg)
     return engine.backbone.state_dict()
 
 

@@ -10,9 +10,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from facescale.config import ConfigError, FaceScaleConfig, load_config
 from facescale.console import set_verbose
+
+if TYPE_CHECKING:
+    from facescale.train.hooks import WorkerHooks
 
 log = logging.getLogger("facescale")
 
@@ -54,20 +58,22 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from facescale.distill.cache import teacher_hooks
     from facescale.train.launch import format_results, run_training
 
     cfg = load_config(args.config, args.overrides)
+    hooks = teacher_hooks(cfg, args.hooks)  # + a distillation run's teacher reader (checks the cache)
     if cfg.scaling.launcher == "torchrun":
         from facescale.train.torchrun import run_torchrun  # no Ray on this path
 
-        result = run_torchrun(cfg)
+        result = run_torchrun(cfg, hooks=hooks)
         if result is not None:  # rank 0
             print(format_results(result))
         return 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
         raise ConfigError(f"this process is one of {os.environ['WORLD_SIZE']} that torchrun started, but "
                           "scaling.launcher is ray (each would start its own Ray run): add scaling.launcher=torchrun")
-    result = run_training(cfg)
+    result = run_training(cfg, hooks=hooks)
     print(format_results(result))
     return 0
 
@@ -131,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     from facescale.data.cli import add_data_commands
 
     add_data_commands(data)  # from-rec, from-folder, push, pull
-    from facescale.data.wds_index import add_index_command
+    from facescale.data.shard_sets import add_index_command
 
     add_index_command(data)  # index: DALI index files for shard sets written without them
 
@@ -163,10 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``facescale`` console script."""
+def main(argv: Sequence[str] | None = None, *, hooks: WorkerHooks | None = None) -> int:
+    """Entry point of the ``facescale`` console script.
+
+    ``hooks`` (Python callers only, e.g. a test that plants faults; ``train/hooks.py``) reach ``facescale train``'s
+    training loop; no command-line flag or config key sets them.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = build_parser().parse_args(argv)
+    args.hooks = hooks
     set_verbose(bool(getattr(args, "verbose", False)))  # read by the launchers (facescale/console.py)
     try:
         return int(args.func(args) or 0)

@@ -7,7 +7,6 @@ before Ray or anything else starts.
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from facescale.distill.config import DistillConfig
 from facescale.heads.config import ClassifierConfig
 from facescale.train.engine_config import DeepSpeedConfig
+from facescale.trees import merge_trees  # noqa: F401  (re-exported for config users)
 
 
 class ConfigError(ValueError):
@@ -123,14 +123,6 @@ class ModelConfig(_Strict):
         return kwargs
 
 
-class FaultInjection(_Strict):
-    """Planted faults, to test the non-finite policy and alerting end to end (never set in real runs)."""
-
-    nonfinite_loss_steps: list[int] = Field(default_factory=list, description="optimizer steps (1-based) whose "
-                                            "loss is made NaN on rank ``rank``")
-    nonfinite_weights_step: int | None = Field(None, gt=0, description="after this optimizer step a backbone "
-                                               "weight is set to NaN on rank ``rank``")
-    rank: int = Field(0, ge=0)
 
 
 class TrainConfig(_Strict):
@@ -177,7 +169,6 @@ class TrainConfig(_Strict):
                                       "breakdown charges each phase its own kernels (a few % of GPU throughput)")
     system_metrics_interval_s: float | None = Field(10.0, gt=0, description="sampling interval of the system "
                                                     "metrics logged to MLflow (per node); null disables them")
-    inject_faults: FaultInjection = FaultInjection()
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> TrainConfig:
@@ -297,17 +288,6 @@ def _set_dotted(tree: dict[str, Any], parts: list[str], value: Any, item: str) -
             raise ConfigError(f"override {item!r}: key {'.'.join(parts[:depth + 1])!r} is not a section")
         node = child
     node[parts[-1]] = value
-
-
-def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``base`` with ``update`` merged in: nested dicts merge key by key, anything else replaces."""
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_trees(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def format_validation(err: ValidationError, source: str) -> str:

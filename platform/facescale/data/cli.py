@@ -1,7 +1,7 @@
 """``facescale data`` commands that bring data in and move it: from-rec, from-folder, push, pull.
 
 Handlers import their module when they run, so ``facescale --help`` stays fast and boto3 is only imported by
-``push``/``pull`` (through ``data/storage.py``). Data errors print one line naming the file, shard or URL and exit 1.
+``push``/``pull`` (``data/shard_sets.py``). Data errors print one line naming the file, shard or URL and exit 1.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from facescale.data.errors import DataError
+from facescale.storage import StorageError
 
 
 def _print_report(report: Any) -> None:
@@ -39,17 +40,17 @@ def _cmd_from_folder(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from facescale.data import storage
+    from facescale.data import shard_sets  # boto3 loads on the first s3:// call
 
-    manifest = storage.push(args.local_dir, args.s3_url)
+    manifest = shard_sets.push(args.local_dir, args.s3_url)
     print(f"pushed {manifest.num_samples} samples in {len(manifest.shards)} shards to {manifest.root}")
     return 0
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    from facescale.data import storage
+    from facescale.data import shard_sets
 
-    manifest = storage.pull(args.s3_url, args.local_dir)
+    manifest = shard_sets.pull(args.s3_url, args.local_dir)
     print(f"pulled {manifest.num_samples} samples in {len(manifest.shards)} shards to {manifest.root}")
     return 0
 
@@ -58,7 +59,7 @@ def _guarded(handler: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except DataError as exn:
+        except (DataError, StorageError) as exn:
             print(f"facescale data {args.data_command}: {exn}", file=sys.stderr)
             return 1
 

@@ -30,7 +30,6 @@ image gives the same ids.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -42,39 +41,31 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-import simplejpeg
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from facescale.data.align import DegenerateLandmarks, LandmarkRow, LandmarkTable, align_face, read_landmarks
+from facescale.data.align import read_landmarks
+from facescale.data.convert_images import Resize, SkipImage, prepare_aligned, prepare_image
 from facescale.data.errors import DataError, LabelError
+from facescale.data.manifest import MANIFEST_NAME
 from facescale.data.recordio import InsightFaceRec, first_label
-from facescale.data.shards import IMAGE_SIZE, MANIFEST_NAME, ShardSetWriter
+from facescale.data.shards import ShardSetWriter
 
 logger = logging.getLogger(__name__)
 
-Resize = Literal["stretch", "center_crop", "off"]
 OnError = Literal["fail", "skip"]
 CLASSES_NAME = "classes.json"
 REPORT_NAME = "convert_report.json"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
-JPEG_QUALITY = 95  # re-encoded images only; JPEGs of the right size are copied unchanged
 _FLOAT32_EXACT = 1 << 24  # float32 holds every integer up to 2**24 = 16,777,216 exactly (24-bit significand)
 _MAX_EXAMPLES = 20  # skip messages kept in the report
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 # (key, (jpeg, resized, reencoded) or the reason it is skipped, label, key.json metadata)
-_Prepared = tuple[str, "tuple[bytes, bool, bool] | _Skip", int, dict[str, Any]]
+_Prepared = tuple[str, "tuple[bytes, bool, bool] | SkipImage", int, dict[str, Any]]
 
 
 class ConvertError(DataError):
     """A source image or record cannot be converted; the message names the file (and record)."""
-
-
-class _Skip(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 @dataclass
@@ -124,89 +115,6 @@ class ConvertReport:
                 f"skipped {sum(self.skipped.values())} ({reasons}){notes}")  # fmt: skip
 
 
-def prepare_image(data: bytes, where: str, image_size: tuple[int, int] = IMAGE_SIZE,
-                  resize: Resize = "stretch") -> tuple[bytes, bool, bool]:  # fmt: skip
-    """Turn source image bytes into the JPEG stored in a shard.
-
-    Args:
-        data: Encoded image (any format Pillow reads).
-        where: Names the image in skip messages.
-        image_size: Target ``(height, width)``.
-        resize: Policy for images of another size (see the module docstring).
-
-    Returns:
-        ``(jpeg, resized, reencoded)``.
-
-    Raises:
-        _Skip: If the image cannot be decoded, or has another size under ``resize="off"``.
-    """
-    try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError:
-        height = width = -1
-        colorspace = ""
-    if (height, width) == tuple(image_size) and colorspace in ("YCbCr", "RGB"):
-        try:
-            simplejpeg.decode_jpeg(data, colorspace="RGB")  # strict: a truncated or garbled stream raises
-            return data, False, False
-        except ValueError as exn:
-            raise _Skip("corrupt image", f"{where}: corrupt image: JPEG: {exn}") from exn
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            image = opened.convert("RGB")  # decodes fully: a cut-off file fails here
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exn:
-        raise _Skip("corrupt image", f"{where}: corrupt image: {exn}") from exn
-    target_h, target_w = image_size
-    resized = image.size != (target_w, target_h)
-    if resized:
-        if resize == "off":
-            raise _Skip("wrong size", f"{where}: {image.height}x{image.width}, expected {target_h}x{target_w}")
-        if resize == "center_crop":
-            scale = min(image.width / target_w, image.height / target_h)
-            crop_w, crop_h = target_w * scale, target_h * scale
-            left, top = (image.width - crop_w) / 2, (image.height - crop_h) / 2
-            image = image.crop((round(left), round(top), round(left + crop_w), round(top + crop_h)))
-        # Pillow's bicubic resize is antialiased when shrinking (its filter support scales with the factor).
-        image = image.resize((target_w, target_h), Image.Resampling.BICUBIC)
-    jpeg = simplejpeg.encode_jpeg(np.asarray(image), quality=JPEG_QUALITY, colorspace="RGB")
-    return jpeg, resized, True
-
-
-def prepare_aligned(data: bytes, where: str, row: LandmarkRow | None,
-                    table: LandmarkTable) -> tuple[bytes, dict[str, Any]]:
-    """Align source image bytes to the ArcFace template with their landmarks row; the JPEG stored in a shard.
-
-    Args:
-        data: Encoded image (any format Pillow reads).
-        where: Names the image in skip messages.
-        row: Its landmarks row, or None if the CSV has none.
-        table: The landmarks CSV (named in skip messages).
-
-    Returns:
-        ``(jpeg, key.json fields saying where the alignment came from)``.
-
-    Raises:
-        _Skip: No row, a malformed or degenerate row, or an undecodable image.
-    """
-    if row is None:
-        raise _Skip("no landmarks", f"{where}: no landmarks: {table.path} has no row for it")
-    at = f"{table.path}:{row.line}"
-    if row.points is None:
-        raise _Skip("malformed landmarks", f"{where}: {at}: {row.problem}")
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            image = np.asarray(opened.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exn:
-        raise _Skip("corrupt image", f"{where}: corrupt image: {exn}") from exn
-    try:
-        aligned, alignment = align_face(image, row.points)
-    except DegenerateLandmarks as exn:
-        raise _Skip("degenerate landmarks", f"{where}: {at}: degenerate landmarks: {exn}") from exn
-    jpeg = simplejpeg.encode_jpeg(aligned, quality=JPEG_QUALITY, colorspace="RGB")
-    return jpeg, {"landmarks_line": row.line, "align_rms_px": round(alignment.rms_residual_px, 3),
-                  "align_scale": round(alignment.scale, 5), "align_rotation_deg": round(alignment.rotation_deg, 3)}
-
-
 def _ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], num_threads: int) -> Iterator[_R]:
     """``map`` on a thread pool that keeps input order and only a bounded window of work in flight."""
     if num_threads <= 1:
@@ -241,7 +149,7 @@ def _write_all(
     try:
         for key, result, label, meta in tqdm(prepared, total=total, desc="convert", unit="img", disable=not progress):
             report.read += 1
-            if isinstance(result, _Skip):
+            if isinstance(result, SkipImage):
                 if on_error == "fail":
                     raise ConvertError(str(result)) from result
                 report.skip(result.reason, str(result))
@@ -264,6 +172,51 @@ def _finish(writer: ShardSetWriter, report: ConvertReport, out: Path, source: st
     writer.close(num_classes=report.num_classes, source=source)  # writes manifest.json, last
     logger.info("%s", report.summary())
     return report
+
+
+class _RecordLabels:
+    """The image records of a ``.rec`` with their labels checked, and what disagrees counted into ``report.notes``.
+
+    Reads stay on the calling thread (one file position); ``max_label`` grows as records are read.
+    """
+
+    def __init__(self, source: InsightFaceRec, rec: str | os.PathLike[str], report: ConvertReport) -> None:
+        self.source, self.rec, self.report = source, rec, report
+        # Identity records hold contiguous [first, end) image ranges in class order: a binary search finds the
+        # range, if any, that holds an image key.
+        self.starts = np.array([first for first, _ in source.identity_ranges], np.int64)
+        self.ends = np.array([end for _, end in source.identity_ranges], np.int64)
+        if source.num_classes is not None and len(self.starts) and len(self.starts) != source.num_classes:
+            report.notes[f"identity records ({len(self.starts)}) that disagree with property num_classes"] = 1
+        self.num_classes, self.max_label = source.num_classes, -1
+        if source.num_missing_images:
+            report.notes["image records missing from the index"] = source.num_missing_images
+        self.rec_name = os.path.basename(str(rec))
+
+    def read(self, position: int) -> tuple[str, bytes, int, dict[str, Any]]:
+        """``(sample key, image bytes, label, key.json)`` of the image record at ``position`` in the index."""
+        source, rec, num_classes = self.source, self.rec, self.num_classes
+        key = source.image_keys[position]
+        header, image = source.read(key)  # file reads stay on the calling thread (one file position)
+        where = f"{rec}: record {key} at byte offset {source.offset(key)}"
+        raw = first_label(header)
+        label = int(raw)
+        if raw != label or label < 0 or (num_classes is not None and label >= num_classes):
+            limit = f" (num_classes {num_classes})" if num_classes is not None else ""
+            raise LabelError(f"{where}: label {raw!r} is not a class id{limit}", str(rec), str(key))
+        return f"r{key:010d}", image, label, {"source": "rec", "file": self.rec_name, "record": key}
+
+    def labelled(self, order: list[int]) -> Iterator[tuple[str, bytes, int, dict[str, Any]]]:
+        """The records at ``order``'s positions, read in that order; a label outside its identity range is noted."""
+        for position in order:
+            item = self.read(position)
+            key, label = item[3]["record"], item[2]
+            self.max_label = max(self.max_label, label)
+            owner = int(np.searchsorted(self.starts, key, side="right")) - 1
+            if owner >= 0 and key < self.ends[owner] and owner != label:
+                what = "labels that disagree with their identity record"
+                self.report.notes[what] = self.report.notes.get(what, 0) + 1
+            yield item
 
 
 def from_rec(
@@ -310,51 +263,20 @@ def from_rec(
     source = InsightFaceRec(rec, idx)
     report = ConvertReport(source=str(rec), out=str(out))
     with source:
-        # Identity records hold contiguous [first, end) image ranges in class order: a binary search finds the
-        # range, if any, that holds an image key.
-        starts = np.array([first for first, _ in source.identity_ranges], np.int64)
-        ends = np.array([end for _, end in source.identity_ranges], np.int64)
-        if source.num_classes is not None and len(starts) and len(starts) != source.num_classes:
-            report.notes[f"identity records ({len(starts)}) that disagree with property num_classes"] = 1
+        records = _RecordLabels(source, rec, report)
         order = np.random.default_rng(seed).permutation(len(source.image_keys))
-        num_classes, max_label = source.num_classes, -1
-        if source.num_missing_images:
-            report.notes["image records missing from the index"] = source.num_missing_images
-        rec_name = os.path.basename(str(rec))
-
-        def read(position: int) -> tuple[str, bytes, int, dict[str, Any]]:
-            key = source.image_keys[position]
-            header, image = source.read(key)  # file reads stay on the calling thread (one file position)
-            where = f"{rec}: record {key} at byte offset {source.offset(key)}"
-            raw = first_label(header)
-            label = int(raw)
-            if raw != label or label < 0 or (num_classes is not None and label >= num_classes):
-                limit = f" (num_classes {num_classes})" if num_classes is not None else ""
-                raise LabelError(f"{where}: label {raw!r} is not a class id{limit}", str(rec), str(key))
-            return f"r{key:010d}", image, label, {"source": "rec", "file": rec_name, "record": key}
 
         def prepare(item: tuple[str, bytes, int, dict[str, Any]]) -> _Prepared:
             key, image, label, meta = item
             try:
                 return key, prepare_image(image, f"{rec}: record {meta['record']}", resize=resize), label, meta
-            except _Skip as skip:
+            except SkipImage as skip:
                 return key, skip, label, meta
 
-        def labelled() -> Iterator[tuple[str, bytes, int, dict[str, Any]]]:
-            nonlocal max_label
-            for position in order.tolist():
-                item = read(position)
-                key, label = item[3]["record"], item[2]
-                max_label = max(max_label, label)
-                owner = int(np.searchsorted(starts, key, side="right")) - 1
-                if owner >= 0 and key < ends[owner] and owner != label:
-                    what = "labels that disagree with their identity record"
-                    report.notes[what] = report.notes.get(what, 0) + 1
-                yield item
-
         writer = ShardSetWriter(out, prefix="shard", samples_per_shard=samples_per_shard)
-        prepared = _ordered_map(prepare, labelled(), num_threads or 1)
+        prepared = _ordered_map(prepare, records.labelled(order.tolist()), num_threads or 1)
         _write_all(writer, report, prepared, on_error, len(order), progress)
+    num_classes, max_label = records.num_classes, records.max_label
     report.num_classes = num_classes if num_classes is not None else max_label + 1
     if max_label >= _FLOAT32_EXACT:
         logger.warning("%s: labels reach %d; float32 .rec labels are exact only below %d", rec, max_label,
@@ -447,8 +369,8 @@ def from_folder(
                 return key, (jpeg, False, True), label, {**meta, **provenance}
             return key, prepare_image(path.read_bytes(), str(path), resize=resize), label, meta
         except OSError as exn:
-            return key, _Skip("unreadable file", f"{path}: {exn}"), label, meta
-        except _Skip as skip:
+            return key, SkipImage("unreadable file", f"{path}: {exn}"), label, meta
+        except SkipImage as skip:
             return key, skip, label, meta
 
     writer = ShardSetWriter(out, prefix="shard", samples_per_shard=samples_per_shard)

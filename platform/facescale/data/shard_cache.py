@@ -22,6 +22,9 @@ set when it is committed or acquired) have been evicted to make room for it. A c
 exclusively; a file that another live process is downloading is waited for, not fetched twice; a download
 becomes visible only by ``os.replace`` onto its name after its size (and the manifest's sha256, for tars) is
 checked. The budget is the directory's, so it must hold what all ranks of the node hold at once.
+
+The cache of a manifest's shards (which files, their sizes, the directory) is built by
+:func:`facescale.data.shard_cache_build.build_shard_cache`.
 """
 
 from __future__ import annotations
@@ -45,11 +48,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from facescale.data.errors import DataError
-from facescale.data.shards import Manifest
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CACHE_ROOT = "facescale-shards"  # under tempfile.gettempdir() when data.cache_dir is not set
 DEFAULT_PREFETCH_SHARDS = 2
 _LOCK_NAME = ".lock"
 _PART = ".part"
@@ -245,7 +246,7 @@ class ShardCache:
         return fd
 
     def _download(self, f: CachedFile, part: Path, final: Path) -> None:
-        from facescale.data import storage  # lazy: boto3 loads only when s3:// is used (DESIGN.md)
+        from facescale import storage  # lazy: boto3 loads only when s3:// is used (DESIGN.md)
 
         try:
             storage.download_file(f.url, part)  # writes <part>.tmp, then renames it to <part>
@@ -365,49 +366,3 @@ def _close(pool: ThreadPoolExecutor, pins: dict[int, list[int]]) -> None:
         for fd in fds:
             os.close(fd)
     pins.clear()
-
-
-def default_cache_dir(cache_dir: str | None, digest: str) -> Path:
-    """``<cache_dir or <tempdir>/facescale-shards>/<digest[:16]>``: one directory per dataset content."""
-    base = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / DEFAULT_CACHE_ROOT
-    return base / digest[:16]
-
-
-def build_shard_cache(manifest: Manifest, index_urls: list[str], cache_dir: str | None, cache_bytes: int,
-                      prefetch_shards: int = DEFAULT_PREFETCH_SHARDS,
-                      observer: Callable[[int], None] | None = None) -> ShardCache:  # fmt: skip
-    """The cache of a manifest's shards on S3 (and their indices), the files' sizes from one listing per prefix.
-
-    Args:
-        manifest: The ``Manifest`` (shard URLs, sha256s, digest).
-        index_urls: The DALI index URL of each shard, in manifest order (``wds_index.ensure_indices``).
-        cache_dir: ``data.cache_dir``; ``None`` for ``<tempdir>/facescale-shards``.
-        cache_bytes: ``data.cache_bytes``.
-        prefetch_shards: Shards fetched ahead of the one being read.
-        observer: See ``ShardCache``.
-
-    Raises:
-        ShardCacheError: A shard or index is not on S3, the directory is not writable, or the budget too small.
-    """
-    from facescale.data import storage  # lazy: boto3 loads only when s3:// is used (DESIGN.md)
-
-    urls, shards = manifest.shard_urls(), manifest.shards
-    remote = [i for i, u in enumerate(urls) if storage.is_s3_url(u)]
-    wanted = [u for i in remote for u in (urls[i], index_urls[i])]
-    sizes: dict[str, int] = {}
-    for prefix in sorted({u.rsplit("/", 1)[0] for u in wanted}):
-        sizes.update({f"{prefix}/{name}": size for name, size in storage.list_objects(prefix).items()})
-    names = [u.rsplit("/", 1)[1] for u in wanted]
-    unique = len(set(names)) == len(names)
-    files: dict[int, list[CachedFile]] = {}
-    for i in remote:
-        url, index_url = urls[i], index_urls[i]
-        entry = []
-        for u, sha in ((url, shards[i].sha256), (index_url, None)):
-            if u not in sizes:
-                raise ShardCacheError(f"shard {url}: {u} is not on S3 (manifest {manifest.root})")
-            name = u.rsplit("/", 1)[1] if unique else f"{i:06d}-{u.rsplit('/', 1)[1]}"
-            entry.append(CachedFile(name, u, sizes[u], sha))
-        files[i] = entry
-    root = default_cache_dir(cache_dir, manifest.digest)
-    return ShardCache(root, files, cache_bytes, prefetch_shards, observer)

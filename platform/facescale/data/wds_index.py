@@ -27,18 +27,16 @@ them), but that tool is not used here, for what it lacks (each checked against D
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
-import sys
 import tarfile
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from facescale.data.errors import DataError, ShardError
+from facescale.data.errors import ShardError
 
 logger = logging.getLogger(__name__)
 
@@ -212,62 +210,3 @@ def _build_cached(shard: str, beside: str, cache_dir: str | os.PathLike[str] | N
         cached.parent.mkdir(parents=True, exist_ok=True)
         logger.warning("cannot write %s (%s); caching the index at %s", beside, exn.__cause__, cached)
         return write_index(shard, cached)
-
-
-def index_shard_set(root: str | os.PathLike[str], force: bool = False, progress: bool = True) -> list[Path]:
-    """Write a DALI index beside every shard of a local shard set and record the names in its manifest.
-
-    Args:
-        root: Directory holding ``manifest.json`` and its shards.
-        force: Rebuild indices that already exist.
-        progress: Show a progress bar.
-
-    Returns:
-        The index paths, in manifest order.
-
-    Raises:
-        ManifestError: If the manifest cannot be loaded.
-        ShardError: If a shard is remote or cannot be indexed, or an index disagrees with the manifest.
-    """
-    from facescale.data.shards import MANIFEST_NAME, load_manifest  # lazy: shards.py imports this module
-
-    manifest = load_manifest(root)
-    urls = manifest.shard_urls()
-    written: list[Path] = []
-    shards = []
-    for info, url in tqdm(list(zip(manifest.shards, urls)), desc="index shards", unit="shard", disable=not progress):
-        if "://" in url:
-            raise ShardError(f"shard {url}: only local shard sets can be indexed; index before pushing", shard=url)
-        path = Path(index_name(url))
-        if force or not path.is_file():
-            write_index(url, path)
-        count = read_index_count(path)
-        if count != info.num_samples:
-            raise ShardError(f"shard {url}: index {path} lists {count} samples but manifest.json says "
-                             f"{info.num_samples}; rebuild it with force", shard=url)  # fmt: skip
-        written.append(path)
-        shards.append(info.model_copy(update={"index": index_name(info.url)}))
-    manifest.model_copy(update={"shards": shards}).save(Path(root) / MANIFEST_NAME)
-    return written
-
-
-def _cmd_index(args: argparse.Namespace) -> int:
-    try:
-        paths = index_shard_set(args.root, force=args.force)
-    except DataError as exn:
-        print(f"facescale: {exn}", file=sys.stderr)
-        return 1
-    print(f"{len(paths)} DALI index files beside the shards of {args.root}; manifest.json lists them")
-    return 0
-
-
-def add_index_command(data: argparse._SubParsersAction) -> None:
-    """Register ``facescale data index DIR`` under the ``data`` sub-command group.
-
-    Args:
-        data: The ``data`` group's sub-parsers (``add_subparsers`` result).
-    """
-    index = data.add_parser("index", help="write DALI index files beside the shards of a local shard set")
-    index.add_argument("root", help="directory with manifest.json and its shards")
-    index.add_argument("--force", action="store_true", help="rebuild index files that exist")
-    index.set_defaults(func=_cmd_index)

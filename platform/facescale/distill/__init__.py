@@ -1,6 +1,6 @@
 """Knowledge distillation: the angular distillation loss, the teacher-embedding cache, recursive pipelines."""
 
 from facescale.distill.config import DistillConfig
-from facescale.distill.loss import DEFAULT_ALPHA, angular_distillation_loss
+from facescale.heads.distillation import DEFAULT_ALPHA, angular_distillation_loss
 
 __all__ = ["DEFAULT_ALPHA", "DistillConfig", "angular_distillation_loss"]

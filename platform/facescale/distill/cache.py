@@ -1,7 +1,7 @@
 """Teacher-embedding cache: the teacher's embedding of every training sample, computed once, keyed by sample key.
 
 Every student generation of a pipeline distils from the same teacher on the same data, so the teacher's forward
-passes are done once (in parallel, one Ray task per group of shards: ``facescale.train.teacher_cache``) and each
+passes are done once (in parallel, one Ray task per group of shards: ``facescale.distill.cache_build``) and each
 generation only looks embeddings up -- a generation then costs what a plain student training costs.
 
 A cache lives in a local directory (one that every node using it mounts at the same path) or under an
@@ -26,29 +26,33 @@ others, so per-rank memory grows with N / W.
 
 A cache made by another teacher, for other data, or left half-built is detected by ``check_cache`` and rebuilt by
 the builder (the pipeline's policy); a training run that opens a mismatched cache refuses to start.
+
+This module holds the layout and the read side; the shard files and the commit are written by
+:mod:`facescale.distill.cache_write`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from facescale.data.errors import ImageDecodeError
-from facescale.data.shards import Manifest, decode_image, iter_shard, load_manifest
-from facescale.eval.verification import compute_embeddings
+from facescale import storage
+from facescale.data.manifest import Manifest, load_manifest
+from facescale.train.hooks import WorkerHooks
+
+if TYPE_CHECKING:
+    from facescale.config import FaceScaleConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ CACHE_META = "cache.json"
 BUILD_MARKER = "building.json"  # teacher and dataset of a build in progress: its shard files may be kept
 CACHE_FORMAT_VERSION = 1
 _SHARD_RE = re.compile(r"shard-\d{5,}\.npz")
-_PARALLEL_READS = 4  # shard objects fetched at once from S3
+PARALLEL_READS = 4  # shard objects fetched at once from S3
 
 
 class TeacherCacheError(ValueError):
@@ -76,24 +80,17 @@ class CacheMeta:
     format_version: int = CACHE_FORMAT_VERSION
 
 
-# --- where a cache lives: a local directory or an s3:// prefix, behind five small functions --------------------
-
-
-def _storage() -> Any:
-    # NOTE: boto3 loads only for s3:// caches (only facescale.data.storage imports it, DESIGN.md).
-    from facescale.data import storage
-
-    return storage
+# --- where a cache lives: a local directory or an s3:// prefix (facescale.storage) ---------------------------------
 
 
 def is_s3(cache_dir: str | Path) -> bool:
-    """Whether the cache lives on S3."""
-    return str(cache_dir).startswith("s3://")
+    """Whether the cache lives in an object store (the builder then needs no shared directory)."""
+    return storage.is_remote(cache_dir)
 
 
 def cache_uri(cache_dir: str | Path) -> str:
     """The cache's location as one string: the ``s3://`` URL without a trailing ``/``, or the local path."""
-    return str(cache_dir).rstrip("/") if is_s3(cache_dir) else str(Path(cache_dir))
+    return str(cache_dir).rstrip("/") if storage.is_remote(cache_dir) else str(Path(cache_dir))
 
 
 def shard_name(shard_index: int) -> str:
@@ -107,60 +104,35 @@ def shard_file(cache_dir: str | Path, shard_index: int) -> str:
 
 
 def _location(cache_dir: str | Path, name: str) -> str:
-    return f"{cache_uri(cache_dir)}/{name}" if is_s3(cache_dir) else str(Path(cache_dir) / name)
+    return storage.join(cache_uri(cache_dir), name)
 
 
 def _read(cache_dir: str | Path, name: str) -> bytes | None:
     """A cache file's bytes, or None when it does not exist (an unreachable store raises ``StorageError``)."""
-    where = _location(cache_dir, name)
-    if not is_s3(cache_dir):
-        try:
-            return Path(where).read_bytes()
-        except FileNotFoundError:
-            return None
-    storage = _storage()
     try:
-        return storage.read_bytes(where)
-    except storage.StorageError as exn:
-        if exn.code in ("NoSuchKey", "404"):
+        return storage.read_bytes(_location(cache_dir, name))
+    except OSError as exn:  # StorageError is an OSError too
+        if storage.is_missing(exn):
             return None
         raise
 
 
-def _write(cache_dir: str | Path, name: str, data: bytes) -> None:
-    """Writes a cache file whole: a local file through a temporary file and a rename, an S3 object by one upload."""
-    if not is_s3(cache_dir):
-        target = Path(cache_dir) / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-        return
-    with tempfile.TemporaryDirectory(prefix="facescale-cache-") as tmp_dir:
-        tmp = Path(tmp_dir) / name
-        tmp.write_bytes(data)
-        _storage().upload_file(tmp, _location(cache_dir, name))
+def write_file(cache_dir: str | Path, name: str, data: bytes) -> None:
+    """Writes a cache file whole (``facescale.storage.write_bytes``: never seen half-written)."""
+    storage.write_bytes(_location(cache_dir, name), data)
 
 
 def list_cache(cache_dir: str | Path) -> set[str]:
     """Names of the cache files present (``cache.json``, ``building.json``, shard files): one listing on S3."""
-    if is_s3(cache_dir):
-        names = _storage().list_objects(cache_uri(cache_dir))
-    else:
-        names = os.listdir(cache_dir) if Path(cache_dir).is_dir() else []
+    names = storage.list_objects(cache_uri(cache_dir))
     return {n for n in names if n in (CACHE_META, BUILD_MARKER) or _SHARD_RE.fullmatch(n)}
 
 
-def _delete(cache_dir: str | Path, names: list[str]) -> None:
-    if is_s3(cache_dir):
-        if names:
-            _storage().delete_objects(cache_uri(cache_dir), names)
-        return
-    for name in names:
-        (Path(cache_dir) / name).unlink(missing_ok=True)
+def delete_files(cache_dir: str | Path, names: list[str]) -> None:
+    storage.delete_objects(cache_uri(cache_dir), names)
 
 
-# --- metadata, checks, build steps ------------------------------------------------------------------------------
+# --- metadata, checks, build marker --------------------------------------------------------------------------
 
 
 def read_meta(cache_dir: str | Path) -> CacheMeta | None:
@@ -188,13 +160,13 @@ def check_cache(cache_dir: str | Path, teacher_model_id: str, manifest: Manifest
         return f"made for dataset digest {meta.dataset_digest[:12]}, not {manifest.digest[:12]}"
     if meta.num_shards != len(manifest.shards):
         return f"holds {meta.num_shards} shards, the dataset has {len(manifest.shards)}"
-    missing = _missing_shards(cache_dir, meta.num_shards)
+    missing = missing_shards(cache_dir, meta.num_shards)
     if missing:
         return f"shard files missing for shards {missing[:5]}{'...' if len(missing) > 5 else ''}"
     return None
 
 
-def _missing_shards(cache_dir: str | Path, num_shards: int) -> list[int]:
+def missing_shards(cache_dir: str | Path, num_shards: int) -> list[int]:
     present = list_cache(cache_dir)
     return [i for i in range(num_shards) if shard_name(i) not in present]
 
@@ -202,8 +174,8 @@ def _missing_shards(cache_dir: str | Path, num_shards: int) -> list[int]:
 def clear_cache(cache_dir: str | Path) -> None:
     """Removes the files a cache consists of (and nothing else there); the commit marker first."""
     names = list_cache(cache_dir)
-    _delete(cache_dir, [CACHE_META])  # NOTE: uncommitted first, so no reader trusts a cache losing its shards
-    _delete(cache_dir, sorted(names - {CACHE_META}))
+    delete_files(cache_dir, [CACHE_META])  # NOTE: uncommitted first, so no reader trusts a cache losing its shards
+    delete_files(cache_dir, sorted(names - {CACHE_META}))
 
 
 def read_build_marker(cache_dir: str | Path) -> dict[str, Any] | None:
@@ -216,56 +188,11 @@ def read_build_marker(cache_dir: str | Path) -> dict[str, Any] | None:
 
 
 def write_build_marker(cache_dir: str | Path, teacher_model_id: str, dataset_digest: str) -> None:
-    _write(cache_dir, BUILD_MARKER, json.dumps({"teacher_model_id": teacher_model_id,
+    write_file(cache_dir, BUILD_MARKER, json.dumps({"teacher_model_id": teacher_model_id,
                                                 "dataset_digest": dataset_digest}).encode())
 
 
-def write_shard(cache_dir: str | Path, shard_index: int, keys: list[str] | np.ndarray, embeddings: np.ndarray,
-                skipped: int = 0) -> None:
-    """Writes ``shard-<i>.npz`` whole: sample keys, their float16 embeddings, and how many samples were skipped."""
-    buffer = io.BytesIO()
-    np.savez(buffer, keys=np.asarray(keys, dtype=str), embeddings=np.asarray(embeddings, dtype=np.float16),
-             skipped=np.int64(skipped))  # fmt: skip
-    _write(cache_dir, shard_name(shard_index), buffer.getvalue())
-
-
-def embed_shard(teacher: nn.Module, manifest: Manifest, shard_index: int, cache_dir: str | Path,
-                batch_size: int = 128, device: torch.device | str = "cpu", on_error: str = "fail") -> tuple[int, int]:
-    """Embeds every sample of one shard with the teacher and writes ``shard-<i>.npz`` whole.
-
-    Args:
-        teacher: The teacher backbone (put in eval mode here).
-        manifest: The dataset manifest.
-        shard_index: Index of the shard in ``manifest.shards``.
-        cache_dir: Cache directory or ``s3://`` prefix.
-        batch_size: Images per forward pass.
-        device: Where the teacher runs.
-        on_error: ``"skip"`` leaves a corrupt image out (the training loader skips it too), ``"fail"`` raises.
-
-    Returns:
-        ``(embedded, skipped)`` sample counts.
-    """
-    url = manifest.shard_urls()[shard_index]
-    keys: list[str] = []
-    images: list[np.ndarray] = []
-    skipped = 0
-    for sample in iter_shard(url):
-        try:
-            images.append(decode_image(sample, manifest.image_size))
-        except ImageDecodeError:
-            if on_error == "fail":
-                raise
-            skipped += 1
-            continue
-        keys.append(sample["__key__"])
-    teacher.eval()
-    with torch.no_grad():
-        emb = compute_embeddings(teacher, np.stack(images), batch_size, device) if images else np.zeros((0, 0))
-    write_shard(cache_dir, shard_index, keys, emb, skipped)
-    return len(keys), skipped
-
-
-def _load_npz(cache_dir: str | Path, shard_index: int) -> Any:
+def load_npz(cache_dir: str | Path, shard_index: int) -> Any:
     """The shard file as an open ``NpzFile`` (members load on access); TeacherCacheError when it is missing."""
     if is_s3(cache_dir):
         raw = _read(cache_dir, shard_name(shard_index))
@@ -274,44 +201,6 @@ def _load_npz(cache_dir: str | Path, shard_index: int) -> Any:
     elif Path(shard_file(cache_dir, shard_index)).is_file():
         return np.load(shard_file(cache_dir, shard_index))
     raise TeacherCacheError(f"teacher cache {cache_uri(cache_dir)}: {shard_name(shard_index)} is missing")
-
-
-def shard_counts(cache_dir: str | Path, shard_index: int) -> tuple[int, int]:
-    """``(embedded, skipped)`` of a shard file already written (local files: reads the keys only)."""
-    with _load_npz(cache_dir, shard_index) as part:
-        return len(part["keys"]), int(part["skipped"])
-
-
-def commit_cache(cache_dir: str | Path, teacher_model_id: str, manifest: Manifest, embedding_size: int,
-                 counts: dict[int, tuple[int, int]] | None = None) -> CacheMeta:
-    """Checks every shard file is there, then writes ``cache.json`` last: only now does the cache count as complete.
-
-    Args:
-        cache_dir: Cache directory or ``s3://`` prefix.
-        teacher_model_id: Identity of the teacher.
-        manifest: The dataset manifest.
-        embedding_size: Teacher embedding size.
-        counts: ``{shard: (embedded, skipped)}`` as ``embed_shard`` returned them; shards not in it are read back.
-
-    Raises:
-        TeacherCacheError: When a shard file is not visible here, e.g. a local ``cache_dir`` that Ray tasks on other
-            nodes wrote to their own disks.
-    """
-    missing = _missing_shards(cache_dir, len(manifest.shards))
-    if missing:
-        raise TeacherCacheError(f"teacher cache {cache_uri(cache_dir)}: shard files of shards {missing[:5]} are not "
-                                "visible here after the build; a local cache directory must be a filesystem every "
-                                "node mounts at that path (else use an s3:// cache_dir)")  # fmt: skip
-    counts = dict(counts or {})
-    todo = [i for i in range(len(manifest.shards)) if i not in counts]
-    with ThreadPoolExecutor(_PARALLEL_READS if is_s3(cache_dir) else 1) as pool:
-        counts.update(zip(todo, pool.map(lambda i: shard_counts(cache_dir, i), todo)))
-    meta = CacheMeta(teacher_model_id=teacher_model_id, dataset_digest=manifest.digest, embedding_size=embedding_size,
-                     num_shards=len(manifest.shards), num_samples=sum(n for n, _ in counts.values()),
-                     skipped_samples=sum(s for _, s in counts.values()))  # fmt: skip
-    _write(cache_dir, CACHE_META, json.dumps(meta.__dict__, indent=2).encode())  # the commit
-    _delete(cache_dir, [BUILD_MARKER])
-    return meta
 
 
 # --- read side ----------------------------------------------------------------------------------------------------
@@ -379,14 +268,14 @@ class TeacherCache:
             del self._parts[i]
         self._index()  # frees the old index before the new shards arrive: peak memory stays near one share
         new = [i for i in wanted if i not in self._parts]
-        with ThreadPoolExecutor(_PARALLEL_READS if is_s3(self.cache_dir) and len(new) > 1 else 1) as pool:
+        with ThreadPoolExecutor(PARALLEL_READS if is_s3(self.cache_dir) and len(new) > 1 else 1) as pool:
             self._parts.update(zip(new, pool.map(self._load, new)))
         self._index()
         log.debug("teacher cache %s: holding %d of %d shards (%d samples)", self.cache_dir, len(self._parts),
                   self.meta.num_shards, len(self._keys))  # fmt: skip
 
     def _load(self, shard_index: int) -> tuple[np.ndarray, np.ndarray]:
-        with _load_npz(self.cache_dir, shard_index) as part:
+        with load_npz(self.cache_dir, shard_index) as part:
             keys, emb = part["keys"], part["embeddings"]
         if len(keys) == 0:
             emb = np.zeros((0, self.embedding_size), np.float16)
@@ -435,3 +324,30 @@ class TeacherCache:
             mask = slots == s
             out[mask] = self._emb[s][rows[mask]]
         return torch.from_numpy(out).float()
+
+
+def open_teacher(cfg: FaceScaleConfig, shards: list[int]) -> TeacherCache:
+    """Opens ``distill.teacher_cache`` for a training worker, holding the embeddings of ``shards`` (the hook).
+
+    Raises:
+        ValueError: When the cache's embeddings are not ``model.embedding_size``-d.
+    """
+    teacher = TeacherCache(cfg.distill.teacher_cache, cfg.data.root, shards=shards)
+    if teacher.embedding_size != cfg.model.embedding_size:
+        raise ValueError(f"distill.teacher_cache: teacher embeddings are {teacher.embedding_size}-d, "
+                         f"model.embedding_size is {cfg.model.embedding_size}")
+    return teacher
+
+
+def teacher_hooks(cfg: FaceScaleConfig, base: WorkerHooks | None = None) -> WorkerHooks | None:
+    """The loop hooks of a run: ``base`` plus the teacher reader when ``distill.teacher_cache`` is set.
+
+    Raises:
+        FileNotFoundError: When the cache there is not complete (no ``cache.json``), before any worker starts.
+    """
+    cache = cfg.distill.teacher_cache
+    if not cache:
+        return base
+    if read_meta(cache) is None:  # a local directory or an s3:// prefix
+        raise FileNotFoundError(f"distill.teacher_cache: {cache} is not a complete teacher cache (no cache.json)")
+    return dataclasses.replace(base or WorkerHooks(), open_teacher=open_teacher)

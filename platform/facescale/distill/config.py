@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from facescale.distill.loss import DEFAULT_ALPHA, DistillForm
+from facescale.heads.distillation import DEFAULT_ALPHA, DistillForm
 
 
 class DistillConfig(BaseModel):

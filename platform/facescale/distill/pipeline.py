@@ -39,7 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from facescale.config import ConfigError, FaceScaleConfig, format_validation, load_config, merge_trees
-from facescale.distill.loss import DEFAULT_ALPHA, DistillForm
+from facescale.heads.distillation import DEFAULT_ALPHA, DistillForm
 from facescale.models import list_backbones
 from facescale.pfe.config import PFERunConfig
 

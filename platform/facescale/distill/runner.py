@@ -25,6 +25,8 @@ import torch
 
 from facescale.config import ConfigError, FaceScaleConfig
 from facescale.data import load_manifest
+from facescale.distill.cache import teacher_hooks
+from facescale.distill.cache_build import build_teacher_cache
 from facescale.distill.pipeline import (
     SCRATCH,
     SCRATCH_STAGES,
@@ -47,7 +49,6 @@ from facescale.tracking.mlflow_run import resolve_local_uri
 from facescale.tracking.models import LoadedBackbone, ModelResolveError, load_backbone
 from facescale.train.launch import check_inputs, init_ray, run_training
 from facescale.train.node_check import PathSpec, check_paths_on_nodes, is_local
-from facescale.train.teacher_cache import build_teacher_cache
 
 log = logging.getLogger("facescale.distill")
 
@@ -83,7 +84,7 @@ def _checkpoint_identity(directory: str) -> str:
     """
     digest = hashlib.sha256()
     if directory.startswith("s3://"):
-        from facescale.data import storage  # lazy: boto3 only for s3:// (DESIGN.md)
+        from facescale import storage  # lazy: boto3 only for s3:// (DESIGN.md)
 
         url = directory.rstrip("/") + "/model.pt"
         try:
@@ -284,7 +285,7 @@ class PipelineRunner:
         identity = self.init.model_id or _checkpoint_identity(self.spec.init)
         if not self.remote_storage:
             return _save_init(self.init, Path(self.storage) / self.pipeline_run_id / "init"), identity
-        from facescale.data import storage  # lazy: boto3 only for s3:// (DESIGN.md)
+        from facescale import storage  # lazy: boto3 only for s3:// (DESIGN.md)
 
         uri = f"{self.storage}/{self.pipeline_run_id}/init"
         with tempfile.TemporaryDirectory(prefix="facescale-init-") as tmp:
@@ -310,7 +311,7 @@ class PipelineRunner:
             log.info("stage %s: resuming interrupted run %s", stage, resume_run)
         log.info("stage %s: %s, init %s, teacher %s", stage, cfg.model.backbone, init_id, teacher_id)
         res = run_training(cfg, tags=tags, parent_run_id=lineage.parent_run_id, run_id=resume_run,
-                           ray_run_name=f"{self.pipeline_run_id}-{safe_name(stage)}")
+                           ray_run_name=f"{self.pipeline_run_id}-{safe_name(stage)}", hooks=teacher_hooks(cfg))
         model_id = res.metrics.get("model_id")
         if not model_id or not res.checkpoint_path:
             raise RuntimeError(f"stage {stage}: the run logged no model or checkpoint (tracking.log_model must be on)")

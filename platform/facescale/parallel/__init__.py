@@ -1,14 +1,8 @@
-"""Model-parallel classifier: Partial FC, its sparse optimizers, reshardable checkpoints and memory planner."""
+"""Model-parallel classifier: Partial FC, its sparse optimizers, the memory planner (range files: checkpoint/)."""
 
-from facescale.parallel.checkpoint import load_partial_fc, read_manifest, save_partial_fc
-from facescale.parallel.optim import (
-    SparseRowAdamW,
-    SparseRowSGD,
-    build_partial_fc_optimizer,
-    state_bytes_per_row,
-    stochastic_round_bf16,
-)
+from facescale.parallel.optim import SparseRowAdamW, SparseRowSGD, build_partial_fc_optimizer
 from facescale.parallel.partial_fc import PartialFC, filter_inter_class
+from facescale.parallel.row_state import state_bytes_per_row, stochastic_round_bf16
 
 __all__ = [
     "PartialFC",
@@ -16,9 +10,6 @@ __all__ = [
     "SparseRowSGD",
     "build_partial_fc_optimizer",
     "filter_inter_class",
-    "load_partial_fc",
-    "read_manifest",
-    "save_partial_fc",
     "state_bytes_per_row",
     "stochastic_round_bf16",
 ]

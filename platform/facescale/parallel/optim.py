@@ -2,19 +2,8 @@
 
 arcface_torch's PartialFC_V2 keeps weight, gradient and momentum dense for every center: 6 KB per identity at
 D=512 with SGD. Here the gradient is a sparse tensor holding only the sampled rows (see ``PartialFC``) and the
-optimizer state is stored compactly for every row. Persistent bytes per identity at D=512 (centers included):
-
-    =============================  ===============================================================  ========
-    optimizer                      state per row                                                    B/id
-    =============================  ===============================================================  ========
-    SGD ``int8`` (default)         momentum int8 + one fp32 absmax scale per 64 values, int32 step  2048+548
-    SGD ``int8``, bf16 centers     as above, centers stored in bf16 (stochastic rounding)           1024+548
-    SGD ``bf16``                   momentum bf16, int32 step (``catch_up=False``: 2048+1024)        2048+1028
-    SGD ``fp32``                   momentum fp32, int32 step                                        2048+2052
-    AdamW ``int8`` + ``row``       exp_avg int8 (block 64), fp32 exp_avg_sq per row, int32 steps    2048+552
-    AdamW ``fp32`` + ``full``      exact lazy AdamW                                                 2048+4100
-    dense v2 baseline (SGD)        ``torch.optim.SGD`` on a dense gradient: weight, grad, momentum  3 x 2048
-    =============================  ===============================================================  ========
+optimizer state is stored compactly for every row (the formats, and the bytes per identity of each optimizer
+setting, are in :mod:`facescale.parallel.row_state`).
 
 Trade-offs, stated plainly:
 
@@ -23,16 +12,8 @@ Trade-offs, stated plainly:
   scored, so at a constant lr it equals dense SGD; under an lr schedule the replayed steps use the current lr
   (exact again if the trainer calls ``catch_up_rows`` before a step change of the lr). ``catch_up=False`` and
   ``SparseRowAdamW`` are lazy: skipped rows simply wait, and weight decay reaches sampled rows only.
-- **Low-precision state.** The update of the current step uses the full-precision state; only what is stored is
-  rounded (to nearest). bf16 keeps 8 mantissa bits; int8 keeps 1/127 of each 64-value block's largest magnitude.
-- **bf16 centers** (``PartialFC(center_dtype="bf16")``): the update of a row is computed in fp32 and written back
-  with *stochastic rounding* (:func:`stochastic_round_bf16`): rounded up with probability equal to the fraction
-  of a bf16 step, so an update smaller than half a step (lr * grad is often ~1e-4 of a center's magnitude, below
-  half of bf16's relative spacing of 2^-8..2^-7) survives in expectation instead of being rounded away (Gupta et al.,
-  "Deep Learning with Limited Numerical Precision", ICML 2015; Zamirai et al., "Revisiting BFloat16 Training",
-  arXiv:2010.06192). The random bits are a hash of (seed, optimizer step, global row, column) -- the global row
-  rather than the rank, so a run rounds the same on any world size -- and the step is in the checkpoint, so a
-  resumed run rounds the same. Centers + int8 momentum: 1024 + 548 = 1,572 B per identity at D=512.
+- **Low-precision state and bf16 centers**: rounded to nearest, or stochastically for bf16 centers
+  (``PartialFC(center_dtype="bf16")``); how, and why, is in :mod:`facescale.parallel.row_state`.
 - **Row-wise second moment** (AdamW ``second_moment="row"``): one mean-square per center instead of one per
   coordinate, as in row-wise AdaGrad for large embedding tables; per-row step counts give correct bias correction
   for rows sampled for the first time late in training.
@@ -43,134 +24,31 @@ The measured effect on accuracy (a synthetic task, against dense fp32) is in BEN
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from facescale.parallel.partial_fc import mix_seed
+from facescale.parallel.row_state import (
+    SecondMoment,
+    StateDtype,
+    default_state_dtype,
+    read_state_rows,
+    row_state_layout,
+    stochastic_round_bf16,
+    take_rows,
+    write_state_rows,
+)
 
-StateDtype = Literal["fp32", "bf16", "int8"]
-SecondMoment = Literal["full", "row"]
-QUANT_BLOCK = 64
+# Re-exported: the memory planner imports it from here.
+from facescale.parallel.row_state import state_bytes_per_row as state_bytes_per_row
+
 # Rows updated at once; bounds the fp32 temporaries of a step (~3 x 8 MB at D=512).
 STEP_CHUNK_BYTES = 8 << 20
-_FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
 
 # Salts of the rounding keys: the write of an optimizer step and the write of a catch-up between steps.
 _ROUND_STEP, _ROUND_CATCH_UP = 0x5752, 0xC47C
-_MASK32 = 0xFFFFFFFF
-_ROUND_BLOCK_ELEMENTS = 1 << 18
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """In place, a 32-bit integer mix of int64 ``x`` holding values in [0, 2^32) (T. Mueller's xorshift-multiply
-    hash; the constant is below 2^31 so the int64 products never overflow)."""
-    x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(_MASK32)
-    x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(_MASK32)
-    return x.bitwise_xor_(x >> 16)
-
-
-def stochastic_round_bf16(values: torch.Tensor, key: int, global_rows: torch.Tensor) -> torch.Tensor:
-    """fp32 ``values [R, C]`` rounded to bf16 stochastically: up (in magnitude) with probability equal to the
-    dropped fraction of a bf16 step, so ``E[round(x)] = x`` exactly (for finite values below bf16's max).
-
-    The 16 random bits of element (r, c) are a hash of (``key``, ``global_rows[r]``, c): the same value, key and
-    row always round the same, whatever the chunking or the world size.
-
-    Args:
-        values: fp32 rows to store.
-        key: 63-bit seed of this write (e.g. ``mix_seed(seed, step, salt)``).
-        global_rows: int64 ``[R]`` row ids that do not depend on the sharding.
-
-    Returns:
-        A bf16 tensor of the same shape.
-    """
-    key_lo, key_hi = key & _MASK32, (key >> 32) & _MASK32
-    row_bits = _hash32((global_rows.to(torch.int64) & _MASK32) ^ key_lo)
-    col_bits = _hash32(torch.arange(values.shape[1], dtype=torch.int64, device=values.device) ^ key_hi)
-    values = values.contiguous()
-    out = torch.empty(values.shape, dtype=torch.bfloat16, device=values.device)
-    block = max(1, _ROUND_BLOCK_ELEMENTS // max(1, values.shape[1]))  # bounds the int64 temporaries (~2 MB each)
-    for start in range(0, values.shape[0], block):
-        rows = slice(start, start + block)
-        noise = _hash32(row_bits[rows].unsqueeze(1) ^ col_bits).bitwise_and_(0xFFFF).to(torch.int32)
-        # Sign-magnitude: adding r in [0, 2^16) to the low bits then truncating them rounds |x| up with probability
-        # (low bits) / 2^16 -- the fraction of the bf16 step -- for either sign; truncation then converts exactly.
-        bits = values[rows].view(torch.int32).add(noise).bitwise_and_(-65536)
-        out[rows] = bits.view(torch.float32)
-    return out
-
-
-def _block_size(width: int) -> int:
-    return QUANT_BLOCK if width % QUANT_BLOCK == 0 else width
-
-
-def default_state_dtype(optimizer: str) -> StateDtype:
-    """int8 block-quantised momentum / first moment: the most compact, and as accurate as fp32 here (BENCHMARKS)."""
-    return "int8"
-
-
-def row_state_layout(optimizer: str, rows: int, width: int, state_dtype: StateDtype,
-                     second_moment: SecondMoment = "row") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """``{key: (shape, dtype)}`` of the sparse optimizers' state for a ``[rows, width]`` parameter."""
-    first = "momentum" if optimizer == "sgd" else "exp_avg"
-    if state_dtype == "int8":
-        layout = {f"{first}_q": ((rows, width), torch.int8),
-                  f"{first}_scale": ((rows, width // _block_size(width)), torch.float32)}
-    else:
-        layout = {first: ((rows, width), _FLOAT_DTYPES[state_dtype])}
-    if optimizer == "adamw":
-        full_dtype = torch.float32 if state_dtype == "fp32" else torch.bfloat16
-        layout["exp_avg_sq"] = ((rows,), torch.float32) if second_moment == "row" else ((rows, width), full_dtype)
-    layout["last_step"] = ((rows,), torch.int32)
-    layout["step"] = ((), torch.int64)
-    return layout
-
-
-def state_bytes_per_row(optimizer: str, embedding_size: int, state_dtype: StateDtype | None = None,
-                        second_moment: SecondMoment = "row", dense: bool = False) -> int:
-    """Bytes of optimizer state per class center (the planner's and the benchmark's shared truth)."""
-    if dense:  # torch.optim.SGD momentum, or AdamW's two moments, in fp32
-        return 4 * embedding_size * (1 if optimizer == "sgd" else 2)
-    layout = row_state_layout(optimizer, 1, embedding_size, state_dtype or default_state_dtype(optimizer),
-                              second_moment)
-    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values() if shape)
-
-
-def _take(tensor: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
-    """``tensor[rows]``; for an index tensor as ``index_select`` (a gather of whole rows, about twice as fast as
-    advanced indexing on CPU)."""
-    return tensor[rows] if isinstance(rows, slice) else tensor.index_select(0, rows)
-
-
-def _read(state: dict[str, torch.Tensor], name: str, rows: torch.Tensor | slice) -> torch.Tensor:
-    """fp32 copy of ``state[name]`` at ``rows``."""
-    if f"{name}_q" in state:
-        q, scale = _take(state[f"{name}_q"], rows), _take(state[f"{name}_scale"], rows)
-        blocks = scale.shape[1]
-        # Convert, then scale in place: the same values as the promoting int8 * fp32 product, and about 3x faster on
-        # CPU (the mixed-dtype kernel is slow); the fp32 copy is the result itself.
-        values = q.to(torch.float32)
-        return values.view(q.shape[0], blocks, -1).mul_(scale.unsqueeze(2)).view(q.shape[0], -1)
-    return _take(state[name], rows).float()
-
-
-def _write(state: dict[str, torch.Tensor], name: str, rows: torch.Tensor | slice, values: torch.Tensor) -> None:
-    """Stores fp32 ``values`` into ``state[name]`` at ``rows`` (rounding to the storage dtype)."""
-    if f"{name}_q" in state:
-        blocks = state[f"{name}_scale"].shape[1]
-        grouped = values.view(values.shape[0], blocks, -1)
-        # max |x| per block without an |x| copy, as max(max x, -min x): exactly vector_norm(ord=inf), ~15x faster on
-        # CPU (abs_ only turns a -0 from all-zero blocks into +0).
-        scale = torch.maximum(grouped.amax(dim=2), grouped.amin(dim=2).neg_()).abs_() / 127.0
-        q = (grouped / scale.clamp_min(1e-30).unsqueeze(2)).round_().clamp_(-127, 127).to(torch.int8)
-        state[f"{name}_q"][rows] = q.view(values.shape[0], -1)
-        state[f"{name}_scale"][rows] = scale
-    else:
-        state[name][rows] = values.to(state[name].dtype)
 
 
 def _sampled_rows(grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -237,7 +115,7 @@ class _SparseRowOptimizer(torch.optim.Optimizer):
                 t = int(state["step"]) + 1
                 for index, part in self._chunks(p, rows):
                     grad = values[part].float()  # may be a view of p.grad: never written
-                    weight = _take(flat, index).float()
+                    weight = take_rows(flat, index).float()
                     state_rows = list(self._read_rows(state, index))
                     if self.catch_up:  # a no-op for rows PartialFC already brought up to date
                         self._bring_up_to_date(state, index, weight, state_rows, group)
@@ -252,7 +130,7 @@ class _SparseRowOptimizer(torch.optim.Optimizer):
                           rows: list[torch.Tensor], group: dict[str, Any]) -> bool:
         """Replays missed steps on the fp32 rows; False when every row was already current."""
         step = int(state["step"])
-        last = _take(state["last_step"], index).long()
+        last = take_rows(state["last_step"], index).long()
         skipped = step - last
         if not bool((skipped > 0).any()):
             return False
@@ -274,7 +152,7 @@ class _SparseRowOptimizer(torch.optim.Optimizer):
             return
         flat = p.view(p.shape[0], -1)
         for index, _ in self._chunks(p, rows):
-            weight, state_rows = _take(flat, index).float(), self._read_rows(state, index)
+            weight, state_rows = take_rows(flat, index).float(), self._read_rows(state, index)
             if self._bring_up_to_date(state, index, weight, state_rows, group):
                 # Writes only when something changed: a current row keeps its version (autograd checks it).
                 self._write_rows(state, index, state_rows)
@@ -366,10 +244,10 @@ class SparseRowSGD(_SparseRowOptimizer):
         return row_state_layout("sgd", p.shape[0], p[0].numel(), self.state_dtype)
 
     def _read_rows(self, state: dict[str, torch.Tensor], index: Any) -> list[torch.Tensor]:
-        return [_read(state, "momentum", index)]
+        return [read_state_rows(state, "momentum", index)]
 
     def _write_rows(self, state: dict[str, torch.Tensor], index: Any, rows: list[torch.Tensor]) -> None:
-        _write(state, "momentum", index, rows[0])
+        write_state_rows(state, "momentum", index, rows[0])
 
     def _coast(self, weight: torch.Tensor, rows: list[torch.Tensor], skipped: torch.Tensor, last: torch.Tensor,
                group: dict[str, Any]) -> None:
@@ -432,10 +310,10 @@ class SparseRowAdamW(_SparseRowOptimizer):
         return row_state_layout("adamw", p.shape[0], p[0].numel(), self.state_dtype, self.second_moment)
 
     def _read_rows(self, state: dict[str, torch.Tensor], index: Any) -> list[torch.Tensor]:
-        return [_read(state, "exp_avg", index), _take(state["exp_avg_sq"], index).float()]
+        return [read_state_rows(state, "exp_avg", index), take_rows(state["exp_avg_sq"], index).float()]
 
     def _write_rows(self, state: dict[str, torch.Tensor], index: Any, rows: list[torch.Tensor]) -> None:
-        _write(state, "exp_avg", index, rows[0])
+        write_state_rows(state, "exp_avg", index, rows[0])
         state["exp_avg_sq"][index] = rows[1].to(state["exp_avg_sq"].dtype)
 
     def _coast(self, weight: torch.Tensor, rows: list[torch.Tensor], skipped: torch.Tensor, last: torch.Tensor,

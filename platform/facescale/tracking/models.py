@@ -25,9 +25,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from facescale.checkpoint.format import load_backbone_state
 from facescale.models import build_backbone
 from facescale.tracking.mlflow_run import default_tracking_uri  # re-exported (in __all__)
-from facescale.train.checkpoint import load_backbone_state
 
 __all__ = ["LoadedBackbone", "ModelResolveError", "default_tracking_uri", "load_backbone", "resolve_model_id"]
 

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from facescale.trees import merge_trees
+
 if TYPE_CHECKING:
     from facescale.config import TrainConfig
 
@@ -73,6 +75,5 @@ def build_deepspeed_config(train: TrainConfig) -> dict[str, Any]:
         "steps_per_print": _QUIET_STEPS_PER_PRINT,
         "wall_clock_breakdown": False,
     }
-    from facescale.config import merge_trees  # not at module level: facescale.config imports this module
 
     return merge_trees(config, ds.overrides)

@@ -17,7 +17,14 @@ from torch import nn
 
 from facescale.config import TrainConfig
 from facescale.parallel.dist import free_loopback_port
-from facescale.train.engine import _DTYPES, BackboneEngine, EngineError, _cpu_fp32, _rank0, build_backbone_optimizer
+from facescale.train.engine_base import (
+    _DTYPES,
+    BackboneEngine,
+    EngineError,
+    _cpu_fp32,
+    _rank0,
+    build_backbone_optimizer,
+)
 
 log = logging.getLogger("facescale.train.engine")
 

@@ -18,10 +18,10 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from facescale.checkpoint.committed import resolve_checkpoint, verify_checkpoint
 from facescale.config import ConfigError, FaceScaleConfig, dump_config
 from facescale.console import RunProgress, is_verbose, ray_runtime_env, ray_train_log_level
 from facescale.data import ManifestError, load_manifest
-from facescale.distill.cache import read_meta as read_cache_meta
 from facescale.tracking.mlflow_run import (
     end_run,
     log_dataset_input,
@@ -30,8 +30,8 @@ from facescale.tracking.mlflow_run import (
     start_run,
     ui_url,
 )
-from facescale.train.ckpt_store import resolve_checkpoint, verify_checkpoint
 from facescale.train.context import process_group_backend
+from facescale.train.hooks import WorkerHooks
 from facescale.train.node_check import PathSpec, check_paths_on_nodes, is_local
 from facescale.train.step import STOP_TAG, NonFiniteError
 
@@ -70,9 +70,6 @@ def check_inputs(cfg: FaceScaleConfig) -> None:
     init = cfg.train.init_from
     if init and "://" not in init and not (Path(init) / "model.pt").is_file():
         raise FileNotFoundError(f"train.init_from: {init} is not a training checkpoint (no model.pt)")
-    cache = cfg.distill.teacher_cache
-    if cache and read_cache_meta(cache) is None:  # a local directory or an s3:// prefix
-        raise FileNotFoundError(f"distill.teacher_cache: {cache} is not a complete teacher cache (no cache.json)")
 
 
 def init_ray(cfg: FaceScaleConfig) -> None:
@@ -164,7 +161,8 @@ def local_path_specs(given: FaceScaleConfig, cfg: FaceScaleConfig, storage: str)
 
 
 def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
-                 run_id: str | None = None, ray_run_name: str | None = None) -> TrainResult:
+                 run_id: str | None = None, ray_run_name: str | None = None,
+                 hooks: WorkerHooks | None = None) -> TrainResult:
     """Runs one training job end to end and returns its metrics.
 
     Args:
@@ -176,6 +174,8 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, paren
         ray_run_name: Ray Train run name (default ``facescale-<run id>``); the run's checkpoints live under
             ``<scaling.storage_path>/<name>/``, and the workers resume from the newest committed one there, so a
             stable name makes an interrupted run resumable by simply running it again.
+        hooks: What the caller adds to the loop (``train/hooks.py``): the teacher reader of a distillation stage,
+            a test's planted faults; pickled to every worker.
 
     Returns:
         The run's id, final metrics and last checkpoint.
@@ -202,11 +202,11 @@ def run_training(cfg: FaceScaleConfig, tags: dict[str, str] | None = None, paren
     log.info("MLflow run %s at %s", run_id, tracking_uri)
     verbose = is_verbose()
     name = ray_run_name or f"facescale-{run_id}"
-    run_root = f"{storage.rstrip('/')}/{name}"  # the run's checkpoints (facescale.train.ckpt_store) live here
+    run_root = f"{storage.rstrip('/')}/{name}"  # the run's checkpoints (facescale.checkpoint.store) live here
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking_uri,
-                           "run_root": run_root, "verbose": verbose},
+                           "run_root": run_root, "verbose": verbose, "hooks": hooks},
         torch_config=TorchConfig(backend=process_group_backend(cfg.scaling.use_gpu)),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,

@@ -77,7 +77,8 @@ class StepTimer:
     def flush(self) -> dict[str, float]:
         """Mean milliseconds per step of each phase (``time/<phase>_ms``) over the window; resets the window."""
         n = max(self.window_steps, 1)
-        out = {f"time/{name}_ms": 1000 * self._window.get(name, 0.0) / n for name in (*PHASES, "step")}
+        names = (*PHASES, *self._extra_phases(), "step")
+        out = {f"time/{name}_ms": 1000 * self._window.get(name, 0.0) / n for name in names}
         for name, value in self._window.items():
             self.total[name] += value
         self.total_steps += self.window_steps
@@ -85,10 +86,14 @@ class StepTimer:
         self.window_steps = 0
         return out
 
+    def _extra_phases(self) -> list[str]:
+        """Phases the loop opened beyond PHASES (FFC's "gallery"), by name; none in runs that open none."""
+        return sorted((set(self._window) | set(self.total)) - {*PHASES, "step"})
+
     def breakdown(self) -> dict[str, float]:
         """Share of the run's step time spent in each phase (the rest, "other": batches to the device, lr, logs)."""
         step = max(self.total.get("step", 0.0), 1e-9)
-        shares = {name: self.total.get(name, 0.0) / step for name in PHASES}
+        shares = {name: self.total.get(name, 0.0) / step for name in (*PHASES, *self._extra_phases())}
         shares["other"] = max(0.0, 1.0 - sum(shares.values()))
         return shares
 

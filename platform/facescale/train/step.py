@@ -17,9 +17,11 @@ read by the loop once per logging window. Only a non-finite step reads more, to 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -27,9 +29,14 @@ from torch import nn
 
 from facescale.config import FaceScaleConfig
 from facescale.data.transforms import normalize_images
-from facescale.distill.loss import angular_distillation_loss
+from facescale.heads.distillation import angular_distillation_loss
 from facescale.parallel.dist import all_reduce_, all_reduce_values
 from facescale.train.observe import StepTimer
+
+if TYPE_CHECKING:
+    from facescale.checkpoint.format import TrainProgress
+
+log = logging.getLogger("facescale.train")
 
 STOP_TAG = "facescale.stop_reason"  # MLflow tag naming why a run stopped on non-finite values
 
@@ -203,6 +210,31 @@ def train_step(engine: Any, classifier: nn.Module, classifier_opt: torch.optim.O
             classifier_opt.step()
         classifier_opt.zero_grad(set_to_none=True)
     return StepOutcome(losses, grad_norm, applied=applied)
+
+
+def apply_nonfinite_policy(outcome: StepOutcome, step: int, consecutive_bad: int, progress: TrainProgress,
+                           cfg: FaceScaleConfig, rank: int, last_committed: Callable[[], str | None]) -> int:
+    """Counts a non-finite step and stops the run when ``train.nonfinite`` says so; returns the consecutive count.
+
+    Every rank holds the same verdict (the step's flags are all-reduced), so every rank raises or skips alike.
+
+    Args:
+        last_committed: The newest committed checkpoint (named in the stop message), read only when stopping.
+
+    Raises:
+        NonFiniteError: Under ``train.nonfinite=stop``, or after ``train.max_consecutive_nonfinite`` in a row.
+    """
+    if outcome.nonfinite is None:
+        return 0
+    consecutive_bad += 1
+    progress.nonfinite_skipped += 1
+    msg = f"non-finite step {step}: {outcome.nonfinite} (rank {rank})"
+    if cfg.train.nonfinite == "stop" or consecutive_bad >= cfg.train.max_consecutive_nonfinite:
+        why = ("train.nonfinite=stop" if cfg.train.nonfinite == "stop"
+               else f"{consecutive_bad} in a row (train.max_consecutive_nonfinite)")
+        raise NonFiniteError(f"{msg}; stopping ({why}); the last committed checkpoint is {last_committed() or 'none'}")
+    log.warning("%s; update skipped (train.nonfinite=skip, %d so far)", msg, progress.nonfinite_skipped)
+    return consecutive_bad
 
 
 def first_nonfinite(named: dict[str, nn.Module]) -> str | None:

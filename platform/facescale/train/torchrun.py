@@ -31,6 +31,7 @@ from facescale.data import load_manifest
 from facescale.parallel.dist import broadcast_object
 from facescale.tracking.mlflow_run import end_run, log_dataset_input, resolve_local_uri, start_run
 from facescale.train.context import TORCHRUN_VARIABLES, in_torchrun, init_process_group, torchrun_context
+from facescale.train.hooks import WorkerHooks
 from facescale.train.launch import TrainResult, absolute_paths, check_inputs, final_metrics, raise_if_stopped
 from facescale.train.loop import run_worker
 
@@ -83,12 +84,14 @@ def _share_run(cfg: FaceScaleConfig, rank: int, world_size: int, tags: dict[str,
     return payload
 
 
-def run_torchrun(cfg: FaceScaleConfig, tags: dict[str, str] | None = None) -> TrainResult | None:
+def run_torchrun(cfg: FaceScaleConfig, tags: dict[str, str] | None = None,
+                 hooks: WorkerHooks | None = None) -> TrainResult | None:
     """Runs this torchrun process's share of a training run.
 
     Args:
         cfg: Validated config with ``scaling.launcher: torchrun``.
         tags: Extra MLflow tags for the run.
+        hooks: What the caller adds to the loop (``train/hooks.py``): the teacher reader, a test's planted faults.
 
     Returns:
         On rank 0 the run's id, final metrics and last checkpoint; None on the other ranks.
@@ -110,7 +113,7 @@ def run_torchrun(cfg: FaceScaleConfig, tags: dict[str, str] | None = None) -> Tr
         ctx = torchrun_context(payload["run_root"], use_gpu)
         t0, ok = time.perf_counter(), False
         try:
-            run_worker(ctx, payload)
+            run_worker(ctx, payload, hooks)
             if rank == 0:
                 raise_if_stopped(payload["tracking_uri"], payload["run_id"])
             ok = True

@@ -1,6 +1,6 @@
 """The training checkpoint: everything that must survive a restart, saved and restored through one object.
 
-Layout of one checkpoint directory (each rank writes its own files; :mod:`facescale.train.ckpt_store` gathers them
+Layout of one checkpoint directory (each rank writes its own files; :mod:`facescale.checkpoint.store` gathers them
 into one checkpoint and commits it only with every rank's receipt):
 
     progress.json          step, epoch, step in epoch, world size at save, format version (rank 0)
@@ -9,15 +9,15 @@ into one checkpoint and commits it only with every rank's receipt):
     optimizer.pt           optimizer(s) of replicated parameters, and under ``"engine"`` the backbone engine's optimizer
                            state keyed by parameter name, gathered from every rank (world-size independent) (rank 0)
     rng_rank{r}.pt         torch / numpy / python RNG state and data-loader position of rank r (every rank)
-    partial_fc*            sharded classifier files, written by the classifier itself (every rank)
+    partial_fc*            Partial FC class-range files and their manifest (every rank; checkpoint/partial_fc.py)
 
 Files sit flat in the directory: ranks upload concurrently, and a sub-directory that several ranks create at
 the same moment was seen to lose one rank's file.
 
 Where the checkpoint goes, and how it is committed so that a half-written one is never used, is the job of
-:mod:`facescale.train.ckpt_store`; this module only writes and reads the files of one checkpoint directory.
+:mod:`facescale.checkpoint.store`; this module only writes and reads the files of one checkpoint directory.
 
-A sharded classifier (Partial FC) implements ``save_sharded(directory, rank)`` and ``load_sharded(directory)``;
+The sharded classifier (Partial FC) is saved by class range (:mod:`facescale.checkpoint.partial_fc`, every rank);
 everything else is replicated and saved once by rank 0. On resume a rank reads only its share
 (:meth:`TrainCheckpoint.files_for_rank`): the replicated files, its own ``rng_rank{r}.pt`` and the class-range files
 that overlap its class range, so per-rank resume I/O grows with N / W, not N.
@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from facescale.parallel.checkpoint import file_class_range, ranges_overlap
-from facescale.train.ckpt_store import IncompleteCheckpointError
+from facescale.checkpoint.committed import IncompleteCheckpointError
+from facescale.checkpoint.partial_fc import file_class_range, load_partial_fc, ranges_overlap, save_partial_fc
+from facescale.parallel.partial_fc import PartialFC
 
 FORMAT_VERSION = 1
 _RANK_FILE_RE = re.compile(r"^rng_rank(\d+)\.pt$")
@@ -83,6 +84,11 @@ class RankFiles:
         return f"the files of rank {self.rank}{classes}"
 
 
+def is_sharded(classifier: nn.Module) -> bool:
+    """Whether the classifier is sharded by class (Partial FC): every rank saves its range, no rank 0 copy."""
+    return isinstance(unwrap(classifier), PartialFC)
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)
 
@@ -111,7 +117,7 @@ class TrainCheckpoint:
 
     Args:
         backbone: Backbone (possibly DDP-wrapped).
-        classifier: Classifier (possibly DDP-wrapped, or sharded with ``save_sharded``/``load_sharded``).
+        classifier: Classifier (possibly DDP-wrapped, or Partial FC: sharded, saved by class range).
         optimizers: Named optimizers of replicated parameters (saved by rank 0).
         progress: Mutable progress record of the loop.
         arch: ``{"backbone": name, "embedding_size": n}`` written beside the weights (read by ``load_arch``).
@@ -130,7 +136,7 @@ class TrainCheckpoint:
 
     @property
     def _sharded(self) -> bool:
-        return hasattr(unwrap(self.classifier), "save_sharded")
+        return is_sharded(self.classifier)
 
     def files_for_rank(self, rank: int) -> RankFiles:
         """The files this rank reads in :meth:`load`, for ``local_copy(uri, wanted=...)``: the replicated files, its
@@ -146,7 +152,8 @@ class TrainCheckpoint:
         torch.save({**_rng_state(), "loader_position": self.progress.local_loader_position},
                    directory / f"rng_rank{rank}.pt")
         if self._sharded:
-            unwrap(self.classifier).save_sharded(directory, rank)
+            head = unwrap(self.classifier)
+            save_partial_fc(head, head.attached_optimizer, directory, rank)
         engine_state = self.engine.state_dict() if self.engine is not None else None  # collective
         if rank == 0:
             backbone_state = engine_state["backbone"] if engine_state else unwrap(self.backbone).state_dict()
@@ -194,7 +201,8 @@ class TrainCheckpoint:
         else:
             unwrap(self.backbone).load_state_dict(model_state["backbone"])
         if self._sharded:
-            unwrap(self.classifier).load_sharded(directory)
+            head = unwrap(self.classifier)
+            load_partial_fc(head, head.attached_optimizer, directory)
         else:
             unwrap(self.classifier).load_state_dict(model_state["classifier"])
         for name, opt in self.optimizers.items():

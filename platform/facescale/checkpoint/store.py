@@ -24,6 +24,9 @@ commits only when all receipts and every file in them are there at their sizes a
 
 Deleting is the commit in reverse: a checkpoint is uncommitted first (S3: its manifest object goes first; local: the
 directory is renamed to a dot-name), then its files go, so an interrupted deletion never looks committed.
+
+Reading -- is a checkpoint committed, which is the newest, a local copy of one -- is in
+:mod:`facescale.checkpoint.committed`; this module writes and retains.
 """
 
 from __future__ import annotations
@@ -34,22 +37,36 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from facescale.data.errors import DataError
+from facescale import storage
+from facescale.checkpoint.committed import (
+    LEFTOVER_RE,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    PARALLEL_FILES,
+    IncompleteCheckpointError,
+    check_committed,
+    checkpoint_dirs,
+    checkpoint_name,
+    latest_committed,
+)
+
+# Re-exported: the training loop and launcher import the readers from here.
+from facescale.checkpoint.committed import local_copy as local_copy
+from facescale.checkpoint.committed import resolve_checkpoint as resolve_checkpoint
+from facescale.checkpoint.committed import verify_checkpoint as verify_checkpoint
 
 logger = logging.getLogger("facescale.checkpoint")
 
-MANIFEST_NAME = "checkpoint.json"
-MANIFEST_FORMAT = 1
-_CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
-# Local leftovers: a staging directory of an interrupted save, or a checkpoint being deleted.
-_LEFTOVER_RE = re.compile(r"^\.checkpoint_(\d+)\.(staging|deleting)$")
+_is_s3 = storage.is_remote  # an object store: commit by manifest last (no atomic directory rename there)
+_join = storage.join
+_normalize = storage.absolute
+
 _RECEIPT = ".written_by_rank{rank}.json"
 _RECEIPT_RE = re.compile(r"^\.written_by_rank\d+\.json$")
 _OWN_DIR = ".rank{rank}.writing"  # local root: where a rank writes before moving its files into staging
@@ -57,237 +74,6 @@ _OWN_DIR_RE = re.compile(r"^\.rank\d+\.writing$")
 # Why rank 0 may not see a rank's receipt or file (the likely cause, for the error message).
 _UNSEEN_LOCAL = "is not visible on rank 0's node: is scaling.storage_path on a filesystem every node mounts?"
 _UNSEEN_S3 = "is not on S3: did rank {rank} finish uploading?"
-_PARALLEL_FILES = 4  # uploads/downloads at once per rank (as facescale.data.storage.PARALLEL_FILES)
-
-
-class IncompleteCheckpointError(FileNotFoundError):
-    """A checkpoint is not committed: no or unreadable manifest, or a listed file is missing or has the wrong size.
-
-    Args:
-        message: What is wrong; names the checkpoint and the file.
-        checkpoint: Path or URI of the checkpoint.
-        file: The missing or mismatched file (``checkpoint.json`` when the manifest itself is the problem).
-    """
-
-    def __init__(self, message: str, checkpoint: str = "", file: str | None = None) -> None:
-        super().__init__(message)
-        self.checkpoint = checkpoint
-        self.file = file
-
-    def __reduce__(self) -> tuple[Any, ...]:  # keep the fields when Ray pickles the error across processes
-        return (type(self), (str(self), self.checkpoint, self.file))
-
-
-def checkpoint_name(step: int) -> str:
-    """The directory name of the checkpoint at optimizer step ``step`` (zero-padded so names sort by step)."""
-    return f"checkpoint_{step:08d}"
-
-
-def _is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def _join(uri: str, name: str) -> str:
-    return uri.rstrip("/") + "/" + name if _is_s3(uri) else os.path.join(uri, name)
-
-
-def _normalize(uri: str | os.PathLike[str]) -> str:
-    uri = str(uri)
-    return uri.rstrip("/") if _is_s3(uri) else os.path.abspath(uri)
-
-
-def _storage() -> Any:
-    # NOTE: boto3 loads only for s3:// roots, as facescale.data does for shard sets.
-    from facescale.data import storage
-
-    return storage
-
-
-# --- reading and verifying -------------------------------------------------------------------------------------
-
-
-def _read_manifest(uri: str) -> dict[str, Any] | None:
-    """The parsed manifest of ``uri``; None if it has none."""
-    url = _join(uri, MANIFEST_NAME)
-    if _is_s3(uri):
-        storage = _storage()
-        try:
-            raw = storage.read_bytes(url)
-        except storage.StorageError as exn:
-            if exn.code in ("NoSuchKey", "404"):
-                return None
-            raise  # an unreachable store is an error, not an uncommitted checkpoint
-    elif os.path.isfile(url):
-        raw = Path(url).read_bytes()
-    else:
-        return None
-    try:
-        manifest = json.loads(raw)
-        files = manifest["files"]
-        bad = [n for n, s in files.items() if not isinstance(s, int) or s < 0 or not _safe_name(n)]
-        if manifest["format"] != MANIFEST_FORMAT or not isinstance(manifest["step"], int) or bad:
-            raise ValueError(f"format {manifest['format']} (this version reads {MANIFEST_FORMAT}), "
-                             f"step {manifest['step']!r}, bad file entries {bad[:3]}")  # fmt: skip
-        if "ranks" in manifest:
-            _check_rank_record(manifest["ranks"], files, manifest["world_size"])
-    except (ValueError, KeyError, TypeError, AttributeError) as exn:  # JSONDecodeError is a ValueError
-        raise IncompleteCheckpointError(f"checkpoint {uri}: unreadable {MANIFEST_NAME}: {exn!r}", uri,
-                                        MANIFEST_NAME) from exn  # fmt: skip
-    return manifest
-
-
-def _check_rank_record(ranks: dict[str, list[str]], files: dict[str, int], world_size: int) -> None:
-    """Raises ValueError unless ``ranks`` assigns every listed file to exactly one rank in ``[0, world_size)``.
-    A rank with no entry at all is not malformed but uncommitted (:func:`_verify` says so)."""
-    owned = [name for names in ranks.values() for name in names]
-    keys_ok = all(key.isdigit() and int(key) < world_size for key in ranks)
-    if not keys_ok or len(owned) != len(set(owned)) or set(owned) != set(files):
-        raise ValueError(f"ranks {sorted(ranks)} of world_size {world_size} do not assign each of the "
-                         f"{len(files)} files to one rank")  # fmt: skip
-
-
-def _safe_name(name: str) -> bool:
-    """A relative name that stays inside the checkpoint (a manifest can never point a download elsewhere)."""
-    parts = name.split("/")
-    return bool(name) and not name.startswith("/") and "\\" not in name and ".." not in parts and "" not in parts
-
-
-def _local_sizes(uri: str, names: list[str]) -> dict[str, int]:
-    return {name: os.path.getsize(path) for name in names if os.path.isfile(path := os.path.join(uri, name))}
-
-
-def _verify(uri: str, listing: dict[str, int] | None = None) -> dict[str, Any]:
-    """The manifest of ``uri`` checked against the files there (``listing``: S3 sizes already listed, or None)."""
-    manifest = _read_manifest(uri)
-    if manifest is None:
-        raise IncompleteCheckpointError(f"checkpoint {uri} is not committed: no {MANIFEST_NAME}", uri, MANIFEST_NAME)
-    files: dict[str, int] = manifest["files"]
-    ranks = manifest.get("ranks")  # None in manifests that predate rank records: their file list is all there is
-    if ranks is not None and (absent := [r for r in range(manifest["world_size"]) if str(r) not in ranks]):
-        raise IncompleteCheckpointError(f"checkpoint {uri} is not committed: rank {absent[0]} of "
-                                        f"{manifest['world_size']} has no files recorded in {MANIFEST_NAME}", uri,
-                                        MANIFEST_NAME)  # fmt: skip
-    owner = {name: rank for rank, names in (ranks or {}).items() for name in names}
-    if listing is None:
-        listing = _storage().list_objects(uri) if _is_s3(uri) else _local_sizes(uri, list(files))
-    for name, size in sorted(files.items()):
-        if name not in listing:
-            by = f" as written by rank {owner[name]}" if name in owner else ""
-            raise IncompleteCheckpointError(f"checkpoint {uri} is not committed: {name}, listed in {MANIFEST_NAME}"
-                                            f"{by}, is missing", uri, name)  # fmt: skip
-        if listing[name] != size:
-            raise IncompleteCheckpointError(f"checkpoint {uri} is not committed: {name} has {listing[name]} "
-                                            f"bytes, {MANIFEST_NAME} lists {size} (truncated or replaced)", uri,
-                                            name)  # fmt: skip
-    return manifest
-
-
-def verify_checkpoint(uri: str | os.PathLike[str]) -> dict[str, Any]:
-    """Checks that a checkpoint is committed.
-
-    Args:
-        uri: A checkpoint directory or ``s3://.../checkpoint_<step>`` prefix.
-
-    Returns:
-        Its manifest (``files``, ``step``, ``world_size``, ``meta``, ...).
-
-    Raises:
-        IncompleteCheckpointError: If it is not committed; the message names the checkpoint and the file.
-    """
-    return _verify(_normalize(uri))
-
-
-def _candidates(root: str) -> list[tuple[int, str, dict[str, int] | None]]:
-    """``(step, uri, S3 listing or None)`` of every ``checkpoint_<step>`` under ``root``, committed or not."""
-    if _is_s3(root):
-        grouped: dict[str, dict[str, int]] = {}
-        for key, size in _storage().list_objects(root).items():
-            top, _, rest = key.partition("/")
-            if rest and _CHECKPOINT_RE.match(top):
-                grouped.setdefault(top, {})[rest] = size
-        return [(int(_CHECKPOINT_RE.match(top)[1]), _join(root, top), listing) for top, listing in grouped.items()]
-    if not os.path.isdir(root):
-        return []
-    return [(int(m[1]), os.path.join(root, e.name), None) for e in os.scandir(root)
-            if e.is_dir() and (m := _CHECKPOINT_RE.match(e.name))]  # fmt: skip
-
-
-def _latest(root: str) -> str | None:
-    for _, uri, listing in sorted(_candidates(root), reverse=True):
-        try:
-            _verify(uri, listing)
-            return uri
-        except IncompleteCheckpointError as exn:
-            logger.warning("not resuming from %s: %s", uri, exn)
-    return None
-
-
-def resolve_checkpoint(uri: str | os.PathLike[str]) -> str | None:
-    """The committed checkpoint that ``uri`` names.
-
-    Args:
-        uri: A checkpoint (``.../checkpoint_<step>``), or a run root holding checkpoints (local or ``s3://``).
-
-    Returns:
-        ``uri`` itself for a committed checkpoint; for a run root, its newest committed checkpoint, or None if it
-        has none (each newer uncommitted one is logged with the reason it was skipped).
-
-    Raises:
-        IncompleteCheckpointError: If ``uri`` is a checkpoint that is not committed (names the file).
-    """
-    uri = _normalize(uri)
-    name = os.path.basename(uri)
-    if _LEFTOVER_RE.match(name):  # even with a manifest inside: only the rename to checkpoint_<step> commits
-        raise IncompleteCheckpointError(f"{uri} is not committed: the staging directory of an interrupted save, "
-                                        "or a checkpoint being deleted", uri)  # fmt: skip
-    if not _CHECKPOINT_RE.match(name) and _read_manifest(uri) is None:
-        return _latest(uri)  # a run root (a checkpoint copied under another name has a manifest)
-    _verify(uri)
-    return uri
-
-
-@contextmanager
-def local_copy(uri: str | os.PathLike[str], wanted: Callable[[str], bool] | None = None) -> Iterator[Path]:
-    """A verified local directory holding a committed checkpoint, for ``torch.load`` and friends.
-
-    Args:
-        uri: A committed checkpoint: local (yielded as it is) or ``s3://`` (its listed files and manifest are
-            downloaded into a temporary directory, removed on exit).
-        wanted: For ``s3://``: which listed files to download (by relative name), e.g. one rank's share
-            (``TrainCheckpoint.files_for_rank``); None downloads every file. The whole manifest is verified against
-            the listing first either way. A local checkpoint is yielded whole: its readers open only what they need.
-
-    Yields:
-        The local directory.
-
-    Raises:
-        IncompleteCheckpointError: If the checkpoint is not committed, or an S3 object changed while downloading.
-    """
-    uri = _normalize(uri)
-    manifest = _verify(uri)
-    if not _is_s3(uri):
-        yield Path(uri)
-        return
-    storage = _storage()
-    listed: dict[str, int] = manifest["files"]
-    with tempfile.TemporaryDirectory(prefix=f"facescale-{os.path.basename(uri)}-") as tmp:
-        local = Path(tmp)
-        names = sorted(n for n in listed if wanted is None or wanted(n))
-        for name in names:
-            (local / name).parent.mkdir(parents=True, exist_ok=True)
-        with ThreadPoolExecutor(_PARALLEL_FILES) as pool:
-            for future in [pool.submit(storage.download_file, _join(uri, n), local / n) for n in names]:
-                future.result()
-        downloaded = _local_sizes(str(local), names)
-        for name, size in downloaded.items():
-            if size != listed[name]:
-                raise IncompleteCheckpointError(f"checkpoint {uri}: {name} changed while downloading ({size} "
-                                                f"bytes, {MANIFEST_NAME} lists {listed[name]})", uri,
-                                                name)  # fmt: skip
-        (local / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-        logger.info("downloaded %d of %d files of %s, %d of %d bytes (%s) to %s", len(names), len(listed), uri,
-                    sum(downloaded.values()), sum(listed.values()), wanted or "every file", local)  # fmt: skip
-        yield local
 
 
 # --- writing ---------------------------------------------------------------------------------------------------
@@ -373,7 +159,6 @@ def _retire_local(path: str) -> None:
 
 def _retire_s3(uri: str, listing: dict[str, int]) -> None:
     """Delete a checkpoint prefix: the manifest object first (uncommitted from then on), then the rest."""
-    storage = _storage()
     if MANIFEST_NAME in listing:
         storage.delete_objects(uri, [MANIFEST_NAME])
     storage.delete_objects(uri, sorted(n for n in listing if n != MANIFEST_NAME))
@@ -408,7 +193,7 @@ class CheckpointStore:
 
     def latest(self) -> str | None:
         """The newest committed checkpoint under the root (by step), or None; skipped newer ones are logged."""
-        return _latest(self.root)
+        return latest_committed(self.root)
 
     def save(self, step: int, write_files: Callable[[Path], None], meta: dict[str, Any] | None = None) -> str:
         """Writes and commits the checkpoint of ``step``. COLLECTIVE: every rank calls it with the same step.
@@ -492,7 +277,6 @@ class CheckpointStore:
         return str(final)
 
     def _save_s3(self, step: int, write_files: Callable[[Path], None], meta: dict[str, Any]) -> str:
-        storage = _storage()
         uri = self.checkpoint_uri(step)
         if self.rank == 0:
             if stale := storage.list_objects(uri):
@@ -503,7 +287,7 @@ class CheckpointStore:
             local = Path(tmp)
             write_files(local)
             files = _own_files(local, uri, self.rank)
-            with ThreadPoolExecutor(_PARALLEL_FILES) as pool:
+            with ThreadPoolExecutor(PARALLEL_FILES) as pool:
                 for future in [pool.submit(storage.upload_file, local / n, _join(uri, n)) for n in files]:
                     future.result()
             receipt = _RECEIPT.format(rank=self.rank)
@@ -527,20 +311,20 @@ class CheckpointStore:
         attempts. Failures are logged, never raised: the new checkpoint is committed, and the next save retries."""
         try:
             self._retain_or_raise(step, _is_s3(self.root))
-        except (OSError, DataError) as exn:  # I/O only; a half-done deletion is uncommitted, so it is never used
+        except OSError as exn:  # I/O only (StorageError too); a half-done deletion is uncommitted, never used
             logger.warning("cleaning up old checkpoints under %s after step %d failed (retried after the next "
                            "save): %r", self.root, step, exn)  # fmt: skip
 
     def _retain_or_raise(self, step: int, s3: bool) -> None:
         if not s3:
             for entry in os.scandir(self.root):
-                if entry.is_dir() and _LEFTOVER_RE.match(entry.name):
+                if entry.is_dir() and LEFTOVER_RE.match(entry.name):
                     logger.info("removing %s, left by an interrupted save or deletion", entry.path)
                     shutil.rmtree(entry.path)
         committed = []
-        for other, uri, listing in sorted(_candidates(self.root), reverse=True):
+        for other, uri, listing in sorted(checkpoint_dirs(self.root), reverse=True):
             try:
-                _verify(uri, listing)
+                check_committed(uri, listing)
             except IncompleteCheckpointError as exn:
                 if s3 and listing is not None and MANIFEST_NAME not in listing:
                     # No manifest on S3: objects of an interrupted save or deletion; nobody will commit them now.

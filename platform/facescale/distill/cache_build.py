@@ -1,10 +1,11 @@
 """Builds a teacher-embedding cache in parallel on the Ray cluster: one task per group of shards.
 
-The cache format and the per-shard work live in ``facescale.distill.cache``; this module only spreads that work
-over Ray workers (the teacher travels through the object store, so workers need no MLflow access) and shows
-progress as shards finish. The tasks run on any node and write their shard files straight into the cache, so the
-cache is an ``s3://`` prefix or a directory every node mounts at the same path; a local directory that only some
-nodes see is caught at the commit (``commit_cache``), naming the shard files the driver cannot see.
+The cache format lives in ``facescale.distill.cache`` and the per-shard work in ``facescale.distill.cache_write``;
+this module only spreads that work over Ray workers (the teacher travels through the object store, so workers need
+no MLflow access) and shows progress as shards finish. The tasks run on any node and write their shard files
+straight into the cache, so the cache is an ``s3://`` prefix or a directory every node mounts at the same path; a
+local directory that only some nodes see is caught at the commit (``commit_cache``), naming the shard files the
+driver cannot see.
 """
 
 from __future__ import annotations
@@ -18,14 +19,12 @@ from torch import nn
 from tqdm import tqdm
 
 from facescale.config import ScalingConfig
-from facescale.data.shards import Manifest
+from facescale.data.manifest import Manifest
 from facescale.distill.cache import (
     CacheMeta,
     cache_uri,
     check_cache,
     clear_cache,
-    commit_cache,
-    embed_shard,
     is_s3,
     list_cache,
     read_build_marker,
@@ -33,6 +32,7 @@ from facescale.distill.cache import (
     shard_name,
     write_build_marker,
 )
+from facescale.distill.cache_write import commit_cache, embed_shard
 
 log = logging.getLogger("facescale.teacher_cache")
 

@@ -21,17 +21,19 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from facescale.parallel.dist import barrier, class_range
-from facescale.parallel.partial_fc import PartialFC
+
+if TYPE_CHECKING:  # annotations only
+    from facescale.parallel.partial_fc import PartialFC
 
 MANIFEST_NAME = "partial_fc.json"
 FORMAT_VERSION = 1
 _RANGE_FILE_RE = re.compile(r"^partial_fc_classes_(\d+)_(\d+)\.pt$")
-log = logging.getLogger("facescale.parallel.checkpoint")
+log = logging.getLogger("facescale.checkpoint.partial_fc")
 
 
 def _range_file(start: int, end: int) -> str:
@@ -146,6 +148,33 @@ def load_partial_fc(pfc: PartialFC, optimizer: torch.optim.Optimizer | None, dir
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
+    _check_compatible(pfc, optimizer, manifest, directory)
+    overlapping = _overlapping_ranges(pfc, manifest, directory)
+    blobs = [torch.load(directory / e["file"], map_location="cpu", mmap=True, weights_only=True) for e in overlapping]
+    saved_optimizer = manifest["optimizer"]
+    # A checkpoint saved before the first optimizer step has no state: the optimizer then starts fresh.
+    load_state = (optimizer is not None and saved_optimizer is not None
+                  and bool(blobs[0]["optimizer_state"] or saved_optimizer["scalar_state"]))
+    layout = _checked_state_layout(pfc, optimizer, saved_optimizer, blobs[0]) if load_state else {}
+    row_state = {k: torch.empty(v.shape, dtype=v.dtype, device=pfc.weight.device)
+                 for k, v in layout.items() if v.dim()}
+    hits, dominant = _copy_ranges(pfc, overlapping, blobs, row_state)
+    del blobs
+    if pfc.subcenters is not None:
+        pfc.subcenters.load_block(hits, dominant, bool(manifest["subcenter_dominant_only"]))
+    pfc.sampler_step = int(manifest["sampler_step"])
+    _log_dtype_conversion(pfc, manifest.get("dtype", "float32"), directory)
+    _restore_margin(pfc, manifest["margin_state"])
+    if not load_state:
+        return
+    for name, scalar in saved_optimizer["scalar_state"].items():
+        row_state[name] = torch.tensor(scalar["value"], dtype=getattr(torch, scalar["dtype"]))
+    optimizer.state[pfc.weight] = row_state
+
+
+def _check_compatible(pfc: PartialFC, optimizer: torch.optim.Optimizer | None, manifest: dict[str, Any],
+                      directory: Path) -> None:
+    """Refuses a checkpoint of other classes, embedding size, sub-center count, optimizer or margin state."""
     for key, ours in (("num_classes", pfc.num_classes), ("embedding_size", pfc.embedding_size)):
         if manifest[key] != ours:
             raise ValueError(f"Partial FC checkpoint {directory / MANIFEST_NAME} has {key}={manifest[key]} but the "
@@ -163,6 +192,10 @@ def load_partial_fc(pfc: PartialFC, optimizer: torch.optim.Optimizer | None, dir
     if set(margin_state) != set(manifest["margin_state"]):
         raise ValueError(f"Partial FC checkpoint {directory} has margin state {sorted(manifest['margin_state'])}, the "
                          f"configured margin {type(margin).__name__} has {sorted(margin_state)}")
+
+
+def _overlapping_ranges(pfc: PartialFC, manifest: dict[str, Any], directory: Path) -> list[dict[str, Any]]:
+    """The manifest's range entries that hold classes of this rank's range; they must cover it, their files exist."""
     start, end = pfc.class_start, pfc.class_start + pfc.num_local
     overlapping = [e for e in manifest["ranges"] if ranges_overlap((start, end), (e["start"], e["end"]))]
     covered = sum(min(end, e["end"]) - max(start, e["start"]) for e in overlapping)
@@ -171,22 +204,28 @@ def load_partial_fc(pfc: PartialFC, optimizer: torch.optim.Optimizer | None, dir
     if missing := [e["file"] for e in overlapping if not (directory / e["file"]).is_file()]:
         raise FileNotFoundError(f"Partial FC checkpoint {directory}: {missing[0]}, which holds classes of "
                                 f"[{start}, {end}) (this rank's), is missing")
-    blobs = [torch.load(directory / e["file"], map_location="cpu", mmap=True, weights_only=True) for e in overlapping]
-    # A checkpoint saved before the first optimizer step has no state: the optimizer then starts fresh.
-    load_state = (optimizer is not None and saved_optimizer is not None
-                  and bool(blobs[0]["optimizer_state"] or saved_optimizer["scalar_state"]))
-    layout: dict[str, torch.Tensor] = {}
-    if load_state:
-        # Refuse a mismatched optimizer before touching anything (meta tensors carry only shape and dtype).
-        layout = {k: torch.empty((pfc.weight.shape[0], *v.shape[1:]), dtype=v.dtype, device="meta")
-                  for k, v in blobs[0]["optimizer_state"].items()}
-        layout.update({k: torch.empty((), dtype=getattr(torch, v["dtype"]), device="meta")
-                       for k, v in saved_optimizer["scalar_state"].items()})
-        check = getattr(optimizer, "check_state", None)
-        if check is not None:
-            check(pfc.weight, layout)
-    row_state = {k: torch.empty(v.shape, dtype=v.dtype, device=pfc.weight.device)
-                 for k, v in layout.items() if v.dim()}
+    return overlapping
+
+
+def _checked_state_layout(pfc: PartialFC, optimizer: torch.optim.Optimizer, saved_optimizer: dict[str, Any],
+                          blob: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The saved optimizer state's shapes and dtypes for this rank's rows, checked by the optimizer."""
+    # Refuse a mismatched optimizer before touching anything (meta tensors carry only shape and dtype).
+    layout = {k: torch.empty((pfc.weight.shape[0], *v.shape[1:]), dtype=v.dtype, device="meta")
+              for k, v in blob["optimizer_state"].items()}
+    layout.update({k: torch.empty((), dtype=getattr(torch, v["dtype"]), device="meta")
+                   for k, v in saved_optimizer["scalar_state"].items()})
+    check = getattr(optimizer, "check_state", None)
+    if check is not None:
+        check(pfc.weight, layout)
+    return layout
+
+
+def _copy_ranges(pfc: PartialFC, overlapping: list[dict[str, Any]], blobs: list[dict[str, Any]],
+                 row_state: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Copies this rank's classes from the range files into the centers and ``row_state``; returns the sub-center
+    counts and dominant sub-centers of those classes (None, None without sub-centers)."""
+    start, end = pfc.class_start, pfc.class_start + pfc.num_local
     k, sub = pfc.num_subcenters, pfc.subcenters
     hits = dominant = None
     if sub is not None:
@@ -203,21 +242,22 @@ def load_partial_fc(pfc: PartialFC, optimizer: torch.optim.Optimizer | None, dir
             if sub is not None:
                 hits[dst] = blob["subcenter_hits"][src]
                 dominant[dst] = blob["subcenter_dominant"][src]
-    del blobs
-    if sub is not None:
-        sub.load_block(hits, dominant, bool(manifest["subcenter_dominant_only"]))
-    pfc.sampler_step = int(manifest["sampler_step"])
-    saved_dtype = manifest.get("dtype", "float32")
+    return hits, dominant
+
+
+def _log_dtype_conversion(pfc: PartialFC, saved_dtype: str, directory: Path) -> None:
     if saved_dtype != str(pfc.weight.dtype).removeprefix("torch."):
         how = "rounded to nearest" if pfc.weight.dtype == torch.bfloat16 else "exact"
         log.warning("Partial FC checkpoint %s holds %s centers; converted to %s for this run "
                     "(classifier.center_dtype; %s), classes [%d, %d)", directory, saved_dtype,
-                    str(pfc.weight.dtype).removeprefix("torch."), how, start, end)
+                    str(pfc.weight.dtype).removeprefix("torch."), how, pfc.class_start,
+                    pfc.class_start + pfc.num_local)
+
+
+def _restore_margin(pfc: PartialFC, saved: dict[str, Any]) -> None:
+    """Loads the margin's saved state (CurricularFace's ``t``, AdaFace's norm EMA) in its own dtype and device."""
+    margin = pfc.margin_loss
+    margin_state = margin.state_dict() if isinstance(margin, torch.nn.Module) else {}
     if margin_state:
         margin.load_state_dict({k: torch.tensor(v, dtype=margin_state[k].dtype, device=margin_state[k].device)
-                                for k, v in manifest["margin_state"].items()})
-    if not load_state:
-        return
-    for name, scalar in saved_optimizer["scalar_state"].items():
-        row_state[name] = torch.tensor(scalar["value"], dtype=getattr(torch, scalar["dtype"]))
-    optimizer.state[pfc.weight] = row_state
+                                for k, v in saved.items()})
