@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from facescale.import_graph import cycles, external_imports, import_graph
+from facescale.import_graph import cycles, external_imports, import_graph, package_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 PLATFORM = ROOT / "platform"
@@ -41,6 +41,25 @@ def test_only_the_s3_backend_imports_boto3_and_models_heads_eval_stay_light() ->
     inward = sorted(m for m, targets in import_graph(PLATFORM).items() if m.startswith("facescale.storage")
                     for t in targets if not t.startswith("facescale.storage"))
     assert inward == [], f"facescale.storage depends on nothing else of the package: {inward}"
+
+
+# docs/architecture.md, "Packages and what each may import": sub-package -> the sub-packages it may import.
+MAY_IMPORT = {
+    "storage": set(), "trees": set(), "console": set(), "models": set(), "heads": set(),
+    "parallel": {"heads"},
+    "data": {"storage", "facescale"},  # facescale: the package version in manifests
+    "eval": {"data"},
+    "checkpoint": {"storage", "parallel"},
+    "tracking": {"checkpoint", "console", "models"},
+    "train": {"checkpoint", "config", "console", "data", "eval", "heads", "models", "parallel", "storage", "tracking",
+              "trees"},
+}
+
+
+def test_packages_import_only_what_the_architecture_allows() -> None:
+    graph = package_graph(import_graph(PLATFORM))
+    outside = {pkg: sorted(graph.get(pkg, set()) - allowed) for pkg, allowed in MAY_IMPORT.items()}
+    assert {pkg: extra for pkg, extra in outside.items() if extra} == {}, "see docs/architecture.md"
 
 
 def test_architecture_doc_graph_is_generated_from_this_code() -> None:

@@ -163,7 +163,7 @@ def test_resume_yields_the_uninterrupted_batches_without_decoding_the_skipped(tm
     assert len(full) == 20
     decoded = Counter()
     if kind == "torch-0-workers":  # in-process decode: count the calls themselves, besides the loader's counter
-        import facescale.data.loader as torch_loader
+        import facescale.data.loader_stream as torch_loader
 
         real = torch_loader.decode_image
         monkeypatch.setattr(torch_loader, "decode_image", lambda *a: decoded.update(["n"]) or real(*a))

@@ -108,6 +108,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str) -> Pa
         student: {{backbone: iresnet_tiny}}
         generations: 2
         scratch_baseline: {{epochs: match}}
+        pfe: {{after: [gen-2], config: {{pfe: {{steps: 4, ids_per_batch: 4, images_per_id: 2, log_every: 2}}}}}}
         registered_model: tiny-rkd-model
         """))
     return spec
@@ -167,7 +168,7 @@ def test_pipeline_through_ray_job_submit(ray_head: str, mlflow_server: str, pipe
     parent = parents[0]
     digest = parent.data.tags["facescale.dataset_digest"]
     children = _children(client, exp.experiment_id, parent.info.run_id)
-    assert sorted(children) == ["gen-1", "gen-2", "scratch", "scratch-matched", "teacher"]
+    assert sorted(children) == ["gen-1", "gen-2", "gen-2-pfe", "scratch", "scratch-matched", "teacher"]
     runs = {stage: found[0] for stage, found in children.items()}
     assert all(len(found) == 1 and found[0].info.status == "FINISHED" for found in children.values())
 
@@ -176,8 +177,8 @@ def test_pipeline_through_ray_job_submit(ray_head: str, mlflow_server: str, pipe
     for stage, run in runs.items():
         tags = run.data.tags
         assert tags["facescale.pipeline_run_id"] == RUN_ID and tags["facescale.dataset_digest"] == digest
-        assert tags["facescale.generation"] == {"gen-1": "1", "gen-2": "2", "scratch-matched": "scratch"}.get(stage,
-                                                                                                             stage)
+        assert tags["facescale.generation"] == {"gen-1": "1", "gen-2": "2", "gen-2-pfe": "2",
+                                                "scratch-matched": "scratch"}.get(stage, stage)
         assert tags["facescale.seed"] == "0" and tags["facescale.stage_base"] == stage  # no `seeds`: plain names
     assert runs["gen-1"].data.tags["facescale.teacher_model_id"] == teacher_model
     assert runs["gen-2"].data.tags["facescale.teacher_model_id"] == teacher_model
@@ -190,10 +191,14 @@ def test_pipeline_through_ray_job_submit(ray_head: str, mlflow_server: str, pipe
     matched = runs["scratch-matched"].data
     assert matched.params["train.max_steps"] == "8" and matched.tags["facescale.teacher_model_id"] == "none"
     assert "train/distill_loss" not in matched.metrics and matched.tags["facescale.init_model_id"] == "none"
+    # the PFE stage after gen-2: an uncertainty head on gen-2's model, trained in its own child run
+    pfe = runs["gen-2-pfe"].data
+    assert pfe.tags["facescale.base_model_id"] == runs["gen-2"].data.tags["facescale.model_id"]
+    assert [m.step for m in client.get_metric_history(runs["gen-2-pfe"].info.run_id, "train/loss")] == [2, 4]
 
     # every stage's LoggedModel has its stage run as source, and is a registered version with the stage's alias
     versions = {v.version: v for v in client.search_model_versions("name = 'tiny-rkd-model'")}
-    assert len(versions) == 5
+    assert len(versions) == 6  # five training stages and the PFE stage
     for stage, run in runs.items():
         model_id = run.data.tags["facescale.model_id"]
         assert client.get_logged_model(model_id).source_run_id == run.info.run_id
@@ -221,7 +226,7 @@ def test_pipeline_through_ray_job_submit(ray_head: str, mlflow_server: str, pipe
     assert "teacher embeddings" not in logs
     assert {s: len(f) for s, f in _children(client, exp.experiment_id, parent.info.run_id).items()} == dict.fromkeys(
         runs, 1)
-    assert len(client.search_model_versions("name = 'tiny-rkd-model'")) == 5
+    assert len(client.search_model_versions("name = 'tiny-rkd-model'")) == 6
 
     # A third generation, stopped mid-stage after its first checkpoint, then resubmitted: it resumes in the same
     # MLflow run from the checkpoint, with the teacher cache reused (no teacher forward passes).

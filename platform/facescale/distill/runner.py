@@ -233,6 +233,7 @@ class PipelineRunner:
                 continue
             done = lineage.finished_stage(pfe_stage)
             if done is not None:
+                log.info("stage %s: already complete (run %s), skipped", pfe_stage, done.run_id)
                 result.pfe_records[pfe_stage] = done
                 continue
             tags = {"facescale.pipeline_run_id": self.pipeline_run_id, TAG_BASE_STAGE: split_stage(pfe_stage)[0],

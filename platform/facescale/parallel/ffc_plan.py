@@ -12,8 +12,9 @@ W = world size (fp32; see ``facescale.heads.ffc``):
     host            the LRU (identity -> slot, per-slot rows): about 100 B per slot in Python objects
 
 None of it grows with the number of identities: that only bounds the pool (P <= identities) and, with a fraction,
-sets it. The probe backbone (``--backbone``) counts as for Partial FC (``facescale.parallel.plan.backbone_terms``);
-the gallery's no-grad forward runs before the probe's and holds less, so it does not add to the peak.
+sets it. The probe backbone (``--backbone``) counts as for Partial FC
+(``facescale.parallel.plan_backbone.backbone_terms``); the gallery's no-grad forward runs before the probe's and
+holds less, so it does not add to the peak.
 Communication per step: the all-gather of the gallery features and labels; the loss has no collective.
 """
 
@@ -22,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from facescale.heads.ffc import check_pool_size, resolve_pool_size
+from facescale.parallel.plan_backbone import backbone_param_count, backbone_terms
+from facescale.parallel.plan_backbone import format_size as _size
 
 _LOSS_FORWARD_LOGIT_COPIES = 4  # [B, P] fp32 matrices saved over the two views (measured)
 _LOSS_BACKWARD_LOGIT_COPIES = 2
@@ -103,8 +106,6 @@ def estimate_ffc(pool_size: int | float, world_size: int, batch_size: int, ident
                     key="--pool-size", batch_key="--ids-per-batch x --world-size")
     d, b, w, g = embedding_size, batch_size, world_size, ids_per_batch * images_per_id
     pool_bytes, lookup = 2 * pool * d * 4, 3 * pool * 8
-    from facescale.parallel.plan import backbone_param_count, backbone_terms  # plan.py imports this module
-
     params = backbone_param_count(backbone) if backbone else 0
     gallery = 4 * params
     gathered = w * g * (d * 4 + 8)
@@ -126,8 +127,6 @@ def estimate_ffc(pool_size: int | float, world_size: int, batch_size: int, ident
 
 def format_ffc_plan(report: FFCPlanReport) -> str:
     """Human-readable FFC plan: per-rank memory by component, peak, and per-step communication."""
-    from facescale.parallel.plan import _size
-
     r = report
     who = f"of {r.identities:,}" if r.identities else "of any number"
     lines = [

@@ -33,38 +33,32 @@ forward and backward). ``fit_identities`` inverts the estimate: the most identit
 
 Communication per rank and step counts bytes sent by ring algorithms: all-gather (W-1)/W of the gathered
 size, all-reduce 2(W-1)/W, reduce-scatter (W-1)/W. The backbone's own DDP all-reduce is not included.
-Measured against real runs in ``benchmarks/plan_vs_measured.py``.
+Measured against real runs in ``benchmarks/plan_vs_measured.py``. The backbone terms live in
+``facescale.parallel.plan_backbone`` (shared with the F²C planner, ``facescale.parallel.ffc_plan``), the command-line
+options in ``facescale.parallel.plan_args``; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from facescale.parallel.ffc_plan import estimate_ffc, format_ffc_plan
 from facescale.parallel.optim import STEP_CHUNK_BYTES, default_state_dtype, state_bytes_per_row
 from facescale.parallel.partial_fc import CHUNK_BYTES
+from facescale.parallel.plan_args import add_plan_arguments as add_plan_arguments
+from facescale.parallel.plan_args import parse_count as parse_count
+from facescale.parallel.plan_args import parse_pool_size as parse_pool_size
+from facescale.parallel.plan_backbone import backbone_param_count as backbone_param_count
+from facescale.parallel.plan_backbone import backbone_terms as backbone_terms
+from facescale.parallel.plan_backbone import format_size as _size
 
 # Logit-sized matrices alive at the forward peak, and the backward factor (see the module docstring); measured.
 _LOGIT_COPIES = {"additive": (3.0, 2.0), "curricularface": (5.25, 6.0)}
 _FILTER_COPIES = 1.25
-_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
 _CENTER_BYTES = {"fp32": 4, "bf16": 2}
-# Optimizer state bytes per backbone parameter: SGD momentum, AdamW's two moments (fp32).
-_OPTIMIZER_STATE_BYTES = {"sgd": 4, "adamw": 8}
-
-
-def parse_count(text: str) -> int:
-    """``"10M"`` -> 10_000_000; accepts k/K, M, G/B suffixes, decimals (``"1.5M"``) and plain integers."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kKmMgGbB]?)\s*", str(text))
-    if not match:
-        raise ValueError(f"not a count: {text!r} (use e.g. 100k, 10M, 5000000)")
-    value = float(match.group(1)) * _SUFFIXES[match.group(2).upper()]
-    if value != int(value) or value <= 0:
-        raise ValueError(f"not a positive whole count: {text!r}")
-    return int(value)
 
 
 @dataclass
@@ -142,6 +136,31 @@ def estimate(identities: int, world_size: int, batch_size: int, sample_rate: flo
     Returns:
         The report; ``format_plan`` renders it.
     """
+    _check_estimate_args(identities, world_size, batch_size, sample_rate, optimizer, subcenters, center_dtype, dense)
+    d, w, n = embedding_size, world_size, batch_size * world_size
+    num_local = -(-identities // w)
+    num_sample = int(sample_rate * num_local)
+    # Positives are always kept; with labels spread evenly a rank sees about N / W of them.
+    num_sampled = num_local if num_sample >= num_local else min(num_local, max(num_sample, -(-n // w)))
+    mem = _classifier_memory(num_local, num_sampled, n, d, optimizer, state_dtype, second_moment, dense, margin,
+                             inter_class_filter, subcenters, _CENTER_BYTES[center_dtype])
+    comm = _comm_bytes(w, batch_size, d, embedding_bytes, margin)
+    terms = backbone_terms(backbone, batch_size, w, optimizer, precision, engine, zero_stage) if backbone else {}
+    backbone_total = sum(terms.values())
+    return PlanReport(
+        identities=identities, world_size=w, batch_size=batch_size, sample_rate=sample_rate, embedding_size=d,
+        optimizer=optimizer, state_dtype="fp32" if dense else (state_dtype or default_state_dtype(optimizer)),
+        dense=dense, margin=margin, subcenters=subcenters, num_local=num_local, num_sampled=num_sampled,
+        global_batch=n, **mem, bytes_per_identity=mem["persistent_bytes"] / num_local, comm_bytes=comm,
+        center_dtype=center_dtype, backbone=backbone, precision=precision, engine=engine,
+        zero_stage=zero_stage if engine == "deepspeed" else 0,
+        backbone_params=backbone_param_count(backbone) if backbone else 0, backbone_terms=terms,
+        backbone_bytes=backbone_total, rank_peak_bytes=mem["peak_bytes"] + backbone_total)
+
+
+def _check_estimate_args(identities: int, world_size: int, batch_size: int, sample_rate: float, optimizer: str,
+                         subcenters: int, center_dtype: str, dense: bool) -> None:
+    """Refuses the sizes and option combinations :func:`estimate` cannot plan, naming the values."""
     if identities < world_size or world_size < 1 or batch_size < 1 or not 0 < sample_rate <= 1:
         raise ValueError(f"need identities >= world_size >= 1, batch_size >= 1, 0 < sample_rate <= 1; got "
                          f"{identities}, {world_size}, {batch_size}, {sample_rate}")
@@ -153,13 +172,15 @@ def estimate(identities: int, world_size: int, batch_size: int, sample_rate: flo
         raise ValueError(f"center_dtype must be fp32 or bf16, got {center_dtype!r}")
     if center_dtype == "bf16" and dense:
         raise ValueError("bf16 centers need the sparse row optimizers; the dense v2 baseline keeps fp32 centers")
-    k = subcenters
-    cb = _CENTER_BYTES[center_dtype]
-    d, w, n = embedding_size, world_size, batch_size * world_size
-    num_local = -(-identities // w)
-    num_sample = int(sample_rate * num_local)
-    # Positives are always kept; with labels spread evenly a rank sees about N / W of them.
-    num_sampled = num_local if num_sample >= num_local else min(num_local, max(num_sample, -(-n // w)))
+
+
+def _classifier_memory(num_local: int, num_sampled: int, n: int, d: int, optimizer: str, state_dtype: str | None,
+                       second_moment: str, dense: bool, margin: str, inter_class_filter: bool, k: int,
+                       cb: int) -> dict[str, int]:
+    """The classifier's per-rank bytes (the module docstring's model), keyed by :class:`PlanReport` field.
+
+    ``n`` is the global batch, ``k`` the sub-centers per class, ``cb`` the bytes per center element.
+    """
     centers = k * num_local * d * cb
     state = k * num_local * state_bytes_per_row(optimizer, d, state_dtype, second_moment, dense)
     sampled_grad = k * num_sampled * d * cb
@@ -180,6 +201,15 @@ def estimate(identities: int, world_size: int, batch_size: int, sample_rate: flo
     embeddings = 4 * n * d * 4
     persistent = centers + state
     peak = persistent + embeddings + max(forward, backward, optimizer_step)
+    return dict(centers_bytes=centers, optimizer_state_bytes=state, center_grad_bytes=center_grad,
+                logits_bytes=logits, forward_bytes=forward, backward_bytes=backward,
+                optimizer_step_bytes=optimizer_step, embeddings_bytes=embeddings, persistent_bytes=persistent,
+                peak_bytes=peak)
+
+
+def _comm_bytes(w: int, batch_size: int, d: int, embedding_bytes: int, margin: str) -> dict[str, int]:
+    """Bytes each rank sends per step, by collective (ring algorithms; see the module docstring)."""
+    n = batch_size * w
     ring = (w - 1) / w
     comm = {
         "all_gather batch check (size, label range)": (w - 1) * 4 * 8,
@@ -191,67 +221,7 @@ def estimate(identities: int, world_size: int, batch_size: int, sample_rate: flo
     }
     if margin == "curricularface":
         comm["all_reduce CurricularFace row statistics"] = int(2 * ring * 2 * n * 4)
-    terms = backbone_terms(backbone, batch_size, w, optimizer, precision, engine, zero_stage) if backbone else {}
-    backbone_total = sum(terms.values())
-    return PlanReport(
-        identities=identities, world_size=w, batch_size=batch_size, sample_rate=sample_rate, embedding_size=d,
-        optimizer=optimizer, state_dtype="fp32" if dense else (state_dtype or default_state_dtype(optimizer)),
-        dense=dense, margin=margin, subcenters=k, num_local=num_local, num_sampled=num_sampled, global_batch=n,
-        centers_bytes=centers, optimizer_state_bytes=state, center_grad_bytes=center_grad, logits_bytes=logits,
-        forward_bytes=forward, backward_bytes=backward, optimizer_step_bytes=optimizer_step,
-        embeddings_bytes=embeddings, persistent_bytes=persistent, peak_bytes=peak,
-        bytes_per_identity=persistent / num_local, comm_bytes=comm, center_dtype=center_dtype, backbone=backbone,
-        precision=precision, engine=engine, zero_stage=zero_stage if engine == "deepspeed" else 0,
-        backbone_params=backbone_param_count(backbone) if backbone else 0, backbone_terms=terms,
-        backbone_bytes=backbone_total, rank_peak_bytes=peak + backbone_total)
-
-
-def backbone_param_count(name: str) -> int:
-    """Parameters of a registered backbone, from the measured table."""
-    from facescale.parallel.backbone_memory import BACKBONE_MEMORY
-
-    if name not in BACKBONE_MEMORY:
-        raise ValueError(f"backbone {name!r} is not in the planner's table (benchmarks/backbone_memory.py measures "
-                         f"it); known: {', '.join(sorted(BACKBONE_MEMORY))}")
-    return int(BACKBONE_MEMORY[name]["params"])
-
-
-def backbone_terms(name: str, batch_size: int, world_size: int, optimizer: str = "sgd", precision: str = "fp32",
-                   engine: str = "ddp", zero_stage: int = 0) -> dict[str, int]:
-    """Per-rank bytes of the backbone: ``{weights, gradients, ..., activations}`` (see the module docstring)."""
-    from facescale.parallel.backbone_memory import BACKBONE_MEMORY
-
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
-    if engine not in ("ddp", "deepspeed"):
-        raise ValueError(f"engine must be ddp or deepspeed, got {engine!r}")
-    if engine == "ddp" and zero_stage:
-        raise ValueError("--zero-stage applies only to --engine deepspeed")
-    if not 0 <= zero_stage <= 3:
-        raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
-    p, w = backbone_param_count(name), world_size
-    state = _OPTIMIZER_STATE_BYTES[optimizer] * p
-    act = BACKBONE_MEMORY[name][precision]
-    terms: dict[str, int] = {}
-    if engine == "ddp":
-        terms["weights (fp32)"] = 4 * p
-        terms["gradients (fp32)"] = 4 * p
-        terms["DDP gradient buckets"] = 4 * p
-        terms["optimizer state"] = state
-    elif precision == "fp32":
-        terms["weights (fp32)"] = 4 * p // (w if zero_stage >= 3 else 1)
-        terms["gradients (fp32)"] = 4 * p // (w if zero_stage >= 2 else 1)
-        terms["optimizer state"] = state // (w if zero_stage >= 1 else 1)
-    else:
-        terms["weights (bf16)"] = 2 * p // (w if zero_stage >= 3 else 1)
-        terms["gradients (bf16)"] = 2 * p // (w if zero_stage >= 2 else 1)
-        terms["fp32 master weights + optimizer state"] = (4 * p + state) // (w if zero_stage >= 1 else 1)
-    # The measured fixed part under bf16 autocast is autocast's bf16 copies of the weights (DDP only: DeepSpeed's
-    # weights are bf16 already, counted above).
-    fixed = act["fixed"] if engine == "ddp" else BACKBONE_MEMORY[name]["fp32"]["fixed"]
-    terms["activations" + (" + autocast weight copies" if engine == "ddp" and precision == "bf16" else "")] = int(
-        fixed + act["per_sample"] * batch_size)
-    return terms
+    return comm
 
 
 def fit_identities(memory_bytes: float, world_size: int, batch_size: int, sample_rate: float,
@@ -271,13 +241,6 @@ def fit_identities(memory_bytes: float, world_size: int, batch_size: int, sample
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if plan(mid).rank_peak_bytes <= memory_bytes else (lo, mid)
     return lo * world_size, plan(lo)
-
-
-def _size(num_bytes: float) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if num_bytes >= scale:
-            return f"{num_bytes / scale:.2f} {unit}"
-    return f"{int(num_bytes)} B"
 
 
 def format_plan(report: PlanReport) -> str:
@@ -313,52 +276,6 @@ def format_plan(report: PlanReport) -> str:
     return "\n".join(lines)
 
 
-def parse_pool_size(text: str) -> int | float:
-    """``--pool-size``: a fraction in (0, 1) of the identities (``"0.01"``), else a count (``"10k"``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is not None and 0 < value < 1:
-        return value
-    return parse_count(text)
-
-
-def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the ``facescale plan`` options to ``parser``."""
-    parser.add_argument("--classifier", choices=["partial_fc", "ffc"], default="partial_fc",
-                        help="partial_fc (sharded centers) or ffc (the F²C dynamic class pool)")
-    parser.add_argument("--pool-size", type=parse_pool_size, default=None,
-                        help="ffc: pool slots (e.g. 10k) or a fraction of --identities (e.g. 0.01)")
-    parser.add_argument("--ids-per-batch", type=int, default=64, help="ffc: gallery identities per rank and step")
-    parser.add_argument("--images-per-id", type=int, default=2, help="ffc: gallery images per identity")
-    parser.add_argument("--identities", type=parse_count, default=None,
-                        help="number of classes, e.g. 10M (required unless --fit)")
-    parser.add_argument("--world-size", type=int, required=True, help="ranks the classes are sharded over")
-    parser.add_argument("--batch-size", type=int, required=True, help="per-rank batch size")
-    parser.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate")
-    parser.add_argument("--embedding", type=int, default=512, help="embedding size")
-    parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    parser.add_argument("--state-dtype", choices=["fp32", "bf16", "int8"], default=None)
-    parser.add_argument("--second-moment", choices=["full", "row"], default="row")
-    parser.add_argument("--dense", action="store_true", help="the arcface_torch v2 baseline (dense fp32 state)")
-    parser.add_argument("--margin", default="arcface",
-                        choices=["arcface", "cosface", "combined", "magface", "curricularface", "adaface"])
-    parser.add_argument("--subcenters", type=int, default=1, help="centers per class (Sub-center ArcFace's K)")
-    parser.add_argument("--inter-class-filter", action="store_true", help="PFC v2 inter-class filter on")
-    parser.add_argument("--center-dtype", choices=["fp32", "bf16"], default="fp32", help="storage of the centers")
-    parser.add_argument("--backbone", default=None, help="registered backbone: plan the whole rank, not only the "
-                        "classifier (parameters, gradients, optimizer state, activations at --batch-size)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="backbone precision")
-    parser.add_argument("--engine", choices=["ddp", "deepspeed"], default="ddp", help="backbone engine")
-    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
-                        help="DeepSpeed ZeRO stage (default 2, the config default; --engine deepspeed only)")
-    parser.add_argument("--memory-gib", type=float, default=None,
-                        help="per-rank budget (the rank peak: backbone included with --backbone); exit 1 if exceeded")
-    parser.add_argument("--fit", action="store_true", help="print the most identities that fit --memory-gib")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
 def run_plan(args: argparse.Namespace) -> int:
     """Prints the plan for parsed ``facescale plan`` arguments; returns the exit code."""
     if args.engine == "ddp" and args.zero_stage not in (None, 0):
@@ -391,8 +308,6 @@ def run_plan(args: argparse.Namespace) -> int:
             payload["fit_identities"] = count
         print(json.dumps(payload, indent=1))
     elif args.classifier == "ffc":
-        from facescale.parallel.ffc_plan import format_ffc_plan
-
         print(format_ffc_plan(report))
     else:
         print(format_plan(report))
@@ -409,8 +324,6 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def _ffc_report(args: argparse.Namespace, zero_stage: int) -> Any:
     """The ``--classifier ffc`` plan (``facescale.parallel.ffc_plan``); Partial FC's own options are refused."""
-    from facescale.parallel.ffc_plan import estimate_ffc
-
     if args.fit:
         raise ValueError("--fit does not apply to --classifier ffc: its memory does not grow with the identities")
     if args.pool_size is None:

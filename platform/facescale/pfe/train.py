@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -30,6 +30,10 @@ from facescale.data.transforms import normalize_images
 from facescale.pfe.config import PFEConfig, PFERunConfig
 from facescale.pfe.loss import mls_loss
 from facescale.pfe.model import PFEModel, PFEShapeError, UncertaintyHead, backbone_shapes
+
+if TYPE_CHECKING:  # annotations only: the job imports these lazily (MLflow stays out of the loop's import)
+    from facescale.data.manifest import Manifest
+    from facescale.tracking.models import LoadedBackbone
 
 log = logging.getLogger("facescale.pfe")
 
@@ -209,6 +213,9 @@ def run_pfe(cfg: PFERunConfig, model_uri: str, stage: str = STAGE, tags: dict[st
             parent_run_id: str | None = None) -> PFEResult:
     """Trains a PFE head on the model at ``model_uri`` as one MLflow run and logs backbone + head.
 
+    The steps: :func:`_prepare` (data, device, model: every config error before the run starts),
+    :func:`_start_pfe_run` (the run, its lineage tags and inputs), :func:`_train_and_log` (the loop, the model).
+
     Args:
         cfg: Validated config (``data``, ``train.batch_size``/``train.seed``, ``scaling.use_gpu``, ``tracking``,
             ``pfe``).
@@ -224,19 +231,43 @@ def run_pfe(cfg: PFERunConfig, model_uri: str, stage: str = STAGE, tags: dict[st
         ConfigError: The model does not resolve or does not fit the head (both shapes named), bad data root, no
             CUDA device under ``scaling.use_gpu`` -- all before the MLflow run starts.
     """
-    from mlflow.entities import LoggedModelInput
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from facescale.console import TOTAL_STEPS_TAG, RunProgress
-    from facescale.data import ManifestError, load_manifest
-    from facescale.data.factory import build_train_loader
-    from facescale.tracking.mlflow_run import Tracker, end_run, log_dataset_input, resolve_local_uri, start_run
-    from facescale.tracking.models import ModelResolveError, load_backbone
+    from facescale.tracking.mlflow_run import end_run
 
     t0 = time.perf_counter()
+    seed = cfg.train.seed if cfg.pfe.seed is None else cfg.pfe.seed
+    prep = _prepare(cfg, model_uri, seed)
+    run_id = _start_pfe_run(cfg, prep, model_uri, stage, tags, parent_run_id)
+    ok = False
+    try:
+        model_id, metrics = _train_and_log(cfg, prep, model_uri, run_id, seed)
+        ok = True
+    finally:
+        end_run(prep.tracking_uri, run_id, ok)
+    return PFEResult(run_id, model_id, prep.tracking_uri, metrics, time.perf_counter() - t0)
+
+
+@dataclass
+class _Prepared:
+    """What :func:`run_pfe` resolved before its MLflow run: the data, the device, the base model and the PFE model."""
+
+    manifest: Manifest
+    device: torch.device
+    tracking_uri: str
+    loaded: LoadedBackbone  # of model_uri
+    model: PFEModel
+
+
+def _prepare(cfg: PFERunConfig, model_uri: str, seed: int) -> _Prepared:
+    """Checks the data and device, loads the base model (and ``pfe.init_head``) and builds the PFE model.
+
+    Raises:
+        ConfigError: Each failure, naming the key or URI (see :func:`run_pfe`).
+    """
+    from facescale.data import ManifestError, load_manifest
+    from facescale.tracking.mlflow_run import resolve_local_uri
+    from facescale.tracking.models import ModelResolveError, load_backbone
+
     pfe = cfg.pfe
-    seed = cfg.train.seed if pfe.seed is None else pfe.seed
     try:
         manifest = load_manifest(cfg.data.root)
     except ManifestError as exc:
@@ -262,10 +293,17 @@ def run_pfe(cfg: PFERunConfig, model_uri: str, stage: str = STAGE, tags: dict[st
     if model.head.embedding_size != loaded.embedding_size:
         raise ConfigError(f"{model_uri}: the model's metadata says embedding size {loaded.embedding_size}, its forward "
                           f"returns {model.head.embedding_size}")
+    return _Prepared(manifest, device, tracking_uri, loaded, model)
 
-    client = MlflowClient(tracking_uri)
+
+def _lineage_tags(client: Any, prep: _Prepared, model_uri: str, stage: str,
+                  tags: dict[str, str] | None) -> dict[str, str]:
+    """The run's tags: stage, method, base model, and the base model's run's lineage (``INHERITED_TAGS``)."""
+    from mlflow.exceptions import MlflowException
+
+    loaded = prep.loaded
     all_tags = {"facescale.stage": stage, "facescale.method": "pfe", "facescale.backbone": str(loaded.backbone),
-                "facescale.dataset_digest": manifest.digest, TAG_BASE_MODEL_URI: model_uri,
+                "facescale.dataset_digest": prep.manifest.digest, TAG_BASE_MODEL_URI: model_uri,
                 TAG_BASE_MODEL_ID: loaded.model_id or "none", "facescale.init_model_id": loaded.model_id or "none"}
     if loaded.model_id:  # the base model's run: the PFE run's lineage continues it
         try:
@@ -277,43 +315,62 @@ def run_pfe(cfg: PFERunConfig, model_uri: str, stage: str = STAGE, tags: dict[st
         except MlflowException as exc:  # the model resolved; only its run is gone: the link is the model id
             log.warning("pfe: the run of model %s cannot be read (%s); linking by model id only", loaded.model_id, exc)
     all_tags.update(tags or {})
-    run_name = cfg.tracking.run_name or f"{stage}-{loaded.backbone or 'model'}"
-    run_id = start_run(tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root, run_name,
+    return all_tags
+
+
+def _start_pfe_run(cfg: PFERunConfig, prep: _Prepared, model_uri: str, stage: str, tags: dict[str, str] | None,
+                   parent_run_id: str | None) -> str:
+    """Starts the MLflow run (config, tags, dataset and base model as inputs); returns its id."""
+    from mlflow.entities import LoggedModelInput
+    from mlflow.tracking import MlflowClient
+
+    from facescale.tracking.mlflow_run import log_dataset_input, start_run
+
+    client = MlflowClient(prep.tracking_uri)
+    all_tags = _lineage_tags(client, prep, model_uri, stage, tags)
+    run_name = cfg.tracking.run_name or f"{stage}-{prep.loaded.backbone or 'model'}"
+    run_id = start_run(prep.tracking_uri, cfg.tracking.experiment, cfg.tracking.artifact_root, run_name,
                        cfg.model_dump(mode="json"), dump_config(cfg), tags=all_tags, parent_run_id=parent_run_id)
-    log_dataset_input(tracking_uri, run_id, cfg.data.root, manifest)
-    if loaded.model_id:
-        client.log_inputs(run_id, models=[LoggedModelInput(loaded.model_id)])
-    log.info("pfe: MLflow run %s at %s; head %s -> %d on %s", run_id, tracking_uri, model.head.feature_shape,
-             model.head.embedding_size, device)
-    tracker = Tracker(tracking_uri, run_id, rank=0)
+    log_dataset_input(prep.tracking_uri, run_id, cfg.data.root, prep.manifest)
+    if prep.loaded.model_id:
+        client.log_inputs(run_id, models=[LoggedModelInput(prep.loaded.model_id)])
+    log.info("pfe: MLflow run %s at %s; head %s -> %d on %s", run_id, prep.tracking_uri,
+             prep.model.head.feature_shape, prep.model.head.embedding_size, prep.device)
+    return run_id
+
+
+def _train_and_log(cfg: PFERunConfig, prep: _Prepared, model_uri: str, run_id: str,
+                   seed: int) -> tuple[str | None, dict[str, Any]]:
+    """Trains the head in the run, logs the data statistics and backbone + head; returns (model id, metrics)."""
+    from facescale.console import TOTAL_STEPS_TAG, RunProgress
+    from facescale.data.factory import build_train_loader
+    from facescale.tracking.mlflow_run import Tracker
+
+    pfe, model, device, loaded = cfg.pfe, prep.model, prep.device, prep.loaded
+    tracker = Tracker(prep.tracking_uri, run_id, rank=0)
     tracker.set_tag(TOTAL_STEPS_TAG, str(pfe.steps))
-    ok = False
-    try:
-        model.to(device)
-        loader = build_train_loader(cfg, rank=0, world_size=1, device=device)
-        batcher, batches = endless_identity_batches(loader, pfe, seed)
+    model.to(device)
+    loader = build_train_loader(cfg, rank=0, world_size=1, device=device)
+    batcher, batches = endless_identity_batches(loader, pfe, seed)
 
-        def report(step: int, metrics: dict[str, float]) -> None:
-            tracker.log_metrics({**metrics, "train/step": step}, step)
+    def report(step: int, metrics: dict[str, float]) -> None:
+        tracker.log_metrics({**metrics, "train/step": step}, step)
 
-        with RunProgress(tracking_uri, run_id, pfe.ids_per_batch * pfe.images_per_id):  # progress, from MLflow
-            trained = train_head(model, batches, pfe, device, on_window=report)
-        metrics: dict[str, Any] = {"step": trained.steps, "train/loss": trained.losses[-1]}
-        metrics.update({f"data/{k}": v for k, v in batcher.stats.items()})
-        tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("data/")}, trained.steps)
-        model.cpu().eval()
-        head = model.head
-        metadata = {"backbone": loaded.backbone, "embedding_size": head.embedding_size,
-                    "pfe": {"feature_shape": list(head.feature_shape), "hidden_size": head.fc1.out_features,
-                            "base_model_id": loaded.model_id, "base_model_uri": model_uri}}
-        model_id = tracker.log_model(model, name=pfe.model_name, metadata=metadata)
-        if model_id:
-            tracker.set_tag("facescale.model_id", model_id)
-            metrics["model_id"] = model_id
-        ok = True
-    finally:
-        end_run(tracking_uri, run_id, ok)
-    return PFEResult(run_id, model_id, tracking_uri, metrics, time.perf_counter() - t0)
+    with RunProgress(prep.tracking_uri, run_id, pfe.ids_per_batch * pfe.images_per_id):  # progress, from MLflow
+        trained = train_head(model, batches, pfe, device, on_window=report)
+    metrics: dict[str, Any] = {"step": trained.steps, "train/loss": trained.losses[-1]}
+    metrics.update({f"data/{k}": v for k, v in batcher.stats.items()})
+    tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("data/")}, trained.steps)
+    model.cpu().eval()
+    head = model.head
+    metadata = {"backbone": loaded.backbone, "embedding_size": head.embedding_size,
+                "pfe": {"feature_shape": list(head.feature_shape), "hidden_size": head.fc1.out_features,
+                        "base_model_id": loaded.model_id, "base_model_uri": model_uri}}
+    model_id = tracker.log_model(model, name=pfe.model_name, metadata=metadata)
+    if model_id:
+        tracker.set_tag("facescale.model_id", model_id)
+        metrics["model_id"] = model_id
+    return model_id, metrics
 
 
 def format_pfe_result(res: PFEResult) -> str:
