@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "platform"))
@@ -45,7 +44,7 @@ from _report import RESULTS, ROOT, machine, table, update_section, write_json  #
 
 from facescale.heads.config import MarginConfig, build_margin  # noqa: E402
 from facescale.heads.ffc import FFCClassifier  # noqa: E402
-from facescale.parallel.dist import all_gather_rows, free_loopback_port  # noqa: E402
+from facescale.parallel.dist import all_gather_rows  # noqa: E402
 from facescale.parallel.ffc_plan import estimate_ffc  # noqa: E402
 from facescale.train.context import WorkerContext  # noqa: E402
 
@@ -131,20 +130,12 @@ def _ffc_worker(rank: int, world_size: int, port: int, cfg: dict[str, Any], out_
             "persistent_rss_bytes": status["VmRSS"] - base, "process_peak_bytes": status["VmHWM"],
             "baseline_bytes": base, "pool_tensor_bytes": ffc.queue.nbytes, "loss": loss,
             "in_pool_fraction": ffc.stats()["classifier/in_pool_fraction"]}
-    results = [None] * world_size
-    dist.all_gather_object(results, mine)
-    if rank == 0:
-        Path(out_path).write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    pfc_bench.report_ranks(mine, rank, world_size, out_path)
 
 
 def run_ffc(cfg: dict[str, Any], world_size: int = 2) -> list[dict[str, Any]]:
     """One FFC configuration on ``world_size`` fresh gloo ranks; per-rank measurements."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        mp.spawn(_ffc_worker, args=(world_size, free_loopback_port(), cfg, out), nprocs=world_size, join=True)
-        return json.loads(Path(out).read_text())
+    return pfc_bench.run_config(cfg, world_size, worker=_ffc_worker)
 
 
 def _ffc_plan(cfg: dict[str, Any]):

@@ -128,6 +128,11 @@ def _worker(rank: int, world_size: int, port: int, cfg: dict[str, Any], out_path
     if floors is not None:  # the median of the per-step ratios (step and floor measured back to back)
         ratios = sorted(t / f for t, f in zip(times[cfg["warmup"]:], floors[cfg["warmup"]:]))
         mine.update(floor_s=sorted(floors[cfg["warmup"]:])[len(ratios) // 2], step_over_floor=ratios[len(ratios) // 2])
+    report_ranks(mine, rank, world_size, out_path)
+
+
+def report_ranks(mine: dict[str, Any], rank: int, world_size: int, out_path: str) -> None:
+    """Every rank's measurements to rank 0, which writes them to ``out_path``; then the group ends."""
     results = [None] * world_size
     dist.all_gather_object(results, mine)
     if rank == 0:
@@ -136,12 +141,15 @@ def _worker(rank: int, world_size: int, port: int, cfg: dict[str, Any], out_path
     dist.destroy_process_group()
 
 
+def run_config(cfg: dict[str, Any], world_size: int = 2, worker: Any = None) -> list[dict[str, Any]]:
+    """Runs one configuration on ``world_size`` fresh gloo ranks; returns per-rank measurements.
 
-def run_config(cfg: dict[str, Any], world_size: int = 2) -> list[dict[str, Any]]:
-    """Runs one configuration on ``world_size`` fresh gloo ranks; returns per-rank measurements."""
+    ``worker(rank, world_size, port, cfg, out_path)`` measures one rank (default: this script's Partial FC step) and
+    ends with :func:`report_ranks`.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.spawn(_worker, args=(world_size, free_loopback_port(), cfg, out), nprocs=world_size, join=True)
+        mp.spawn(worker or _worker, args=(world_size, free_loopback_port(), cfg, out), nprocs=world_size, join=True)
         return json.loads(Path(out).read_text())
 
 

@@ -37,8 +37,6 @@ from facescale.data.transforms import normalize_images
 from facescale.eval.ijb import (
     IjbWeighting,
     pool_templates,
-    read_template_media,
-    read_template_pairs,
     template_pair_scores,
     weight_features,
 )
@@ -50,7 +48,7 @@ from facescale.eval.pfe_math import mls_score as mls_score
 from facescale.eval.pfe_math import uncertainty as uncertainty
 from facescale.eval.quality import REJECT_FRACTIONS, accuracy_vs_rejection
 from facescale.eval.rates import FPR_TARGETS, Roc, compute_roc, pair_scores, tpr_at_fpr
-from facescale.eval.suite import BinReport, IjbReport, load_ijb_scores
+from facescale.eval.suite import BinReport, IjbReport, read_ijb_inputs
 from facescale.eval.verification import evaluate, load_bin
 
 
@@ -288,9 +286,7 @@ def run_ijb_pfe(model: nn.Module, meta_path: str | Path, pairs_path: str | Path,
     Returns:
         The report.
     """
-    meta = read_template_media(meta_path)
-    pairs = read_template_pairs(pairs_path, meta)  # checked before the (slow) embedding pass
-    detector_scores = load_ijb_scores(meta, weighting, scores_path)
+    meta, pairs, detector_scores = read_ijb_inputs(meta_path, pairs_path, weighting, scores_path)
     f = _ijb_features(model, meta.images, Path(images_root), batch_size, device)
     template_ids, features = pool_templates(weight_features(f.flip_sums, weighting, detector_scores),
                                             meta.templates, meta.media)

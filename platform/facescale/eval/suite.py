@@ -185,6 +185,15 @@ def load_ijb_scores(meta: TemplateMedia, weighting: IjbWeighting,
     return scores_for_images(read_detector_scores(scores_path), meta)
 
 
+def read_ijb_inputs(meta_path: str | Path, pairs_path: str | Path, weighting: IjbWeighting,
+                    scores_path: str | Path | None) -> tuple[TemplateMedia, Any, np.ndarray | None]:
+    """The IJB meta file, its pairs and the detector scores the weighting needs, all checked before the (slow)
+    embedding pass: ``(meta, pairs, detector scores or None)``."""
+    meta = read_template_media(meta_path)
+    pairs = read_template_pairs(pairs_path, meta)
+    return meta, pairs, load_ijb_scores(meta, weighting, scores_path)
+
+
 def run_ijb(model: torch.nn.Module, meta_path: str | Path, pairs_path: str | Path, images_root: str | Path,
             batch_size: int = 128, device: str = "cpu", fpr_targets: tuple[float, ...] = FPR_TARGETS,
             weighting: IjbWeighting = "both", scores_path: str | Path | None = None) -> IjbReport:
@@ -205,9 +214,7 @@ def run_ijb(model: torch.nn.Module, meta_path: str | Path, pairs_path: str | Pat
     Returns:
         The report.
     """
-    meta = read_template_media(meta_path)
-    pairs = read_template_pairs(pairs_path, meta)  # checked before the (slow) embedding pass
-    detector_scores = load_ijb_scores(meta, weighting, scores_path)
+    meta, pairs, detector_scores = read_ijb_inputs(meta_path, pairs_path, weighting, scores_path)
     root = Path(images_root)
     if len(meta.images) <= 50_000:
         raw = flip_sum_features(model, read_images(root, meta.images, desc="ijb images"), batch_size=batch_size,

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from facescale.heads.ffc import check_pool_size, resolve_pool_size
-from facescale.parallel.plan_backbone import backbone_param_count, backbone_terms
+from facescale.parallel.plan_backbone import backbone_param_count, backbone_terms, format_rank_tail
 from facescale.parallel.plan_backbone import format_size as _size
 
 _LOSS_FORWARD_LOGIT_COPIES = 4  # [B, P] fp32 matrices saved over the two views (measured)
@@ -147,14 +147,5 @@ def format_ffc_plan(report: FFCPlanReport) -> str:
         f"  = peak                       {_size(r.peak_bytes):>14}",
         f"  host LRU state (approx.)     {_size(r.host_lru_bytes):>14}",
     ]
-    if r.backbone:
-        how = "DDP" if r.engine == "ddp" else f"DeepSpeed ZeRO-{r.zero_stage}"
-        lines.append(f"probe backbone {r.backbone} ({r.backbone_params / 1e6:.1f}M parameters, {r.precision}, "
-                     f"{how}, batch {r.batch_size})")
-        lines += [f"  {name:<38}{_size(size):>14}" for name, size in r.backbone_terms.items()]
-        lines.append(f"  = backbone                            {_size(r.backbone_bytes):>14}")
-        lines.append(f"= rank peak (classifier + backbone)     {_size(r.rank_peak_bytes):>14}")
-    lines.append("communication per step (bytes sent per rank)")
-    lines += [f"  {name:<40}{_size(size):>12}" for name, size in r.comm_bytes.items()]
-    lines.append(f"  {'total':<40}{_size(r.comm_total_bytes):>12}")
+    lines += format_rank_tail(r, "probe backbone")
     return "\n".join(lines)

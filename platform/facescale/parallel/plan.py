@@ -53,6 +53,7 @@ from facescale.parallel.plan_args import parse_count as parse_count
 from facescale.parallel.plan_args import parse_pool_size as parse_pool_size
 from facescale.parallel.plan_backbone import backbone_param_count as backbone_param_count
 from facescale.parallel.plan_backbone import backbone_terms as backbone_terms
+from facescale.parallel.plan_backbone import format_rank_tail
 from facescale.parallel.plan_backbone import format_size as _size
 
 # Logit-sized matrices alive at the forward peak, and the backward factor (see the module docstring); measured.
@@ -263,16 +264,7 @@ def format_plan(report: PlanReport) -> str:
         f"  optimizer step extra      {_size(r.optimizer_step_bytes):>14}",
         f"  = peak                    {_size(r.peak_bytes):>14}",
     ]
-    if r.backbone:
-        how = "DDP" if r.engine == "ddp" else f"DeepSpeed ZeRO-{r.zero_stage}"
-        lines.append(f"backbone {r.backbone} ({r.backbone_params / 1e6:.1f}M parameters, {r.precision}, {how}, "
-                     f"batch {r.batch_size})")
-        lines += [f"  {name:<38}{_size(size):>14}" for name, size in r.backbone_terms.items()]
-        lines.append(f"  = backbone                            {_size(r.backbone_bytes):>14}")
-        lines.append(f"= rank peak (classifier + backbone)     {_size(r.rank_peak_bytes):>14}")
-    lines.append("communication per step (bytes sent per rank)")
-    lines += [f"  {name:<40}{_size(size):>12}" for name, size in r.comm_bytes.items()]
-    lines.append(f"  {'total':<40}{_size(r.comm_total_bytes):>12}")
+    lines += format_rank_tail(r)
     return "\n".join(lines)
 
 

@@ -7,6 +7,8 @@ here and not in either planner: both import this module, it imports neither. The
 
 from __future__ import annotations
 
+from typing import Any
+
 from facescale.parallel.backbone_memory import BACKBONE_MEMORY
 
 # Optimizer state bytes per backbone parameter: SGD momentum, AdamW's two moments (fp32).
@@ -63,3 +65,20 @@ def format_size(num_bytes: float) -> str:
         if num_bytes >= scale:
             return f"{num_bytes / scale:.2f} {unit}"
     return f"{int(num_bytes)} B"
+
+
+def format_rank_tail(r: Any, backbone_label: str = "backbone") -> list[str]:
+    """The lines both plans end with: the backbone's terms and the rank peak (when ``r.backbone``), then the
+    communication per step. ``r``: a ``PlanReport`` or ``FFCPlanReport`` (the fields have the same names)."""
+    lines: list[str] = []
+    if r.backbone:
+        how = "DDP" if r.engine == "ddp" else f"DeepSpeed ZeRO-{r.zero_stage}"
+        lines.append(f"{backbone_label} {r.backbone} ({r.backbone_params / 1e6:.1f}M parameters, {r.precision}, "
+                     f"{how}, batch {r.batch_size})")
+        lines += [f"  {name:<38}{format_size(size):>14}" for name, size in r.backbone_terms.items()]
+        lines.append(f"  = backbone                            {format_size(r.backbone_bytes):>14}")
+        lines.append(f"= rank peak (classifier + backbone)     {format_size(r.rank_peak_bytes):>14}")
+    lines.append("communication per step (bytes sent per rank)")
+    lines += [f"  {name:<40}{format_size(size):>12}" for name, size in r.comm_bytes.items()]
+    lines.append(f"  {'total':<40}{format_size(r.comm_total_bytes):>12}")
+    return lines
