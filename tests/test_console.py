@@ -219,3 +219,16 @@ def test_short_run_shows_progress_lines_and_no_library_noise(tiny_data: Path, co
     manifest = json.loads((tiny_data / "manifest.json").read_text())
     assert (inp.dataset.name, inp.dataset.digest) == (tiny_data.name, manifest["digest"][:12])
     assert json.loads(inp.dataset.source) == {"uri": str(tiny_data)}
+
+
+def test_quiet_console_turns_off_mlflows_download_bars_unless_the_user_set_them(monkeypatch) -> None:
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
+    from facescale.console import set_verbose
+
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    set_verbose(False)
+    assert MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get() is False
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")  # the user's word wins
+    set_verbose(False)
+    assert MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get() is True

@@ -53,14 +53,21 @@ RAY_TRAIN_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.place
 MLFLOW_PYTORCH_LOGGER = "mlflow.pytorch"
 # Four INFO lines per node and run ("Skip logging GPU metrics", "Started/Stopping/Successfully terminated ...").
 MLFLOW_SYSTEM_METRICS_LOGGER = "mlflow.system_metrics.system_metrics_monitor"
+MLFLOW_PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 _verbose = False
 
 
 def set_verbose(verbose: bool) -> None:
-    """Whether this process shows every library message (``--verbose``)."""
+    """Whether this process shows every library message (``--verbose``).
+
+    Not verbose: MLflow's per-download progress bars are off (the pipeline downloads each stage's ROC data for
+    its comparison), unless ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` says otherwise.
+    """
     global _verbose
     _verbose = bool(verbose)
+    if not _verbose:
+        os.environ.setdefault(MLFLOW_PROGRESS_BAR_ENV, "false")
 
 
 def is_verbose() -> bool:
