@@ -23,7 +23,7 @@ _SKIP = {"facescale", "__main__", "import_graph"}  # the package root, ``python 
 
 
 def generated_block(root: Path = ROOT / "platform") -> str:
-    """The Mermaid graph of sub-package imports and the module count and lines of each package, as Markdown."""
+    """The Mermaid graph of sub-package imports and the modules of each package, as Markdown."""
     graph = package_graph(import_graph(root))
     lines = [BEGIN, "", "```mermaid", "graph TD"]
     for source in sorted(graph):
@@ -31,12 +31,14 @@ def generated_block(root: Path = ROOT / "platform") -> str:
             continue
         for target in sorted(graph[source] - _SKIP):
             lines.append(f"  {source} --> {target}")
-    lines += ["```", "", "| package | modules | lines |", "|---|---:|---:|"]
-    sizes: dict[str, list[int]] = {}
-    for module, path in module_files(root).items():
-        sizes.setdefault(package_of(module), []).append(len(path.read_text().splitlines()))
-    for package in sorted(set(sizes) - _SKIP):
-        lines.append(f"| `{package}` | {len(sizes[package])} | {sum(sizes[package]):,} |")
+    # Module names, not line counts: the block changes when the package's shape does, not with every edit.
+    lines += ["```", "", "| package | modules |", "|---|---|"]
+    members: dict[str, list[str]] = {}
+    for module in module_files(root):
+        members.setdefault(package_of(module), []).append(module.rsplit(".", 1)[-1])
+    for package in sorted(set(members) - _SKIP):
+        names = sorted(n for n in members[package] if n != package) or [package]
+        lines.append(f"| `{package}` | {', '.join(names)} |")
     return "\n".join([*lines, "", END])
 
 
