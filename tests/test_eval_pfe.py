@@ -219,6 +219,55 @@ def test_flip_views_are_fused_as_a_template():
     np.testing.assert_allclose(f.embeddings, F.normalize(emb).numpy(), atol=1e-6)
 
 
+class _TwoCalls(nn.Module):
+    """The same PFEModel behind only ``forward`` and ``forward_pfe``: the fallback path, two backbone runs per view."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+    def forward_pfe(self, x):
+        return self.model.forward_pfe(x)
+
+
+def test_pfe_model_runs_its_backbone_once_per_view_with_the_same_numbers():
+    from facescale.data.transforms import normalize_images
+    from facescale.pfe.model import PFEModel, UncertaintyHead, backbone_shapes
+
+    torch.manual_seed(0)
+    backbone = build_backbone("iresnet_tiny", 32).eval()
+    model = PFEModel(backbone, UncertaintyHead(*backbone_shapes(backbone))).eval()
+    with torch.no_grad():
+        model.head.scale.fill_(1.0)  # sigma^2 that varies between faces (the init scale 1e-4 makes it ~constant)
+    images = np.random.default_rng(4).integers(0, 256, (5, 112, 112, 3), dtype=np.uint8)
+    calls = []
+    hook = model.backbone.register_forward_hook(lambda _m, args, _out: calls.append(len(args[0])))
+    try:
+        f = pfe_features(model, images, batch_size=3)
+        assert calls == [3, 3, 2, 2]  # each batch and its flip: the backbone runs twice per image
+        calls.clear()
+        two = pfe_features(_TwoCalls(model), images, batch_size=3)
+        assert calls == [3, 3, 3, 3, 2, 2, 2, 2]  # forward and forward_pfe on each view: four times
+    finally:
+        hook.remove()
+    for name in ("flip_sums", "norms", "mu", "sigma_sq"):
+        np.testing.assert_array_equal(getattr(f, name), getattr(two, name), err_msg=name)
+    # And against the model's own methods, batch by batch (forward's raw embeddings; forward_pfe's Gaussians).
+    for start in (0, 3):
+        x = normalize_images(torch.from_numpy(images[start:start + 3]).permute(0, 3, 1, 2).contiguous(), "cpu")
+        with torch.no_grad():
+            (emb, mu, s), (emb_f, mu_f, s_f) = (model.forward_with_pfe(v) for v in (x, torch.flip(x, dims=[3])))
+            assert torch.equal(emb, model(x)) and torch.equal(emb_f, model(torch.flip(x, dims=[3])))
+            pair = model.forward_pfe(x)
+            assert torch.equal(mu, pair[0]) and torch.equal(s, pair[1])
+        assert not torch.allclose(s, s_f)  # the flip changes sigma^2: the fusion below is not trivial
+        rows = slice(start, start + len(x))
+        np.testing.assert_array_equal(f.flip_sums[rows], (emb + emb_f).numpy())
+
+
 def test_mls_beats_cosine_and_uncertainty_beats_norm_on_planted_set(planted):
     rep = planted["report"]
     plain = suite.run_bin(PixelPFE(), planted["bin"], batch_size=64)

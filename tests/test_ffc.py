@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from facescale.config import FaceScaleConfig
 from facescale.data.identity_batches import IdentityBatcher
@@ -205,6 +207,68 @@ def test_loss_matches_a_hand_computation_for_in_pool_and_out_of_pool_probes() ->
     positive = _ffc(pool_size=4, top_k=2)
     positive.update_pool(_features(4, 13).abs(), torch.tensor([3, 3, 4, 4]))
     assert positive(-torch.ones(1, D), torch.tensor([7])).item() == 0.0
+
+
+def _loss_the_old_way(ffc: FFCClassifier, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The reference: FFCClassifier.forward as it was before the [B, F] selection, the second view built as rows
+    ``where(row1_valid[:, None], queue[1, :F], queue[0, :F])`` (an [F, D] copy) and each view's cosines taken."""
+    filled = ffc.num_filled
+    valid = torch.from_numpy(ffc._row1_valid[:filled])
+    first = ffc.queue[0, :filled]
+    targets = ffc._targets(labels)
+    in_pool = targets != -1
+    num_in = in_pool.sum()
+    num_out = labels.numel() - num_in
+    probes = F.normalize(embeddings.float(), dim=1)
+    loss = probes.sum() * 0.0
+    for view in (first, torch.where(valid[:, None], ffc.queue[1, :filled], first)):
+        cos = F.linear(probes, view).clamp(-1.0, 1.0)
+        ce = F.cross_entropy(ffc.margin(cos, targets).float(), targets, ignore_index=-1, reduction="sum")
+        hard = cos.topk(min(ffc.top_k, filled), dim=1).values.clamp_min(0.0).mean(dim=1)
+        penalty = torch.where(in_pool, torch.zeros_like(hard), hard).sum()
+        loss = loss + 0.5 * (ce / num_in.clamp_min(1) + penalty / num_out.clamp_min(1))
+    return loss
+
+
+class _NonViewShapes(TorchDispatchMode):
+    """Records the shape of every tensor an op outside the view ops (slice, select, ...) makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            self.shapes += [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("steps", [
+    [[1, 1, 2, 3, 3, 4], [5, 6]],  # mixed: 3 has row 1; 2, 4, 5 one image; 6 evicted 1 (slot 0's row 1 is stale)
+    [[1, 2, 3, 4, 5]],  # no slot's row 1 valid: the second view is the first
+    [[1, 1, 2, 2, 3, 3]],  # every slot's row 1 valid
+])
+def test_loss_and_gradient_equal_the_old_prototype_rows_and_copy_no_pool(steps: list[list[int]]) -> None:
+    ffc = _ffc(pool_size=5, top_k=2)
+    for seed, labels in enumerate(steps):
+        ffc.update_pool(_features(len(labels), 20 + seed), torch.tensor(labels))
+    embeddings = torch.randn(7, D, generator=torch.Generator().manual_seed(21))
+    labels = torch.tensor([1, 2, 3, 4, 5, 6, 9])  # 9 is never in the pool; 1 left it in the mixed case
+    got_e, want_e = embeddings.clone().requires_grad_(True), embeddings.clone().requires_grad_(True)
+    with _NonViewShapes() as ops:
+        got = ffc(got_e, labels)
+    want = _loss_the_old_way(ffc, want_e, labels)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    got.backward()
+    want.backward()
+    scale = want_e.grad.abs().max()
+    assert scale > 0
+    # Float rounding only: the where's backward sums each probe's gradient over the two rows' matmuls separately.
+    torch.testing.assert_close(got_e.grad, want_e.grad, rtol=1e-6, atol=1e-6 * float(scale))
+    filled = ffc.num_filled
+    assert (filled, D) not in ops.shapes, ops.shapes  # no copy of the pool's rows: [B, F] cosines and smaller
+    assert (7, filled) in ops.shapes
 
 
 def test_empty_pool_and_bad_labels_are_errors() -> None:

@@ -12,8 +12,9 @@ compared.
 
 ``facescale eval --pfe`` runs :func:`run_bin_pfe` and :func:`run_ijb_pfe`: the model's ``forward`` gives the
 protocol's embeddings (every existing number is unchanged) and its ``forward_pfe`` the Gaussian, from the same
-batches. Each image's two views (image and horizontal flip) are fused with :func:`fuse_template`, as two faces of
-one subject -- the probabilistic counterpart of the protocol's flip sum. Reported beside the existing numbers:
+batches (both from one backbone pass per view where the model has ``forward_with_pfe``, as ``PFEModel``). Each
+image's two views (image and horizontal flip) are fused with :func:`fuse_template`, as two faces of one subject --
+the probabilistic counterpart of the protocol's flip sum. Reported beside the existing numbers:
 10-fold verification accuracy by MLS (each fold's MLS threshold the best one on the other nine folds) and by cosine
 of the fused means; ROC / TPR@FPR by MLS; accuracy as the most uncertain pairs are rejected (uncertainty = harmonic
 mean of sigma^2 over dimensions, as in the paper's risk-controlled recognition experiment) beside the norm-based
@@ -86,25 +87,44 @@ class PfeFeatures:
         return torch.nn.functional.normalize(torch.from_numpy(self.flip_sums)).numpy()
 
 
-def _forward_pfe(model: nn.Module, x: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``model.forward_pfe(x)`` as float32, checked: a pair of equal ``[B, D]`` shapes, sigma^2 finite and > 0."""
-    out = model.forward_pfe(x)
+def _checked_gaussian(out: Any, n: int, first: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mu, sigma_sq)`` of ``n`` images as float32, checked: equal ``[n, D]`` shapes, sigma^2 finite and > 0."""
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise PfeModelError(f"forward_pfe returned a {type(out).__name__}, expected a (mu, sigma_sq) pair")
+        raise PfeModelError(f"{method} returned a {type(out).__name__}, expected a (mu, sigma_sq) pair")
     mu, sigma_sq = out[0].float(), out[1].float()
-    if mu.ndim != 2 or mu.shape != sigma_sq.shape or len(mu) != len(x):
-        raise PfeModelError(f"forward_pfe on {len(x)} images returned mu {tuple(mu.shape)} and sigma_sq "
-                            f"{tuple(sigma_sq.shape)}, expected both [{len(x)}, D]")
+    if mu.ndim != 2 or mu.shape != sigma_sq.shape or len(mu) != n:
+        raise PfeModelError(f"{method} on {n} images returned mu {tuple(mu.shape)} and sigma_sq "
+                            f"{tuple(sigma_sq.shape)}, expected both [{n}, D]")
     bad = ~(torch.isfinite(sigma_sq) & (sigma_sq > 0)).all(dim=1)
     if bool(bad.any()):  # one host sync per batch: evaluation, not the training hot path
-        raise PfeModelError(f"forward_pfe gave sigma_sq <= 0 or non-finite for image {first + int(bad.nonzero()[0])}")
+        raise PfeModelError(f"{method} gave sigma_sq <= 0 or non-finite for image {first + int(bad.nonzero()[0])}")
     return mu, sigma_sq
+
+
+def _embed_with_pfe(model: nn.Module, x: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``model(x)`` and ``model.forward_pfe(x)`` as float32 ``(embedding, mu, sigma_sq)``, the Gaussian checked.
+
+    A model with ``forward_with_pfe(x) -> (embedding, mu, sigma_sq)`` (:class:`facescale.pfe.model.PFEModel`) gives
+    the three from one backbone pass; any other model is run twice, ``forward`` then ``forward_pfe``.
+    """
+    with_pfe = getattr(model, "forward_with_pfe", None)
+    if callable(with_pfe):
+        out = with_pfe(x)
+        if not (isinstance(out, (tuple, list)) and len(out) == 3):
+            raise PfeModelError(f"forward_with_pfe returned a {type(out).__name__}, expected an "
+                                "(embedding, mu, sigma_sq) triple")
+        embedding, (mu, sigma_sq) = out[0], _checked_gaussian(tuple(out[1:]), len(x), first, "forward_with_pfe")
+    else:
+        embedding = model(x)
+        mu, sigma_sq = _checked_gaussian(model.forward_pfe(x), len(x), first, "forward_pfe")
+    return embedding.float(), mu, sigma_sq
 
 
 @torch.no_grad()
 def pfe_features(model: nn.Module, images: np.ndarray, batch_size: int = 128,
                  device: torch.device | str = "cpu") -> PfeFeatures:
-    """Runs ``forward`` and ``forward_pfe`` on each image and its horizontal flip.
+    """Runs ``forward`` and ``forward_pfe`` on each image and its horizontal flip (one backbone pass per view where
+    the model has ``forward_with_pfe``).
 
     Args:
         model: A model with ``forward_pfe`` (run in eval mode; its mode is restored afterwards).
@@ -126,14 +146,12 @@ def pfe_features(model: nn.Module, images: np.ndarray, batch_size: int = 128,
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
             x = normalize_images(batch.contiguous(), device)  # uint8 crosses to the device, normalised there
-            flipped = torch.flip(x, dims=[3])
-            plain_emb, flip_emb = model(x).float(), model(flipped).float()
+            (plain_emb, mu_a, var_a), (flip_emb, mu_b, var_b) = (_embed_with_pfe(model, v, start)
+                                                                 for v in (x, torch.flip(x, dims=[3])))
             sums.append((plain_emb + flip_emb).cpu())
             norms.append(((plain_emb.norm(dim=1) + flip_emb.norm(dim=1)) / 2).cpu())
-            views = [_forward_pfe(model, v, start) for v in (x, flipped)]
             # The two views are two observations of one face: fused by the template rule (faces axis = 1).
-            mu, sigma_sq = _fuse(torch.stack([views[0][0], views[1][0]], dim=1),
-                                 torch.stack([views[0][1], views[1][1]], dim=1), axis=1)
+            mu, sigma_sq = _fuse(torch.stack([mu_a, mu_b], dim=1), torch.stack([var_a, var_b], dim=1), axis=1)
             mus.append(mu.cpu())
             variances.append(sigma_sq.cpu())
     finally:

@@ -261,11 +261,35 @@ class FFCClassifier(nn.Module):
 
     def prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The filled slots' two prototype views ``[F, D]``: row 0, and row 1 where it holds a feature of the
-        slot's identity (row 0 elsewhere; the reference masks row 1 the same way for slots not just written)."""
+        slot's identity (row 0 elsewhere; the reference masks row 1 the same way for slots not just written).
+
+        For inspection and tests: it copies the pool (``[F, D]``); :meth:`forward` takes the same views' cosines
+        without building them (:meth:`_view_cosines`)."""
         filled = self.num_filled
         valid = torch.from_numpy(self._row1_valid[:filled]).to(self.queue.device, non_blocking=True)
         first = self.queue[0, :filled]
         return first, torch.where(valid[:, None], self.queue[1, :filled], first)
+
+    def _view_cosines(self, probes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The probes' cosines ``[B, F]`` to the two views of :meth:`prototypes`, clamped to [-1, 1]; ``None`` for
+        the second view where it is the first (no slot's row 1 valid).
+
+        The second view's column of a slot whose row 1 is not valid is the first view's column, so the selection is
+        made on the ``[B, F]`` cosines of the two rows (views of the queue, no copy) rather than on the ``[F, D]``
+        rows: B x F values instead of F x D (128 x 100 k instead of 100 k x 512 at the paper's sizes), and the same
+        numbers, as a cosine depends only on its probe and its row.
+        """
+        filled = self.num_filled
+        first = F.linear(probes, self.queue[0, :filled]).clamp(-1.0, 1.0)
+        valid = self._row1_valid[:filled]
+        if not valid.any():
+            return first, None
+        second = F.linear(probes, self.queue[1, :filled]).clamp(-1.0, 1.0)
+        if valid.all():
+            return first, second
+        # A copy: the backward of the selection reads the mask, and the host state may change before it runs.
+        mask = torch.from_numpy(valid.copy()).to(probes.device, non_blocking=True)
+        return first, torch.where(mask[None, :], second, first)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The FFC loss of probe ``embeddings [B, D]`` with integer ``labels [B]``, averaged over the two views.
@@ -284,13 +308,15 @@ class FFCClassifier(nn.Module):
         probes = F.normalize(embeddings.float(), dim=1)
         k = min(self.top_k, self.num_filled)
         loss = probes.sum() * 0.0  # keeps the graph when every term is empty (every rank must run backward)
-        for view in self.prototypes():
-            cos = F.linear(probes, view).clamp(-1.0, 1.0)
+        first, second = self._view_cosines(probes)
+        # Two equal views (second is None): one view's term, with weight 1 (exactly its two halves, 0.5 t + 0.5 t).
+        views = (first,) if second is None else (first, second)
+        for cos in views:
             logits = self.margin(cos, targets)  # no margin on the IGNORE_LABEL rows, as Partial FC's blocks
             ce = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_LABEL, reduction="sum")
             hard = cos.topk(k, dim=1).values.clamp_min(0.0).mean(dim=1)
             penalty = torch.where(in_pool, torch.zeros_like(hard), hard).sum()
-            loss = loss + 0.5 * (ce / num_in.clamp_min(1) + penalty / num_out.clamp_min(1))
+            loss = loss + (1.0 / len(views)) * (ce / num_in.clamp_min(1) + penalty / num_out.clamp_min(1))
         if self.training:
             self._probe_counts = self._probe_counts.to(num_in.device) + torch.stack(
                 [num_in, torch.as_tensor(labels.numel(), device=num_in.device)]).float()

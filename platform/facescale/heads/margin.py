@@ -77,18 +77,23 @@ class CombinedMarginLoss(nn.Module):
         target = torch.where(angle <= math.pi, torch.cos(angle), -1.0 - (angle - math.pi) * (2.0 / math.pi))
         return target - self.m3
 
-    def forward(self, cos_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # Partial FC may pass ``inplace=True``: it owns the cosine buffer and never reads it after the margin.
+    supports_inplace = True
+
+    def forward(self, cos_logits: torch.Tensor, labels: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Returns scaled logits with the margin on each row's target column.
 
         Args:
-            cos_logits: Cosine logits ``[B, C]`` in [-1, 1]. Not modified in place.
+            cos_logits: Cosine logits ``[B, C]`` in [-1, 1]. Not modified, unless ``inplace``.
             labels: Target column per row ``[B]``, ``-1`` where the target is not in this block.
+            inplace: Write the logits into ``cos_logits`` (and, in backward, the gradient into the incoming one):
+                one ``[B, C]`` buffer instead of two each way.
 
         Returns:
-            Scaled logits ``[B, C]``.
+            Scaled logits ``[B, C]`` (``cos_logits`` itself when ``inplace``).
         """
         rows = torch.nonzero(labels != IGNORE_LABEL, as_tuple=False).squeeze(1)
-        return _ScaledMargin.apply(cos_logits, rows, labels[rows], self)
+        return _ScaledMargin.apply(cos_logits, rows, labels[rows], self, inplace)
 
     def _adjusted(self, target: torch.Tensor) -> torch.Tensor:
         """Margin-adjusted target cosines, differentiable as the chosen gradient (exact or straight-through)."""
@@ -105,31 +110,37 @@ class _ScaledMargin(torch.autograd.Function):
     The same values and gradients as ``cos.index_put((rows, cols), adjusted(cos[rows, cols])) * s`` under plain
     autograd, which costs about six full passes (the index_put copy, the scaling, and in backward the scaling, the
     index_put's zeroed copy, the gather's zero matrix and the sum of the two); here the small target path is
-    differentiated by autograd on the ``[rows]`` targets alone. Not twice differentiable.
+    differentiated by autograd on the ``[rows]`` targets alone. In place (``inplace``), the pass each way writes
+    into the buffer it reads. Not twice differentiable.
     """
 
     @staticmethod
     def forward(ctx: Any, cos_logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                margin: CombinedMarginLoss) -> torch.Tensor:
+                margin: CombinedMarginLoss, inplace: bool = False) -> torch.Tensor:
         target = cos_logits[rows, cols]
-        out = cos_logits * margin.s
+        if inplace:
+            ctx.mark_dirty(cos_logits)
+            out = cos_logits.mul_(margin.s)
+        else:
+            out = cos_logits * margin.s
         out[rows, cols] = margin._adjusted(target) * margin.s
         ctx.save_for_backward(rows, cols, target)
-        ctx.margin = margin
+        ctx.margin, ctx.inplace = margin, inplace
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         rows, cols, target = ctx.saved_tensors
         margin = ctx.margin
         grad_target = grad_out[rows, cols]
-        grad_cos = grad_out * margin.s
+        # In place only when the caller owns the whole chain (Partial FC: the gradient is its softmax buffer).
+        grad_cos = grad_out.mul_(margin.s) if ctx.inplace else grad_out * margin.s
         with torch.enable_grad():
             leaf = target.detach().requires_grad_()
             adjusted = margin._adjusted(leaf) * margin.s
             grad_adjusted = torch.autograd.grad(adjusted, leaf, grad_target)[0]
         grad_cos[rows, cols] = grad_adjusted
-        return grad_cos, None, None, None
+        return grad_cos, None, None, None, None
 
 
 MARGIN_PRESETS: dict[str, tuple[float, float, float]] = {

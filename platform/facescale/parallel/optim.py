@@ -29,14 +29,16 @@ from typing import Any
 
 import torch
 
-from facescale.parallel.partial_fc import mix_seed
+from facescale.parallel.row_optimizer import STEP_CHUNK_BYTES as STEP_CHUNK_BYTES  # re-exported for the planner
+from facescale.parallel.row_optimizer import SparseRowOptimizer
 from facescale.parallel.row_state import (
     SecondMoment,
     StateDtype,
     default_state_dtype,
+    put_rows,
     read_state_rows,
     row_state_layout,
-    stochastic_round_bf16,
+    scratch,
     take_rows,
     write_state_rows,
 )
@@ -44,173 +46,8 @@ from facescale.parallel.row_state import (
 # Re-exported: the memory planner imports it from here.
 from facescale.parallel.row_state import state_bytes_per_row as state_bytes_per_row
 
-# Rows updated at once; bounds the fp32 temporaries of a step (~3 x 8 MB at D=512).
-STEP_CHUNK_BYTES = 8 << 20
 
-# Salts of the rounding keys: the write of an optimizer step and the write of a catch-up between steps.
-_ROUND_STEP, _ROUND_CATCH_UP = 0x5752, 0xC47C
-
-
-def _sampled_rows(grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(rows, values) of a gradient; rows ``None`` for a dense gradient (every row)."""
-    if not grad.is_sparse:
-        return None, grad
-    rows, values = grad._indices()[0], grad._values()
-    if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
-        # Accumulated micro-batches leave duplicates; coalescing sums them (and copies, only in that case).
-        grad = grad.coalesce()
-        rows, values = grad.indices()[0], grad.values()
-    return rows, values
-
-
-class _SparseRowOptimizer(torch.optim.Optimizer):
-    """Shared machinery: chunked rows, compact state, catch-up of skipped rows, dtype-preserving state loading.
-
-    Subclasses keep ``step`` (optimizer steps taken) and ``last_step`` (per row: the step its weight and state
-    are current at) and implement ``_read_rows``/``_write_rows``/``_coast``.
-    """
-
-    catch_up = True
-
-    @staticmethod
-    def _chunks(p: torch.Tensor, rows: torch.Tensor | None) -> Iterable[tuple[torch.Tensor | slice, slice]]:
-        """(index into p's rows, slice into the gradient's rows) per chunk of rows."""
-        count = p.shape[0] if rows is None else rows.numel()
-        chunk = max(1, STEP_CHUNK_BYTES // (p[0].numel() * 4))
-        for start in range(0, count, chunk):
-            part = slice(start, min(start + chunk, count))
-            yield (part if rows is None else rows[part]), part
-
-    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
-        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
-
-    def _read_rows(self, state: dict[str, torch.Tensor], index: Any) -> list[torch.Tensor]:
-        raise NotImplementedError
-
-    def _write_rows(self, state: dict[str, torch.Tensor], index: Any, rows: list[torch.Tensor]) -> None:
-        raise NotImplementedError
-
-    def _coast(self, weight: torch.Tensor, rows: list[torch.Tensor], skipped: torch.Tensor, last: torch.Tensor,
-               group: dict[str, Any]) -> None:
-        """Applies in place the ``skipped`` zero-gradient dense steps after step ``last`` (per row)."""
-        raise NotImplementedError
-
-    def _update_rows(self, weight: torch.Tensor, grad: torch.Tensor, rows: list[torch.Tensor],
-                     group: dict[str, Any], t: int) -> torch.Tensor:
-        """The update rule on fp32 rows: changes ``rows`` (state) in place, returns the new weight rows."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """Updates the rows present in each parameter's gradient with the subclass's ``_update_rows``."""
-        loss = torch.enable_grad()(closure)() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                rows, values = _sampled_rows(p.grad)
-                values = values.view(values.shape[0], -1)
-                flat = p.view(p.shape[0], -1)
-                state = self._state_for(p)
-                t = int(state["step"]) + 1
-                for index, part in self._chunks(p, rows):
-                    grad = values[part].float()  # may be a view of p.grad: never written
-                    weight = take_rows(flat, index).float()
-                    state_rows = list(self._read_rows(state, index))
-                    if self.catch_up:  # a no-op for rows PartialFC already brought up to date
-                        self._bring_up_to_date(state, index, weight, state_rows, group)
-                    state["last_step"][index] = t
-                    weight = self._update_rows(weight, grad, state_rows, group, t)
-                    self._write_rows(state, index, state_rows)
-                    self._store_rows(p, flat, index, weight, t, _ROUND_STEP)
-                state["step"] += 1
-        return loss
-
-    def _bring_up_to_date(self, state: dict[str, torch.Tensor], index: Any, weight: torch.Tensor,
-                          rows: list[torch.Tensor], group: dict[str, Any]) -> bool:
-        """Replays missed steps on the fp32 rows; False when every row was already current."""
-        step = int(state["step"])
-        last = take_rows(state["last_step"], index).long()
-        skipped = step - last
-        if not bool((skipped > 0).any()):
-            return False
-        state["last_step"][index] = step
-        self._coast(weight, rows, skipped, last, group)
-        return True
-
-    @torch.no_grad()
-    def catch_up_rows(self, p: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """Brings ``rows`` of ``p`` (all when ``None``) up to date with the dense steps they missed.
-
-        ``PartialFC`` calls this for the rows it is about to score, so their logits see what dense training would
-        have; call it with ``rows=None`` before reading every center (evaluate, export) or before a step change
-        of the lr (the missed steps are replayed at the current lr).
-        """
-        state = self.state.get(p)
-        group = self._group_of(p)
-        if not state or "step" not in state or not self.catch_up or not group.get("momentum", True):
-            return
-        flat = p.view(p.shape[0], -1)
-        for index, _ in self._chunks(p, rows):
-            weight, state_rows = take_rows(flat, index).float(), self._read_rows(state, index)
-            if self._bring_up_to_date(state, index, weight, state_rows, group):
-                # Writes only when something changed: a current row keeps its version (autograd checks it).
-                self._write_rows(state, index, state_rows)
-                self._store_rows(p, flat, index, weight, int(state["step"]), _ROUND_CATCH_UP)
-
-    def set_rounding_key(self, p: torch.Tensor, seed: int, row_offset: int) -> None:
-        """Keys the stochastic rounding of a bf16 parameter: ``seed`` and the global id of its row 0 (Partial FC
-        passes its seed and ``class_start * K``, so the rounding does not depend on the world size). Unset: 0, 0."""
-        if not hasattr(self, "_rounding_keys"):
-            self._rounding_keys: dict[torch.Tensor, tuple[int, int]] = {}
-        self._rounding_keys[p] = (int(seed), int(row_offset))
-
-    def _store_rows(self, p: torch.Tensor, flat: torch.Tensor, index: Any, weight: torch.Tensor, step: int,
-                    salt: int) -> None:
-        """Writes fp32 rows back: exact for fp32, stochastically rounded (keyed by seed, step, row) for bf16."""
-        if p.dtype != torch.bfloat16:
-            flat[index] = weight.to(p.dtype)
-            return
-        seed, offset = getattr(self, "_rounding_keys", {}).get(p, (0, 0))
-        if isinstance(index, slice):
-            local = torch.arange(index.start, index.stop, dtype=torch.int64, device=weight.device)
-        else:
-            local = index.to(torch.int64)
-        flat[index] = stochastic_round_bf16(weight, mix_seed(seed, step, salt), local + offset)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads hyperparameters and state, keeping the state's storage dtype (torch would cast it to fp32)."""
-        saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            if saved_id in saved_state:
-                state = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in saved_state[saved_id].items()}
-                self.check_state(p, state)
-                self.state[p] = state
-
-    def state_layout(self, p: torch.Tensor) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Expected ``{key: (shape, dtype)}`` of ``p``'s state under this optimizer's settings."""
-        raise NotImplementedError
-
-    def check_state(self, p: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
-        """Refuses state whose keys, shapes or dtypes differ from this optimizer's settings."""
-        expected = self.state_layout(p)
-        found = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
-        if found != expected:
-            raise ValueError(f"{type(self).__name__} state does not match its settings: expected {expected}, "
-                             f"found {found} (a checkpoint saved with another optimizer or state_dtype?)")
-
-    def _state_for(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        state = self.state[p]
-        if not state:
-            for key, (shape, dtype) in self.state_layout(p).items():
-                state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
-        return state
-
-
-class SparseRowSGD(_SparseRowOptimizer):
+class SparseRowSGD(SparseRowOptimizer):
     """SGD with momentum and coupled weight decay, applied only to the rows present in a sparse gradient.
 
     With ``catch_up`` (default) a row skipped for k steps is brought up to date before it is next used: it gets
@@ -253,26 +90,32 @@ class SparseRowSGD(_SparseRowOptimizer):
                group: dict[str, Any]) -> None:
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         buf = rows[0]
-        power = torch.eye(2, dtype=torch.float64).repeat(skipped.numel(), 1, 1)
+        # A^k once per distinct k (a few dozen values at most), by repeated squaring; then one row of 4 per row.
+        counts, which = torch.unique(skipped, return_inverse=True)
+        power = torch.eye(2, dtype=torch.float64).repeat(counts.numel(), 1, 1)
         base = torch.tensor([[1.0 - lr * wd, -lr * mu], [wd, mu]], dtype=torch.float64)
-        while bool((skipped > 0).any()):  # A^k by repeated squaring, k per row
-            power = torch.where((skipped & 1).bool()[:, None, None], power @ base, power)
-            base, skipped = base @ base, skipped >> 1
-        power = power.float()
-        old_weight = weight.clone()
-        weight.mul_(power[:, 0, 0, None]).add_(buf * power[:, 0, 1, None])
-        buf.mul_(power[:, 1, 1, None]).add_(old_weight * power[:, 1, 0, None])
+        while bool((counts > 0).any()):
+            power = torch.where((counts & 1).bool()[:, None, None], power @ base, power)
+            base, counts = base @ base, counts >> 1
+        power = power.float().view(-1, 4)[which]
+        w_w, w_m, m_w, m_m = (power[:, i, None] for i in range(4))
+        new_buf = torch.mul(buf, m_m, out=scratch("coast", tuple(buf.shape), buf.dtype, buf.device))
+        new_buf.addcmul_(weight, m_w)
+        weight.mul_(w_w).addcmul_(buf, w_m)
+        buf.copy_(new_buf)
 
     def _update_rows(self, weight: torch.Tensor, grad: torch.Tensor, rows: list[torch.Tensor],
                      group: dict[str, Any], t: int) -> torch.Tensor:
         (buf,) = rows
         if group["weight_decay"]:
-            grad = grad.add(weight, alpha=group["weight_decay"])  # out of place: p.grad stays as it was
+            # Out of place: p.grad stays as it was.
+            grad = torch.add(grad, weight, alpha=group["weight_decay"],
+                             out=scratch("decayed", tuple(grad.shape), grad.dtype, grad.device))
         buf.mul_(group["momentum"]).add_(grad)
         return weight.add_(buf, alpha=-group["lr"])
 
 
-class SparseRowAdamW(_SparseRowOptimizer):
+class SparseRowAdamW(SparseRowOptimizer):
     """AdamW (decoupled weight decay) over the rows present in a sparse gradient.
 
     With ``catch_up`` (default) a skipped row first gets the k zero-gradient steps dense AdamW would have taken
@@ -314,7 +157,7 @@ class SparseRowAdamW(_SparseRowOptimizer):
 
     def _write_rows(self, state: dict[str, torch.Tensor], index: Any, rows: list[torch.Tensor]) -> None:
         write_state_rows(state, "exp_avg", index, rows[0])
-        state["exp_avg_sq"][index] = rows[1].to(state["exp_avg_sq"].dtype)
+        put_rows(state["exp_avg_sq"], index, rows[1])
 
     def _coast(self, weight: torch.Tensor, rows: list[torch.Tensor], skipped: torch.Tensor, last: torch.Tensor,
                group: dict[str, Any]) -> None:

@@ -313,12 +313,14 @@ class PartialFC(nn.Module):
         # Sampling picks classes; a class's K sub-center rows come together.
         rows = self.expand_rows(classes)
         self.last_sampled_rows = rows
-        catch_up = getattr(self._optimizer, "catch_up_rows", None)
-        if catch_up is not None and rows is not None and self.training and torch.is_grad_enabled():
-            # Rows about to be scored first get the steps dense training would have given them (see optim.py).
-            catch_up(self.weight, rows)
+        prepare = getattr(self._optimizer, "prepare_rows", None)
+        sampled = None
+        if prepare is not None and rows is not None and self.training and torch.is_grad_enabled():
+            # The sampled rows, gathered once and given the steps dense training would have given them; the
+            # optimizer's step updates this working set and writes each row once (see row_optimizer.py).
+            sampled = prepare(self.weight, rows)
 
-        cos = ShardCosine.apply(F.normalize(embeddings), self.weight, rows, self.sparse_grad)
+        cos = ShardCosine.apply(F.normalize(embeddings), self.weight, rows, self.sparse_grad, sampled)
         keep = None
         sub = self.subcenters
         if sub is not None:
@@ -339,9 +341,11 @@ class PartialFC(nn.Module):
             norms = extras["norms"] = embeddings.norm(dim=1)
         if getattr(self.margin_loss, "needs_global_sum", False):
             extras["global_sum"] = self._global_sum
+        if getattr(self.margin_loss, "supports_inplace", False):
+            extras["inplace"] = True  # one [N, S] buffer: cosines -> logits -> softmax -> logit gradient
         logits = self.margin_loss(cos, local_target, **extras)
         del cos
-        loss = DistSoftmaxCrossEntropy.apply(logits, local_target, self.process_group, keep)
+        loss, _ = DistSoftmaxCrossEntropy.apply(logits, local_target, self.process_group, keep)
         regularizer = getattr(self.margin_loss, "regularizer", None)
         if norms is not None and regularizer is not None:
             # Every rank computes the full-batch regulariser; its gradient is summed over W ranks by the all-gather's

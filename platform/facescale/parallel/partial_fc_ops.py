@@ -7,6 +7,7 @@ embeddings)``, right once DDP averages) is described in :mod:`facescale.parallel
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -41,50 +42,61 @@ class AllGatherEmbeddings(torch.autograd.Function):
 class ShardCosine(torch.autograd.Function):
     """Cosine logits of normalised embeddings against (a subset of) this rank's centers, in row chunks.
 
-    Saves only the normalised embeddings, the row index and per-row norms: the normalised centers are recomputed
-    chunk by chunk in backward, so no ``[rows, D]`` copy of the centers outlives a chunk. The centers' gradient
-    covers exactly ``rows``: a sparse COO tensor (``sparse_grad``) or a dense ``[num_local, D]`` tensor (v2 style).
-    The clamp to [-1, 1] only guards rounding; its gradient is taken as the identity.
+    Each chunk of rows is normalised into one reused buffer (no normalised ``[rows, D]`` copy is ever held); the
+    center gradient scales the small ``[N, chunk]`` gradient block instead of the rows. Saves only the embeddings,
+    the row source and per-row norms; the rows are re-read chunk by chunk in backward. The rows come from
+    ``weight[rows]`` (all rows when ``rows`` is ``None``) or, when the optimizer has already gathered and caught
+    them up, from ``sampled`` (``[len(rows), D]``, the same values; see ``SparseRowOptimizer.prepare_rows``). The
+    centers' gradient covers exactly ``rows``: a sparse COO tensor (``sparse_grad``) or a dense
+    ``[num_local, D]`` tensor (v2 style). The clamp to [-1, 1] only guards rounding; its gradient is the identity.
     """
 
     @staticmethod
     def forward(ctx: Any, norm_embeddings: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None,
-                sparse_grad: bool) -> torch.Tensor:
-        num_rows = weight.shape[0] if rows is None else rows.numel()
-        chunk = _chunk_rows(weight)
-        cos = norm_embeddings.new_empty((norm_embeddings.shape[0], num_rows))
+                sparse_grad: bool, sampled: torch.Tensor | None = None) -> torch.Tensor:
+        source = _RowSource(weight, rows, sampled, norm_embeddings.dtype)
+        num_rows, batch = source.num_rows, norm_embeddings.shape[0]
+        cos = norm_embeddings.new_empty((batch, num_rows))
         norms = norm_embeddings.new_empty((num_rows,))
-        for start in range(0, num_rows, chunk):
-            end = min(start + chunk, num_rows)
-            centers = _take_rows(weight, rows, start, end, norm_embeddings.dtype)
-            norms[start:end] = centers.norm(dim=1).clamp_min(1e-12)
+        product = norm_embeddings.new_empty((batch * min(source.chunk, num_rows),))
+        for start, end in source.spans():
+            centers = source.take(start, end)
+            torch.linalg.vector_norm(centers, dim=1, out=norms[start:end])
+            normed = source.normed(centers, norms[start:end].clamp_min_(1e-12))
+            part = product[:batch * (end - start)].view(batch, end - start)
             # Clamped per chunk while the product is in cache (no extra pass over the whole matrix).
-            cos[:, start:end] = torch.mm(norm_embeddings, centers.div_(norms[start:end, None]).t()).clamp_(-1.0, 1.0)
-        ctx.save_for_backward(norm_embeddings, weight, rows, norms)
+            cos[:, start:end] = torch.mm(norm_embeddings, normed.t(), out=part).clamp_(-1.0, 1.0)
+        ctx.save_for_backward(norm_embeddings, weight, rows, norms, sampled)
         ctx.sparse_grad = sparse_grad
         return cos
 
     @staticmethod
-    def backward(ctx: Any, grad_cos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
-        norm_embeddings, weight, rows, norms = ctx.saved_tensors
-        num_rows = norms.numel()
-        chunk = _chunk_rows(weight)
+    def backward(ctx: Any, grad_cos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None,
+                                                            None]:
+        norm_embeddings, weight, rows, norms, sampled = ctx.saved_tensors
+        source = _RowSource(weight, rows, sampled, norm_embeddings.dtype)
+        batch, width = norm_embeddings.shape
         grad_embeddings = torch.zeros_like(norm_embeddings)
         # The center gradient is written once, in the centers' dtype (bf16 centers: a bf16 gradient, rounded to
         # nearest -- autograd would cast it to the parameter's dtype anyway); the math stays in fp32 per chunk.
         same_dtype = weight.dtype == norm_embeddings.dtype
-        grad_rows = norm_embeddings.new_empty((num_rows, weight.shape[1]), dtype=weight.dtype)
-        for start in range(0, num_rows, chunk):
-            end = min(start + chunk, num_rows)
-            normed = _take_rows(weight, rows, start, end, norm_embeddings.dtype).div_(norms[start:end, None])
-            grad_chunk = grad_cos[:, start:end]
-            grad_embeddings.addmm_(grad_chunk, normed)
-            grad_normed = torch.mm(grad_chunk.t(), norm_embeddings, out=grad_rows[start:end] if same_dtype else None)
-            # d(w/|w|)/dw = (I - n n^T) / |w|: remove the radial component, then divide by the norm.
-            radial = torch.linalg.vecdot(grad_normed, normed).unsqueeze(1)
-            grad_normed.sub_(normed.mul_(radial)).div_(norms[start:end, None])
+        grad_rows = norm_embeddings.new_empty((source.num_rows, width), dtype=weight.dtype)
+        chunk = min(source.chunk, source.num_rows)
+        scaled = norm_embeddings.new_empty((batch * chunk,))
+        spare = None if same_dtype else norm_embeddings.new_empty((chunk, width))
+        for start, end in source.spans():
+            centers, inv_norm = source.take(start, end), norms[start:end].reciprocal()
+            grad_embeddings.addmm_(grad_cos[:, start:end], source.normed(centers, norms[start:end]))
+            # With G the cosine gradient and u = w/|w|: dw = (I - u u^T) G^T E / |w| = g - w (w . g) / |w|^2 with
+            # g = (G / |w|)^T E -- the small [N, chunk] block is scaled, not the [chunk, D] rows (one pass, not three).
+            grad_chunk = scaled[:batch * (end - start)].view(batch, end - start)
+            torch.mul(grad_cos[:, start:end], inv_norm, out=grad_chunk)
+            grad_w = grad_rows[start:end] if same_dtype else spare[:end - start]
+            torch.mm(grad_chunk.t(), norm_embeddings, out=grad_w)
+            radial = torch.linalg.vecdot(grad_w, centers).mul_(inv_norm.square_())
+            grad_w.addcmul_(centers, radial.unsqueeze(1), value=-1.0)
             if not same_dtype:
-                grad_rows[start:end] = grad_normed
+                grad_rows[start:end] = grad_w
         grad_weight = None
         if ctx.needs_input_grad[1]:
             if rows is None:
@@ -94,7 +106,48 @@ class ShardCosine(torch.autograd.Function):
                                                       check_invariants=False)
             else:
                 grad_weight = torch.zeros_like(weight).index_copy_(0, rows, grad_rows)
-        return grad_embeddings, grad_weight, None, None
+        return grad_embeddings, grad_weight, None, None, None
+
+
+class _RowSource:
+    """Chunks of the center rows a :class:`ShardCosine` reads, as fp32 (``dtype``) tensors not to be modified:
+    views where the storage already is contiguous fp32, else copies into one reused chunk buffer."""
+
+    def __init__(self, weight: torch.Tensor, rows: torch.Tensor | None, sampled: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
+        self.weight, self.rows, self.sampled, self.dtype = weight, rows, sampled, dtype
+        self.num_rows = weight.shape[0] if rows is None else rows.numel()
+        self.chunk = _chunk_rows(weight)
+        self._buffer: torch.Tensor | None = None
+        self._normed: torch.Tensor | None = None
+
+    def normed(self, centers: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """``centers / norms`` (per row) in a reused chunk buffer. The embeddings' products use the normalised rows
+        (rather than scaling the product afterwards) so their rounding, and the backbone's gradient, stay exactly
+        what a plain ``F.normalize`` would give."""
+        if self._normed is None:
+            self._normed = torch.empty((min(self.chunk, self.num_rows), self.weight.shape[1]), dtype=self.dtype,
+                                       device=self.weight.device)
+        return torch.div(centers, norms.unsqueeze(1), out=self._normed[:centers.shape[0]])
+
+    def spans(self) -> Iterable[tuple[int, int]]:
+        for start in range(0, self.num_rows, self.chunk):
+            yield start, min(start + self.chunk, self.num_rows)
+
+    def take(self, start: int, end: int) -> torch.Tensor:
+        if self.sampled is not None or self.rows is None:
+            block = (self.weight if self.sampled is None else self.sampled)[start:end]
+            if block.dtype == self.dtype:
+                return block
+        if self._buffer is None:
+            self._buffer = torch.empty((min(self.chunk, self.num_rows), self.weight.shape[1]), dtype=self.dtype,
+                                       device=self.weight.device)
+        out = self._buffer[:end - start]
+        if self.sampled is not None or self.rows is None:
+            return out.copy_(block)
+        if self.weight.dtype == self.dtype:
+            return torch.index_select(self.weight, 0, self.rows[start:end], out=out)
+        return out.copy_(self.weight.index_select(0, self.rows[start:end]))
 
 
 def _chunk_rows(weight: torch.Tensor) -> int:
@@ -102,32 +155,27 @@ def _chunk_rows(weight: torch.Tensor) -> int:
     return max(1, CHUNK_BYTES // (weight.shape[1] * max(4, weight.element_size())))
 
 
-def _take_rows(weight: torch.Tensor, rows: torch.Tensor | None, start: int, end: int,
-               dtype: torch.dtype) -> torch.Tensor:
-    """Rows ``start:end`` of the (sampled) centers as a new tensor of ``dtype``, which the caller may overwrite."""
-    if rows is None:
-        return weight[start:end].to(dtype, copy=True)
-    taken = weight.index_select(0, rows[start:end])
-    return taken if taken.dtype == dtype else taken.to(dtype)
-
-
 class DistSoftmaxCrossEntropy(torch.autograd.Function):
-    """Mean softmax cross-entropy over logits whose class dimension is split across the ranks of ``group``."""
+    """Mean softmax cross-entropy over logits whose class dimension is split across the ranks of ``group``.
+
+    Returns ``(loss, probs)``: the logits are turned into the softmax probabilities *in place* (one ``[N, C]``
+    buffer from the cosines to the logit gradient; ``probs`` is that same tensor, marked as modified, and carries
+    no gradient of its own). Callers that need the logits afterwards pass a copy.
+    """
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, local_target: torch.Tensor, group: dist.ProcessGroup | None,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         num_rows = logits.shape[0]
-        max_logit = logits.max(dim=1).values
+        max_logit = logits.amax(dim=1)  # amax, not max(): no argmax is needed, and it is ~10x faster on CPU
         # NOTE: all-reduce (max) of each row's largest logit -- one shift shared by all ranks keeps exp() finite
         # and makes the per-rank partial sums add up to the true softmax denominator.
         all_reduce_(max_logit, dist.ReduceOp.MAX, group)
-        probs = logits - max_logit.unsqueeze(1)  # a new tensor: the caller's logits are left untouched
         rows = torch.nonzero(local_target != IGNORE_LABEL, as_tuple=False).squeeze(1)
         cols = local_target[rows]
         row_stats = logits.new_zeros((2, num_rows))
-        row_stats[1, rows] = probs[rows, cols]
-        probs.exp_()
+        row_stats[1, rows] = logits[rows, cols] - max_logit[rows]
+        probs = logits.sub_(max_logit.unsqueeze(1)).exp_()
         row_stats[0] = probs.sum(dim=1)
         # NOTE: all-reduce (sum) of [sum of exp(logit - max); target logit - max] per row -- the denominator is
         # spread over every rank's classes, and each row's target logit lives on exactly one rank (zeros elsewhere).
@@ -143,11 +191,14 @@ class DistSoftmaxCrossEntropy(torch.autograd.Function):
         else:  # the mean over kept rows (``keep`` is identical on every rank); no kept row -> 0
             weights = keep.to(per_row.dtype) / keep.sum().clamp_min(1).to(per_row.dtype)
             loss = (per_row * weights).sum()
+        ctx.mark_dirty(logits)
+        ctx.mark_non_differentiable(probs)
         ctx.save_for_backward(probs, rows, cols, weights)
-        return loss
+        return loss, probs
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_probs: torch.Tensor | None) -> tuple[torch.Tensor, None,
+                                                                                                None, None]:
         probs, rows, cols, weights = ctx.saved_tensors
         # The softmax buffer becomes the gradient in place (a second backward then fails loudly, as it should).
         grad = probs

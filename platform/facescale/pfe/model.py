@@ -139,7 +139,8 @@ class PFEModel(nn.Module):
     """A frozen backbone and its uncertainty head, logged and loaded as one model.
 
     ``forward`` is the backbone's, unchanged, so every evaluation of embeddings works on it; ``forward_pfe`` gives the
-    Gaussian embedding. The backbone stays in eval mode and without gradients whatever ``train()`` is called with.
+    Gaussian embedding; ``forward_with_pfe`` both from one backbone pass. The backbone stays in eval mode and without
+    gradients whatever ``train()`` is called with.
 
     Args:
         backbone: A backbone of a known family (:data:`EMBEDDING_LAYERS`), trained.
@@ -179,9 +180,24 @@ class PFEModel(nn.Module):
         mu, log_sigma_sq = self.forward_log_sigma_sq(x)
         return mu, log_sigma_sq.exp()
 
+    def forward_with_pfe(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(embedding, ``mu``, ``sigma^2``) of ``[B, 3, 112, 112]`` images from one forward of the backbone.
+
+        The embedding is :meth:`forward`'s, unchanged (un-normalised: evaluation sums it over flips and reads its norm
+        as a quality score); ``mu`` and ``sigma^2`` are :meth:`forward_pfe`'s (``mu`` is the normalised embedding, not
+        the embedding itself). ``facescale eval --pfe`` needs all three per image; this gives them for one backbone
+        pass instead of two.
+        """
+        embedding, log_sigma_sq = self._embedding_and_log_sigma_sq(x)
+        return embedding, F.normalize(embedding.float(), dim=1), log_sigma_sq.exp()
+
     def forward_log_sigma_sq(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(``mu`` L2-normalised, ``log sigma^2``): what the MLS loss trains on."""
+        embedding, log_sigma_sq = self._embedding_and_log_sigma_sq(x)
+        return F.normalize(embedding.float(), dim=1), log_sigma_sq  # the paper's mu: the normalised embedding
+
+    def _embedding_and_log_sigma_sq(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the backbone's embedding, as :meth:`forward` returns it; ``log sigma^2`` from the head), one forward."""
         with torch.no_grad():
             fmap, embedding = _features_and_embedding(self.backbone, x)
-        mu = F.normalize(embedding.float(), dim=1)  # the paper's mu: the normalised embedding
-        return mu, self.head(fmap.float())
+        return embedding, self.head(fmap.float())
