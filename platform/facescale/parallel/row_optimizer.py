@@ -18,6 +18,7 @@ paths give the same bits.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,7 @@ class _WorkingSet:
     state: dict[str, torch.Tensor]  # the row-state tensors at ``rows`` (same keys and dtypes) + the scalar step
     step: int  # optimizer steps taken when gathered
     version: int  # the parameter's version counter when gathered (any later write invalidates the set)
+    buffers: dict[str, torch.Tensor]  # the flat storage of ``weight`` and ``state``, reused by the next set
 
 
 class SparseRowOptimizer(torch.optim.Optimizer):
@@ -66,6 +68,7 @@ class SparseRowOptimizer(torch.optim.Optimizer):
     """
 
     catch_up = True
+    keep_buffers = True  # reuse the working set's storage from step to step (see ``_retire``)
 
     @staticmethod
     def _chunks(p: torch.Tensor, rows: torch.Tensor | None) -> Iterable[tuple[torch.Tensor | slice, slice]]:
@@ -172,17 +175,39 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         there (nothing is written to ``p`` or its state) and returns the rows ``[len(rows), ...]`` in ``p``'s dtype:
         the values the coming forward should score. The next ``step`` whose gradient covers exactly these rows
         updates the working set and writes each row once (module docstring)."""
-        self.__dict__.setdefault("_working", {}).pop(p, None)  # the previous set first: never two held at once
+        self._retire(p, self.__dict__.setdefault("_working", {}).pop(p, None))  # never two sets held at once
+        buffers = self.__dict__.setdefault("_spare", {}).pop(p, {})
         with chunk_buffers():
-            weight, sub_state = self._gather_working_set(p, rows)
-        self._working[p] = _WorkingSet(rows, weight, sub_state, int(sub_state["step"]), p._version)
+            weight, sub_state = self._gather_working_set(p, rows, buffers)
+        self._working[p] = _WorkingSet(rows, weight, sub_state, int(sub_state["step"]), p._version, buffers)
         return weight
 
-    def _gather_working_set(self, p: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _retire(self, p: torch.Tensor, working: _WorkingSet | None) -> None:
+        """Keeps a finished working set's storage for the next one: the sampled rows' buffers are then allocated
+        once per run, not once per step (a fresh ~100 MB tensor costs its page faults again on CPU, about as much as
+        the gather itself). A graph still holding the old rows fails autograd's version check if reused, loudly."""
+        if working is not None and self.keep_buffers:
+            self._spare[p] = working.buffers
+
+    def release_buffers(self) -> None:
+        """Frees the kept working-set buffers (they are re-allocated by the next forward)."""
+        self.__dict__.get("_spare", {}).clear()
+
+    def _gather_working_set(self, p: torch.Tensor, rows: torch.Tensor,
+                            buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         state = self._state_for(p)
-        sub_state = {k: v.index_select(0, rows) for k, v in state.items() if v.dim() > 0}
+
+        def gather(name: str, source: torch.Tensor) -> torch.Tensor:
+            shape = (rows.numel(), *source.shape[1:])
+            count = math.prod(shape)
+            flat = buffers.get(name)
+            if flat is None or flat.numel() < count or flat.dtype != source.dtype or flat.device != source.device:
+                flat = buffers[name] = torch.empty(count, dtype=source.dtype, device=source.device)
+            return torch.index_select(source, 0, rows, out=flat[:count].view(shape))
+
+        sub_state = {k: gather(k, v) for k, v in state.items() if v.dim() > 0}
         sub_state["step"] = state["step"]
-        weight = p.index_select(0, rows)
+        weight = gather("weight", p)
         step, group = int(state["step"]), self._group_of(p)
         if self.catch_up and group.get("momentum", True):
             sub = weight.view(weight.shape[0], -1)
@@ -197,6 +222,7 @@ class SparseRowOptimizer(torch.optim.Optimizer):
                           state: dict[str, torch.Tensor]) -> _WorkingSet | None:
         """Pops ``p``'s working set; returns it when it is still current and holds exactly the gradient's rows."""
         working = self.__dict__.get("_working", {}).pop(p, None)
+        self._retire(p, working)  # the step below still reads it; the next forward's gather comes after
         if working is None or rows is None or working.step != int(state["step"]) or working.version != p._version:
             return None
         if working.rows.shape != rows.shape or not torch.equal(working.rows, rows):
