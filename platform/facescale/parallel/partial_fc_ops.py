@@ -7,8 +7,7 @@ embeddings)``, right once DDP averages) is described in :mod:`facescale.parallel
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -54,8 +53,7 @@ class ShardCosine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, norm_embeddings: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None,
-                sparse_grad: bool, sampled: torch.Tensor | None = None,
-                buffers: StepBuffers | None = None) -> torch.Tensor:
+                sparse_grad: bool, sampled: torch.Tensor | None = None) -> torch.Tensor:
         source = _RowSource(weight, rows, sampled, norm_embeddings.dtype)
         num_rows, batch = source.num_rows, norm_embeddings.shape[0]
         # Fresh each step: the margin and the softmax write into it in place, which autograd forbids on a view.
@@ -68,12 +66,12 @@ class ShardCosine(torch.autograd.Function):
             # Written in place into its columns (BLAS takes the row stride), clamped while they are in cache.
             torch.mm(norm_embeddings, normed.t(), out=cos[:, start:end]).clamp_(-1.0, 1.0)
         ctx.save_for_backward(norm_embeddings, weight, rows, norms, sampled)
-        ctx.sparse_grad, ctx.buffers = sparse_grad, buffers
+        ctx.sparse_grad = sparse_grad
         return cos
 
     @staticmethod
     def backward(ctx: Any, grad_cos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None,
-                                                            None, None]:
+                                                            None]:
         norm_embeddings, weight, rows, norms, sampled = ctx.saved_tensors
         source = _RowSource(weight, rows, sampled, norm_embeddings.dtype)
         batch, width = norm_embeddings.shape
@@ -81,9 +79,7 @@ class ShardCosine(torch.autograd.Function):
         # The center gradient is written once, in the centers' dtype (bf16 centers: a bf16 gradient, rounded to
         # nearest -- autograd would cast it to the parameter's dtype anyway); the math stays in fp32 per chunk.
         same_dtype = weight.dtype == norm_embeddings.dtype
-        # A kept buffer only while the centers hold no gradient: one being accumulated into must not be overwritten.
-        buffers = ctx.buffers if ctx.buffers is not None and ctx.buffers.gradient_is_free() else None
-        grad_rows = StepBuffers.take(buffers, "center_grad", (source.num_rows, width), weight.dtype, weight.device)
+        grad_rows = norm_embeddings.new_empty((source.num_rows, width), dtype=weight.dtype)
         chunk = min(source.chunk, source.num_rows)
         scaled = norm_embeddings.new_empty((batch * chunk,))
         spare = None if same_dtype else norm_embeddings.new_empty((chunk, width))
@@ -109,37 +105,7 @@ class ShardCosine(torch.autograd.Function):
                                                       check_invariants=False)
             else:
                 grad_weight = torch.zeros_like(weight).index_copy_(0, rows, grad_rows)
-        return grad_embeddings, grad_weight, None, None, None, None
-
-
-class StepBuffers:
-    """The largest tensor of a Partial FC backward -- the ``[S, D]`` center gradient -- kept from step to step (as
-    CUDA's caching allocator keeps GPU memory): on CPU a fresh tensor of that size pays its page faults again every
-    step, ~40 ms per 100 MB here. The peak is unchanged (it exists at the peak anyway); the resident set between
-    steps grows by it. It is reused only when ``gradient_is_free()`` (the centers' ``.grad`` is ``None``: zeroed with
-    ``set_to_none``, not being accumulated into), so a gradient still in use is never overwritten.
-    """
-
-    def __init__(self, gradient_is_free: Callable[[], bool]) -> None:
-        self.gradient_is_free = gradient_is_free
-        self._flat: dict[str, torch.Tensor] = {}
-
-    @staticmethod
-    def take(buffers: StepBuffers | None, name: str, shape: tuple[int, ...], dtype: torch.dtype,
-             device: torch.device) -> torch.Tensor:
-        """An uninitialised ``shape`` tensor: a view of the kept buffer ``name`` (grown when too small), or a fresh
-        tensor when ``buffers`` is ``None``."""
-        if buffers is None:
-            return torch.empty(shape, dtype=dtype, device=device)
-        count, flat = math.prod(shape), buffers._flat.get(name)
-        if flat is None or flat.numel() < count or flat.dtype != dtype or flat.device != device:
-            buffers._flat.pop(name, None)  # the old one first: never both held
-            flat = buffers._flat[name] = torch.empty(count, dtype=dtype, device=device)
-        return flat[:count].view(shape)
-
-    def release(self) -> None:
-        """Frees the kept buffers (the next step allocates them again)."""
-        self._flat.clear()
+        return grad_embeddings, grad_weight, None, None, None
 
 
 class _RowSource:

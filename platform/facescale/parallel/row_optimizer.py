@@ -19,6 +19,7 @@ paths give the same bits.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -176,7 +177,9 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         the values the coming forward should score. The next ``step`` whose gradient covers exactly these rows
         updates the working set and writes each row once (module docstring)."""
         self._retire(p, self.__dict__.setdefault("_working", {}).pop(p, None))  # never two sets held at once
-        buffers = self.__dict__.setdefault("_spare", {}).pop(p, {})
+        spare, handed_out = self.__dict__.setdefault("_spare", {}).pop(p, ({}, None))
+        # Reused only when no graph still holds the rows last handed out (two forwards before one backward).
+        buffers = spare if handed_out is None or handed_out() is None else {}
         with chunk_buffers():
             weight, sub_state = self._gather_working_set(p, rows, buffers)
         self._working[p] = _WorkingSet(rows, weight, sub_state, int(sub_state["step"]), p._version, buffers)
@@ -185,9 +188,10 @@ class SparseRowOptimizer(torch.optim.Optimizer):
     def _retire(self, p: torch.Tensor, working: _WorkingSet | None) -> None:
         """Keeps a finished working set's storage for the next one: the sampled rows' buffers are then allocated
         once per run, not once per step (a fresh ~100 MB tensor costs its page faults again on CPU, about as much as
-        the gather itself). A graph still holding the old rows fails autograd's version check if reused, loudly."""
+        the gather itself). With them, a weak reference to the rows handed to the forward: while a graph still holds
+        them, the next set gets fresh storage instead."""
         if working is not None and self.keep_buffers:
-            self._spare[p] = working.buffers
+            self._spare[p] = (working.buffers, weakref.ref(working.weight))
 
     def release_buffers(self) -> None:
         """Frees the kept working-set buffers (they are re-allocated by the next forward)."""

@@ -1,0 +1,132 @@
+"""The sampled-row working set of the sparse row optimizers (``facescale/parallel/row_optimizer.py``) and the kept
+step buffers: the step writes each sampled row once, yet gives the same bits as gathering from storage; a forward
+without a step writes nothing; accumulated micro-batches and two forwards before one backward stay correct."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from facescale.heads.config import MarginConfig, build_margin
+from facescale.parallel import PartialFC, build_partial_fc_optimizer
+from facescale.parallel.row_state import put_rows
+
+CLASSES, DIM, BATCH = 600, 64, 16
+
+
+def _setup(center_dtype: str = "fp32", state_dtype: str = "int8",
+           name: str = "sgd") -> tuple[PartialFC, torch.optim.Optimizer]:
+    pfc = PartialFC(build_margin(MarginConfig(type="arcface")), DIM, CLASSES, sample_rate=0.2, seed=3,
+                    center_dtype=center_dtype)
+    opt = build_partial_fc_optimizer(pfc.parameters(), name, lr=0.5, momentum=0.9, weight_decay=5e-4,
+                                     state_dtype=state_dtype)
+    pfc.attach_optimizer(opt)
+    return pfc, opt
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(BATCH, DIM, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g)
+
+
+def _train(pfc: PartialFC, opt: torch.optim.Optimizer, steps: range, drop_working_set: bool = False) -> None:
+    for step in steps:
+        opt.zero_grad(set_to_none=True)
+        embeddings, labels = _batch(step)
+        pfc(embeddings, labels).backward()
+        if drop_working_set:  # forces the step to gather from storage, as after accumulated micro-batches
+            opt._working.clear()
+        opt.step()
+
+
+def _state(pfc: PartialFC, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    return {"weight": pfc.weight.detach().clone(), **{k: v.clone() for k, v in opt.state[pfc.weight].items()}}
+
+
+def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("center_dtype, state_dtype, name", [("fp32", "int8", "sgd"), ("bf16", "int8", "sgd"),
+                                                            ("fp32", "fp32", "sgd"), ("bf16", "int8", "adamw")])
+def test_the_working_set_step_gives_the_bits_of_the_stored_path(center_dtype, state_dtype, name):
+    working, stored = _setup(center_dtype, state_dtype, name), _setup(center_dtype, state_dtype, name)
+    _train(*working, range(6))
+    _train(*stored, range(6), drop_working_set=True)
+    # The rows really were sampled and caught up (a no-op comparison would pass on untouched centers too).
+    assert not torch.equal(working[0].weight, _setup(center_dtype, state_dtype, name)[0].weight)
+    assert int(working[1].state[working[0].weight]["step"]) == 6
+    _assert_bitwise_equal(_state(*working), _state(*stored))
+
+
+def test_a_forward_without_a_step_writes_nothing():
+    pfc, opt = _setup()
+    _train(pfc, opt, range(3))
+    before = _state(pfc, opt)
+    embeddings, labels = _batch(10)
+    pfc(embeddings, labels).backward()  # rows gathered and caught up in the working set, then the step is skipped
+    opt.zero_grad(set_to_none=True)
+    _assert_bitwise_equal(_state(pfc, opt), before)
+    # The rows a skipped step caught up are caught up again, to the same values, when next used.
+    _train(pfc, opt, range(11, 13))
+    assert int(opt.state[pfc.weight]["step"]) == 5
+
+
+def test_accumulated_micro_batches_sum_their_gradients():
+    """Two micro-batches (two working sets, the first one's storage reused by the second) accumulate the exact sum
+    of their gradients, and the step after them -- whose rows are no working set's -- gathers from storage."""
+    accumulated, parts = _setup(), _setup()
+    _train(*accumulated, range(2))
+    _train(*parts, range(2))
+    accumulated[1].zero_grad(set_to_none=True)
+    for step in (20, 21):
+        accumulated[0](*_batch(step)).backward()
+    total = accumulated[0].weight.grad.coalesce().to_dense()
+    separate = []
+    for step in (20, 21):
+        parts[1].zero_grad(set_to_none=True)
+        parts[0](*_batch(step)).backward()
+        separate.append(parts[0].weight.grad.coalesce().to_dense().clone())
+    assert separate[0].abs().sum() > 0 and not torch.equal(separate[0], separate[1])
+    assert torch.equal(total, separate[0] + separate[1])
+    before = accumulated[0].weight.detach().clone()
+    accumulated[1].step()
+    moved = (accumulated[0].weight != before).any(dim=1)
+    assert torch.equal(moved, total.abs().sum(dim=1) > 0)  # exactly the rows of both micro-batches were updated
+
+
+def test_two_forwards_before_one_backward_keep_their_own_rows():
+    """The kept working-set storage is not reused while a graph still holds the rows handed to it."""
+    (pfc, opt), twin = _setup(), _setup()
+    _train(pfc, opt, range(2))
+    _train(*twin, range(2))
+    opt.zero_grad(set_to_none=True)
+    (pfc(*_batch(30)) + pfc(*_batch(31))).backward()
+    grads = pfc.weight.grad.coalesce().to_dense()
+    twin[1].zero_grad(set_to_none=True)
+    twin[0](*_batch(30)).backward()
+    twin[0](*_batch(31)).backward()
+    assert torch.equal(grads, twin[0].weight.grad.coalesce().to_dense())
+
+
+def test_kept_buffers_change_no_result():
+    kept, fresh = _setup(), _setup()
+    fresh[1].keep_buffers = False
+    _train(*kept, range(5))
+    _train(*fresh, range(5))
+    _assert_bitwise_equal(_state(*kept), _state(*fresh))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_put_rows_scatters_whole_rows(dtype):
+    target = torch.arange(40 * 16).reshape(40, 16).to(dtype)
+    rows = torch.tensor([3, 7, 8, 39])
+    values = (-torch.arange(4 * 16).reshape(4, 16) - 1).to(dtype)
+    want = target.clone()
+    want[rows] = values
+    put_rows(target, rows, values)
+    assert torch.equal(target, want)
+    put_rows(target, slice(0, 2), 5)
+    assert bool((target[:2] == 5).all()) and torch.equal(target[2:], want[2:])
