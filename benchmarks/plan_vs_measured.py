@@ -60,7 +60,7 @@ def main() -> None:
                 big = measure_guarded(cfg, name)
             if "skipped" in big:
                 results.append({"case": name, "config": cfg, "skipped": big["skipped"],
-                                "plan_peak_bytes": plan.peak_bytes, "plan_persistent_bytes": plan.persistent_bytes})
+                                "plan_peak_bytes": plan.peak_bytes, "plan_persistent_bytes": plan.resident_bytes})
                 continue
             ranks = big["ranks"]
         else:
@@ -68,10 +68,10 @@ def main() -> None:
         worst = max(ranks, key=lambda r: r["peak_bytes"])
         persistent = max(r["persistent_rss_bytes"] for r in ranks)
         entry = {"case": name, "config": cfg, "date": today, "plan_peak_bytes": plan.peak_bytes,
-                 "plan_persistent_bytes": plan.persistent_bytes, "measured_peak_bytes": worst["peak_bytes"],
+                 "plan_persistent_bytes": plan.resident_bytes, "measured_peak_bytes": worst["peak_bytes"],
                  "measured_persistent_bytes": persistent,
                  "peak_error": worst["peak_bytes"] / plan.peak_bytes - 1,
-                 "persistent_error": persistent / plan.persistent_bytes - 1, "ranks": ranks}
+                 "persistent_error": persistent / plan.resident_bytes - 1, "ranks": ranks}
         print(f"{name:34s} plan {plan.peak_bytes / GIB:6.2f} GiB  measured {worst['peak_bytes'] / GIB:6.2f} GiB  "
               f"({entry['peak_error']:+.1%})", flush=True)
         results.append(entry)
@@ -102,7 +102,8 @@ def render(payload: dict) -> None:
         f"`facescale.parallel.plan.estimate` against 2 gloo ranks ({m['cores']} cores, torch {m['torch']}), "
         "batch 128 per rank, embedding 512, ArcFace, SGD with the default int8 state unless noted; "
         "the 10M case is the run of the `partial_fc` section. "
-        "Measured per rank (the larger of the two): resident set between steps (persistent) and peak resident set "
+        "Measured per rank (the larger of the two): resident set between steps (persistent: centers, optimizer state "
+        "and the sampled-row working set kept from step to step; the plan's `resident_bytes`) and peak resident set "
         "(VmHWM), both minus the rank's resident set after a tiny warm-up run. "
         f"Goal: peak within 10 % -- {'met for every case' if within else 'NOT met for every case'}.", "",
         table(["case", "plan persistent GiB", "measured", "error", "plan peak GiB", "measured", "error", "measured on"],

@@ -5,12 +5,15 @@ uses (chunk sizes, optimizer state layout). The model, with L = local classes, S
 batch, D = embedding size (fp32 unless noted):
 
     persistent   centers L*D*4 + optimizer state L*state_bytes_per_row
-    forward      k_fwd logit matrices N*S*4 (cosines, margin output, scaled logits / softmax; 3 for additive
-                 margins, 5.25 for CurricularFace, +1.25 with the inter-class filter) + chunk workspace
+    working set  the sampled rows and their state, S*(D*4 + state_bytes_per_row), gathered by the forward for the
+                 step and kept from step to step (sparse optimizers with S < L; see ``row_optimizer``)
+    forward      k_fwd logit matrices N*S*4 (one buffer from cosines to softmax for ArcFace/CosFace/combined, whose
+                 margin works in place; 2 for AdaFace/MagFace; 5.25 for CurricularFace; +1.25 with the
+                 inter-class filter) + chunk workspace
     backward     max(k_bwd * N*S*4, N*S*4 + center gradient + chunk workspace); the center gradient is S*D*4
                  (sparse), or L*D*4 + S*D*4 for the dense v2 baseline
     optimizer    center gradient + chunked temporaries (sparse); + a dense gradient copy (torch SGD, v2 baseline)
-    peak         persistent + max(forward, backward, optimizer)
+    peak         persistent + working set + max(forward, backward, optimizer)
 
 With K sub-centers per class (Sub-center ArcFace) the centers, their optimizer state and the center gradient are
 K times larger, and forward and backward each hold one more cosine matrix of K * N*S*4 (before the max over K).
@@ -57,7 +60,11 @@ from facescale.parallel.plan_backbone import format_rank_tail
 from facescale.parallel.plan_backbone import format_size as _size
 
 # Logit-sized matrices alive at the forward peak, and the backward factor (see the module docstring); measured.
-_LOGIT_COPIES = {"additive": (3.0, 2.0), "curricularface": (5.25, 6.0)}
+# "inplace": the margins of CombinedMarginLoss (measured, benchmarks/plan_vs_measured.py); "other": AdaFace and
+# MagFace, whose margin writes a second matrix each way (derived: the softmax then works in place on it);
+# CurricularFace: measured before the softmax worked in place (its peak is inside the margin; kept as measured).
+_LOGIT_COPIES = {"inplace": (1.0, 1.0), "other": (2.0, 2.0), "curricularface": (5.25, 6.0)}
+_INPLACE_MARGINS = ("arcface", "cosface", "combined")
 _FILTER_COPIES = 1.25
 _CENTER_BYTES = {"fp32": 4, "bf16": 2}
 
@@ -91,6 +98,7 @@ class PlanReport:
     peak_bytes: int
     bytes_per_identity: float
     comm_bytes: dict[str, int] = field(default_factory=dict)
+    working_set_bytes: int = 0  # the sampled rows + state, kept from step to step
     center_dtype: str = "fp32"
     backbone: str | None = None
     precision: str = "fp32"
@@ -100,6 +108,11 @@ class PlanReport:
     backbone_terms: dict[str, int] = field(default_factory=dict)
     backbone_bytes: int = 0
     rank_peak_bytes: int = 0
+
+    @property
+    def resident_bytes(self) -> int:
+        """What the classifier holds between steps: persistent state + the kept working set."""
+        return self.persistent_bytes + self.working_set_bytes
 
     @property
     def comm_total_bytes(self) -> int:
@@ -187,7 +200,8 @@ def _classifier_memory(num_local: int, num_sampled: int, n: int, d: int, optimiz
     sampled_grad = k * num_sampled * d * cb
     center_grad = sampled_grad + (k * num_local * d * 4 if dense and num_sampled < num_local else 0)
     logits = n * num_sampled * 4
-    fwd_copies, bwd_copies = _LOGIT_COPIES["curricularface" if margin == "curricularface" else "additive"]
+    kind = margin if margin == "curricularface" else "inplace" if margin in _INPLACE_MARGINS else "other"
+    fwd_copies, bwd_copies = _LOGIT_COPIES[kind]
     if inter_class_filter:
         fwd_copies += _FILTER_COPIES
     chunk_rows = max(1, CHUNK_BYTES // (d * 4))
@@ -201,10 +215,14 @@ def _classifier_memory(num_local: int, num_sampled: int, n: int, d: int, optimiz
     optimizer_step = center_grad + step_temps
     embeddings = 4 * n * d * 4
     persistent = centers + state
-    peak = persistent + embeddings + max(forward, backward, optimizer_step)
+    sampled = not dense and num_sampled < num_local
+    working_set = k * num_sampled * (d * cb + state_bytes_per_row(optimizer, d, state_dtype, second_moment)) \
+        if sampled else 0
+    peak = persistent + working_set + embeddings + max(forward, backward, optimizer_step)
     return dict(centers_bytes=centers, optimizer_state_bytes=state, center_grad_bytes=center_grad,
                 logits_bytes=logits, forward_bytes=forward, backward_bytes=backward,
                 optimizer_step_bytes=optimizer_step, embeddings_bytes=embeddings, persistent_bytes=persistent,
+                working_set_bytes=working_set,
                 peak_bytes=peak)
 
 
@@ -257,6 +275,7 @@ def format_plan(report: PlanReport) -> str:
         f"  centers ({r.center_dtype})            {_size(r.centers_bytes):>14}",
         f"  optimizer state           {_size(r.optimizer_state_bytes):>14}",
         f"  = persistent              {_size(r.persistent_bytes):>14}   ({r.bytes_per_identity:,.0f} B/identity)",
+        f"  sampled-row working set   {_size(r.working_set_bytes):>14}   (kept between steps)",
         f"  center gradient           {_size(r.center_grad_bytes):>14}",
         f"  logits (one N x S matrix) {_size(r.logits_bytes):>14}",
         f"  forward peak extra        {_size(r.forward_bytes):>14}   (logits, margin, softmax)",
