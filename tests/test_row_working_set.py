@@ -114,9 +114,15 @@ def test_two_forwards_before_one_backward_keep_their_own_rows():
 def test_kept_buffers_change_no_result():
     kept, fresh = _setup(), _setup()
     fresh[1].keep_buffers = False
-    _train(*kept, range(5))
+    fresh[0].grad_buffer = None  # a fresh center gradient every backward
+    _train(*kept, range(2))
+    weight_storage = kept[1]._spare[kept[0].weight][0]["weight"].data_ptr()
+    _train(*kept, range(2, 5))
     _train(*fresh, range(5))
     _assert_bitwise_equal(_state(*kept), _state(*fresh))
+    # The kept storage really was reused: the same working-set rows, and the last gradient in the kept buffer.
+    assert kept[1]._spare[kept[0].weight][0]["weight"].data_ptr() == weight_storage
+    assert kept[0].weight.grad._values().data_ptr() == kept[0].grad_buffer._flat.data_ptr()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])

@@ -45,7 +45,12 @@ from facescale.heads.margin import IGNORE_LABEL
 from facescale.heads.subcenter import SubCenters
 from facescale.parallel.dist import all_gather_rows, all_reduce_, class_range, rank_and_world_size
 from facescale.parallel.partial_fc_ops import CHUNK_BYTES as CHUNK_BYTES  # re-exported: the planner sizes chunks
-from facescale.parallel.partial_fc_ops import AllGatherEmbeddings, DistSoftmaxCrossEntropy, ShardCosine
+from facescale.parallel.partial_fc_ops import (
+    AllGatherEmbeddings,
+    CenterGradBuffer,
+    DistSoftmaxCrossEntropy,
+    ShardCosine,
+)
 
 MarginCallable = Callable[..., torch.Tensor]
 # Class centers are initialised in blocks of this many classes, each from its own seed, so the initial matrix is
@@ -185,6 +190,8 @@ class PartialFC(nn.Module):
         # Local rows used by the last forward (``None`` = all); for inspection and tests.
         self.last_sampled_rows: torch.Tensor | None = None
         self._optimizer: torch.optim.Optimizer | None = None
+        # The center gradient's storage, kept between training steps (see CenterGradBuffer).
+        self.grad_buffer = CenterGradBuffer(self.weight)
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, rank={self.rank}/"
@@ -320,7 +327,8 @@ class PartialFC(nn.Module):
             # optimizer's step updates this working set and writes each row once (see row_optimizer.py).
             sampled = prepare(self.weight, rows)
 
-        cos = ShardCosine.apply(F.normalize(embeddings), self.weight, rows, self.sparse_grad, sampled)
+        grad_buffer = self.grad_buffer if self.training and torch.is_grad_enabled() else None
+        cos = ShardCosine.apply(F.normalize(embeddings), self.weight, rows, self.sparse_grad, sampled, grad_buffer)
         keep = None
         sub = self.subcenters
         if sub is not None:

@@ -6,7 +6,8 @@ batch, D = embedding size (fp32 unless noted):
 
     persistent   centers L*D*4 + optimizer state L*state_bytes_per_row
     working set  the sampled rows and their state, S*(D*4 + state_bytes_per_row), gathered by the forward for the
-                 step and kept from step to step (sparse optimizers with S < L; see ``row_optimizer``)
+                 step and kept from step to step (sparse optimizers with S < L; see ``row_optimizer``); the
+                 sampled center gradient's storage is kept from step to step too (``resident_bytes``)
     forward      k_fwd logit matrices N*S*4 (one buffer from cosines to softmax for ArcFace/CosFace/combined, whose
                  margin works in place; 2 for AdaFace/MagFace; 5.25 for CurricularFace; +1.25 with the
                  inter-class filter) + chunk workspace
@@ -111,8 +112,9 @@ class PlanReport:
 
     @property
     def resident_bytes(self) -> int:
-        """What the classifier holds between steps: persistent state + the kept working set."""
-        return self.persistent_bytes + self.working_set_bytes
+        """What the classifier holds between steps: persistent state + the kept working set and center gradient."""
+        return self.persistent_bytes + self.working_set_bytes + (self.center_grad_bytes if self.working_set_bytes
+                                                                 else 0)
 
     @property
     def comm_total_bytes(self) -> int:
@@ -275,7 +277,8 @@ def format_plan(report: PlanReport) -> str:
         f"  centers ({r.center_dtype})            {_size(r.centers_bytes):>14}",
         f"  optimizer state           {_size(r.optimizer_state_bytes):>14}",
         f"  = persistent              {_size(r.persistent_bytes):>14}   ({r.bytes_per_identity:,.0f} B/identity)",
-        f"  sampled-row working set   {_size(r.working_set_bytes):>14}   (kept between steps)",
+        f"  sampled-row working set   {_size(r.working_set_bytes):>14}   (kept between steps, as is the center "
+        "gradient's storage)",
         f"  center gradient           {_size(r.center_grad_bytes):>14}",
         f"  logits (one N x S matrix) {_size(r.logits_bytes):>14}",
         f"  forward peak extra        {_size(r.forward_bytes):>14}   (logits, margin, softmax)",
