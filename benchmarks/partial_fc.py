@@ -369,7 +369,7 @@ def _gib(num_bytes: float) -> str:
 def markdown(payload: dict[str, Any]) -> str:
     m = payload["machine"]
     lines = ["## Partial FC (`benchmarks/partial_fc.py`)", "",
-             f"2 gloo ranks on 127.0.0.1, one thread each, {m['cores']} cores, torch {m['torch']}, {m['date']}. "
+             f"2 gloo ranks on 127.0.0.1, one thread each, {m['cores']} cores; speed table {_when(payload, 'speed')}. "
              "Batch 128 per rank unless noted, embedding 512, ArcFace, SGD momentum 0.9. Step = forward + backward "
              "+ optimizer (median of 3 after 1 warm-up). Peak = a rank's peak resident set (VmHWM, center init "
              "included) minus its resident set after a tiny warm-up run (library pages touched on first use are not "
