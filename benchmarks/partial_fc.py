@@ -375,8 +375,9 @@ def markdown(payload: dict[str, Any]) -> str:
              "included) minus its resident set after a tiny warm-up run (library pages touched on first use are not "
              "the classifier's); plan = `facescale plan` for the same setup. B/id = persistent bytes per identity "
              "between steps, from tensor sizes (centers + optimizer state); peak B/id = peak / classes per rank. "
-             "Skipped rows: the plan for both ranks exceeds the 14 GiB this shared machine allows; the 5M "
-             "sparse run uses batch 64 per rank because batch 128 plans at 14.1 GiB.", ""]
+             "Skipped rows: the plan for both ranks, at batch 128 and at 64, exceeds the 14 GiB this shared machine "
+             "allows (the 5M sparse row, measured at batch 64 before, no longer fits since the plan counts the "
+             "sampled-row working set; the 10M run below has its own memory check).", ""]
     rows = []
     for entry in payload["speed"]:
         cfg = entry["config"]
