@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from facescale.heads.ffc import check_pool_size, resolve_pool_size
-from facescale.parallel.plan_backbone import backbone_param_count, backbone_terms, format_rank_tail
+from facescale.parallel.plan_backbone import RankFields, backbone_param_count, backbone_terms, format_rank_tail
 from facescale.parallel.plan_backbone import format_size as _size
 
 _LOSS_FORWARD_LOGIT_COPIES = 4  # [B, P] fp32 matrices saved over the two views (measured)
@@ -32,7 +32,7 @@ _HOST_LRU_BYTES_PER_SLOT = 100
 
 
 @dataclass
-class FFCPlanReport:
+class FFCPlanReport(RankFields):
     """Per-rank memory (bytes) and per-step communication (bytes sent per rank) of one FFC setup."""
 
     identities: int | None
@@ -52,14 +52,6 @@ class FFCPlanReport:
     peak_bytes: int
     host_lru_bytes: int
     comm_bytes: dict[str, int] = field(default_factory=dict)
-    backbone: str | None = None
-    precision: str = "fp32"
-    engine: str = "ddp"
-    zero_stage: int = 0
-    backbone_params: int = 0
-    backbone_terms: dict[str, int] = field(default_factory=dict)
-    backbone_bytes: int = 0
-    rank_peak_bytes: int = 0
     classifier: str = "ffc"
 
     @property

@@ -55,9 +55,9 @@ from facescale.parallel.partial_fc import CHUNK_BYTES
 from facescale.parallel.plan_args import add_plan_arguments as add_plan_arguments
 from facescale.parallel.plan_args import parse_count as parse_count
 from facescale.parallel.plan_args import parse_pool_size as parse_pool_size
+from facescale.parallel.plan_backbone import RankFields, format_rank_tail
 from facescale.parallel.plan_backbone import backbone_param_count as backbone_param_count
 from facescale.parallel.plan_backbone import backbone_terms as backbone_terms
-from facescale.parallel.plan_backbone import format_rank_tail
 from facescale.parallel.plan_backbone import format_size as _size
 
 # Logit-sized matrices alive at the forward peak, and the backward factor (see the module docstring); measured.
@@ -71,7 +71,7 @@ _CENTER_BYTES = {"fp32": 4, "bf16": 2}
 
 
 @dataclass
-class PlanReport:
+class PlanReport(RankFields):
     """Per-rank memory (bytes) and per-step communication (bytes sent per rank) of one Partial FC setup."""
 
     identities: int
@@ -101,14 +101,6 @@ class PlanReport:
     comm_bytes: dict[str, int] = field(default_factory=dict)
     working_set_bytes: int = 0  # the sampled rows + state, kept from step to step
     center_dtype: str = "fp32"
-    backbone: str | None = None
-    precision: str = "fp32"
-    engine: str = "ddp"
-    zero_stage: int = 0
-    backbone_params: int = 0
-    backbone_terms: dict[str, int] = field(default_factory=dict)
-    backbone_bytes: int = 0
-    rank_peak_bytes: int = 0
 
     @property
     def resident_bytes(self) -> int:

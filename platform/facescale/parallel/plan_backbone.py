@@ -7,12 +7,28 @@ here and not in either planner: both import this module, it imports neither. The
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from facescale.parallel.backbone_memory import BACKBONE_MEMORY
 
 # Optimizer state bytes per backbone parameter: SGD momentum, AdamW's two moments (fp32).
 _OPTIMIZER_STATE_BYTES = {"sgd": 4, "adamw": 8}
+
+
+@dataclass(kw_only=True)
+class RankFields:
+    """The whole-rank fields both planners' reports carry (keyword-only, so each report keeps its own positional
+    classifier fields first)."""
+
+    backbone: str | None = None
+    precision: str = "fp32"
+    engine: str = "ddp"
+    zero_stage: int = 0
+    backbone_params: int = 0
+    backbone_terms: dict[str, int] = field(default_factory=dict)
+    backbone_bytes: int = 0
+    rank_peak_bytes: int = 0
 
 
 def backbone_param_count(name: str) -> int:
