@@ -111,7 +111,7 @@ class SparseRowSGD(SparseRowOptimizer):
             # Out of place: p.grad stays as it was.
             grad = torch.add(grad, weight, alpha=group["weight_decay"],
                              out=scratch("decayed", tuple(grad.shape), grad.dtype, grad.device))
-        buf.mul_(group["momentum"]).add_(grad)
+        torch.add(grad, buf, alpha=group["momentum"], out=buf)  # buf = momentum * buf + grad, in one pass
         return weight.add_(buf, alpha=-group["lr"])
 
 
