@@ -9,6 +9,7 @@ import torch
 
 from facescale.heads.config import MarginConfig, build_margin
 from facescale.parallel import PartialFC, build_partial_fc_optimizer
+from facescale.parallel.partial_fc_ops import KeptStorage
 from facescale.parallel.row_state import put_rows
 
 CLASSES, DIM, BATCH = 600, 64, 16
@@ -114,7 +115,7 @@ def test_two_forwards_before_one_backward_keep_their_own_rows():
 def test_kept_buffers_change_no_result():
     kept, fresh = _setup(), _setup()
     fresh[1].keep_buffers = False
-    fresh[0].grad_buffer = None  # a fresh center gradient every backward
+    fresh[0].grad_buffer = fresh[0].logits_buffer = None  # fresh cosines and center gradient every step
     _train(*kept, range(2))
     weight_storage = kept[1]._spare[kept[0].weight][0]["weight"].data_ptr()
     _train(*kept, range(2, 5))
@@ -122,7 +123,38 @@ def test_kept_buffers_change_no_result():
     _assert_bitwise_equal(_state(*kept), _state(*fresh))
     # The kept storage really was reused: the same working-set rows, and the last gradient in the kept buffer.
     assert kept[1]._spare[kept[0].weight][0]["weight"].data_ptr() == weight_storage
-    assert kept[0].weight.grad._values().data_ptr() == kept[0].grad_buffer._flat.data_ptr()
+    assert kept[0].weight.grad._values().data_ptr() == kept[0].grad_buffer.storage.data_ptr()
+    assert kept[0].logits_buffer.storage is not None and fresh[0].logits_buffer is None
+
+
+def test_kept_storage_is_handed_out_again_only_when_nothing_holds_it():
+    kept = KeptStorage()
+    first = kept.take((4, 8), torch.float32, torch.device("cpu"))
+    first.fill_(7.0)
+    view = first[1:]
+    del first
+    second = kept.take((4, 8), torch.float32, torch.device("cpu"))  # a view still holds the storage: fresh
+    assert second.data_ptr() != view.data_ptr() - 8 * 4 and bool((view == 7.0).all())
+    del view
+    ptr = second.data_ptr()
+    del second
+    again = kept.take((2, 8), torch.float32, torch.device("cpu"))  # free, and big enough: the same storage
+    assert again.data_ptr() == ptr and again.shape == (2, 8) and again._base is None and again.is_contiguous()
+    del again
+    bigger = kept.take((8, 8), torch.bfloat16, torch.device("cpu"))
+    assert bigger.dtype == torch.bfloat16 and kept.storage.nbytes() == 4 * 8 * 4  # 128 bytes still suffice
+    del bigger
+    assert kept.take((9, 8), torch.float32, torch.device("cpu")).untyped_storage().nbytes() == 9 * 8 * 4
+
+
+def test_a_center_gradient_kept_past_zero_grad_is_not_overwritten():
+    pfc, opt = _setup()
+    _train(pfc, opt, range(2))
+    kept_grad = pfc.weight.grad  # the caller keeps it (logging, a second optimizer, ...)
+    copy = kept_grad.coalesce().to_dense().clone()
+    _train(pfc, opt, range(2, 4))
+    assert torch.equal(kept_grad.coalesce().to_dense(), copy)
+    assert pfc.weight.grad._values().data_ptr() != kept_grad._values().data_ptr()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])

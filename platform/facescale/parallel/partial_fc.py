@@ -47,8 +47,8 @@ from facescale.parallel.dist import all_gather_rows, all_reduce_, class_range, r
 from facescale.parallel.partial_fc_ops import CHUNK_BYTES as CHUNK_BYTES  # re-exported: the planner sizes chunks
 from facescale.parallel.partial_fc_ops import (
     AllGatherEmbeddings,
-    CenterGradBuffer,
     DistSoftmaxCrossEntropy,
+    KeptStorage,
     ShardCosine,
 )
 
@@ -190,8 +190,9 @@ class PartialFC(nn.Module):
         # Local rows used by the last forward (``None`` = all); for inspection and tests.
         self.last_sampled_rows: torch.Tensor | None = None
         self._optimizer: torch.optim.Optimizer | None = None
-        # The center gradient's storage, kept between training steps (see CenterGradBuffer).
-        self.grad_buffer = CenterGradBuffer(self.weight)
+        # Storage kept between training steps (see KeptStorage): the [N, S] cosines (which become the logits, the
+        # softmax and the logit gradient in place) and the sampled rows' gradient.
+        self.logits_buffer, self.grad_buffer = KeptStorage(), KeptStorage()
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, rank={self.rank}/"
@@ -327,8 +328,8 @@ class PartialFC(nn.Module):
             # optimizer's step updates this working set and writes each row once (see row_optimizer.py).
             sampled = prepare(self.weight, rows)
 
-        grad_buffer = self.grad_buffer if self.training and torch.is_grad_enabled() else None
-        cos = ShardCosine.apply(F.normalize(embeddings), self.weight, rows, self.sparse_grad, sampled, grad_buffer)
+        buffers = (self.logits_buffer, self.grad_buffer) if self.training and torch.is_grad_enabled() else None
+        cos = ShardCosine.apply(F.normalize(embeddings), self.weight, rows, self.sparse_grad, sampled, buffers)
         keep = None
         sub = self.subcenters
         if sub is not None:

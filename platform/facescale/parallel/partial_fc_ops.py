@@ -8,7 +8,6 @@ embeddings)``, right once DDP averages) is described in :mod:`facescale.parallel
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,7 +18,9 @@ from facescale.heads.margin import IGNORE_LABEL
 from facescale.parallel.dist import all_gather_rows, all_reduce_, rank_and_world_size, reduce_scatter_rows
 
 # Rows of centers handled per chunk when computing logits; bounds the temporary normalised copy (~8 MB at D=512).
+# CPU: 2 MiB, cache-sized (see ``row_optimizer.CPU_STEP_CHUNK_BYTES``); the planner counts the larger value.
 CHUNK_BYTES = 8 << 20
+CPU_CHUNK_BYTES = 2 << 20
 
 
 class AllGatherEmbeddings(torch.autograd.Function):
@@ -51,16 +52,19 @@ class ShardCosine(torch.autograd.Function):
     them up, from ``sampled`` (``[len(rows), D]``, the same values; see ``SparseRowOptimizer.prepare_rows``). The
     centers' gradient covers exactly ``rows``: a sparse COO tensor (``sparse_grad``) or a dense
     ``[num_local, D]`` tensor (v2 style). The clamp to [-1, 1] only guards rounding; its gradient is the identity.
+    ``buffers`` (training): the :class:`KeptStorage` of the ``[N, S]`` cosines and of the sampled rows' gradient.
     """
 
     @staticmethod
     def forward(ctx: Any, norm_embeddings: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None,
                 sparse_grad: bool, sampled: torch.Tensor | None = None,
-                grad_buffer: CenterGradBuffer | None = None) -> torch.Tensor:
+                buffers: tuple[KeptStorage, KeptStorage] | None = None) -> torch.Tensor:
         source = _RowSource(weight, rows, sampled, norm_embeddings.dtype)
         num_rows, batch = source.num_rows, norm_embeddings.shape[0]
-        # Fresh each step: the margin and the softmax write into it in place, which autograd forbids on a view.
-        cos = norm_embeddings.new_empty((batch, num_rows))
+        # Not a view (its own tensor on a kept storage): the margin and the softmax write into it in place, which
+        # autograd forbids on a view.
+        logits_buffer, grad_buffer = buffers if buffers is not None else (None, None)
+        cos = KeptStorage.take_or_new(logits_buffer, (batch, num_rows), norm_embeddings.dtype, norm_embeddings.device)
         norms = norm_embeddings.new_empty((num_rows,))
         for start, end in source.spans():
             centers = source.take(start, end)
@@ -84,9 +88,10 @@ class ShardCosine(torch.autograd.Function):
         same_dtype = weight.dtype == norm_embeddings.dtype
         # Kept storage for sampled rows only: all rows' gradient (rate 1) would double the resident centers.
         grad_buffer = ctx.grad_buffer if rows is not None else None
-        grad_rows = CenterGradBuffer.take(grad_buffer, (source.num_rows, width), weight.dtype, weight.device)
+        grad_rows = KeptStorage.take_or_new(grad_buffer, (source.num_rows, width), weight.dtype, weight.device)
         chunk = min(source.chunk, source.num_rows)
         scaled = norm_embeddings.new_empty((batch * chunk,))
+        product = norm_embeddings.new_empty((chunk, width))  # for w . g: vecdot would allocate it per chunk
         spare = None if same_dtype else norm_embeddings.new_empty((chunk, width))
         for start, end in source.spans():
             centers, inv_norm = source.take(start, end), norms[start:end].reciprocal()
@@ -97,7 +102,7 @@ class ShardCosine(torch.autograd.Function):
             torch.mul(grad_cos[:, start:end], inv_norm, out=grad_chunk)
             grad_w = grad_rows[start:end] if same_dtype else spare[:end - start]
             torch.mm(grad_chunk.t(), norm_embeddings, out=grad_w)
-            radial = torch.linalg.vecdot(grad_w, centers).mul_(inv_norm.square_())
+            radial = torch.mul(grad_w, centers, out=product[:end - start]).sum(dim=1).mul_(inv_norm.square_())
             grad_w.addcmul_(centers, radial.unsqueeze(1), value=-1.0)
             if not same_dtype:
                 grad_rows[start:end] = grad_w
@@ -110,52 +115,44 @@ class ShardCosine(torch.autograd.Function):
                                                       check_invariants=False)
             else:
                 grad_weight = torch.zeros_like(weight).index_copy_(0, rows, grad_rows)
-                grad_rows = None  # copied out: the buffer is free again
-        if grad_buffer is not None and grad_rows is not None and grad_weight is not None:
-            grad_buffer.hand_out(grad_weight)
         return grad_embeddings, grad_weight, None, None, None, None
 
 
-class CenterGradBuffer:
-    """Storage of the ``[S, D]`` center gradient, kept from step to step (as CUDA's caching allocator keeps GPU
-    memory): on CPU a fresh tensor of that size pays its page faults again every step, ~40 ms per 100 MB here. The
-    peak is unchanged (the gradient exists at the peak anyway); the resident set between steps grows by it.
+class KeptStorage:
+    """One tensor's storage kept from step to step (as CUDA's caching allocator keeps GPU memory): on CPU a fresh
+    ~100 MB tensor pays its page faults again every step, ~40 ms per 100 MB here. The peak is unchanged (the tensor
+    exists at the peak anyway); what a rank holds between steps grows by it (``PlanReport.resident_bytes``).
 
-    It is reused only when the centers hold no gradient (``.grad is None``: ``zero_grad(set_to_none=True)`` after
-    the step, no micro-batch being accumulated into) and the gradient handed out last is gone (weakly referenced;
-    it lives on while autograd sums it with another forward's). Like ``zero_grad(set_to_none=False)``, the next
-    backward then writes into last step's gradient storage: code that keeps a center gradient past ``zero_grad``
-    keeps a copy.
+    The storage is handed out again only when nothing else holds it (its use count is 1: this object's reference):
+    a gradient still in ``.grad``, a graph that saved the tensor, a caller that kept it -- any of them makes the next
+    :meth:`take` allocate a fresh storage instead, which is kept from then on.
     """
 
-    def __init__(self, param: torch.Tensor) -> None:
-        self.param = param
-        self._flat: torch.Tensor | None = None
-        self._handed: weakref.ref | None = None
+    def __init__(self) -> None:
+        self.storage: torch.UntypedStorage | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles of the module do not carry the storage
-        return {"param": self.param, "_flat": None, "_handed": None}
+        return {"storage": None}
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised contiguous ``shape`` tensor on the kept storage when it is free, else on a fresh one."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        kept = self.storage
+        if kept is not None and (kept.device != torch.device(device) or kept.nbytes() < nbytes):
+            self.storage = kept = None  # the old one first: never both held
+        if kept is None or torch._C._storage_Use_Count(kept._cdata) > 1:
+            self.storage = kept = torch.UntypedStorage(nbytes, device=device)
+        return torch.empty(0, dtype=dtype, device=device).set_(kept, 0, shape)
 
     @staticmethod
-    def take(buffer: CenterGradBuffer | None, shape: tuple[int, ...], dtype: torch.dtype,
-             device: torch.device) -> torch.Tensor:
-        """An uninitialised ``shape`` tensor: the kept storage when it is free (see the class), else a fresh one."""
-        handed = buffer._handed() if buffer is not None and buffer._handed is not None else None
-        if buffer is None or buffer.param.grad is not None or handed is not None:
-            return torch.empty(shape, dtype=dtype, device=device)
-        count, flat = math.prod(shape), buffer._flat
-        if flat is None or flat.numel() < count or flat.dtype != dtype or flat.device != device:
-            buffer._flat = None  # the old one first: never both held
-            flat = buffer._flat = torch.empty(count, dtype=dtype, device=device)
-        return flat[:count].view(shape)
-
-    def hand_out(self, gradient: torch.Tensor) -> None:
-        """Records the gradient now holding the storage (or a fresh tensor: then nothing is reused while it lives)."""
-        self._handed = weakref.ref(gradient)
+    def take_or_new(kept: KeptStorage | None, shape: tuple[int, ...], dtype: torch.dtype,
+                    device: torch.device) -> torch.Tensor:
+        """``kept.take(...)``, or a plain ``torch.empty`` without a ``kept``."""
+        return torch.empty(shape, dtype=dtype, device=device) if kept is None else kept.take(shape, dtype, device)
 
     def release(self) -> None:
-        """Frees the kept storage (the next backward allocates it again)."""
-        self._flat = None
+        """Drops the kept storage (the next :meth:`take` allocates it again)."""
+        self.storage = None
 
 
 class _RowSource:
@@ -200,8 +197,10 @@ class _RowSource:
 
 
 def _chunk_rows(weight: torch.Tensor) -> int:
-    """Center rows per chunk: the chunk's copy in the compute dtype (fp32 for bf16 centers) is ~CHUNK_BYTES."""
-    return max(1, CHUNK_BYTES // (weight.shape[1] * max(4, weight.element_size())))
+    """Center rows per chunk: the chunk's copy in the compute dtype (fp32 for bf16 centers) is ~CHUNK_BYTES
+    (CPU_CHUNK_BYTES on CPU)."""
+    budget = CPU_CHUNK_BYTES if weight.device.type == "cpu" else CHUNK_BYTES
+    return max(1, budget // (weight.shape[1] * max(4, weight.element_size())))
 
 
 class DistSoftmaxCrossEntropy(torch.autograd.Function):
@@ -242,6 +241,8 @@ class DistSoftmaxCrossEntropy(torch.autograd.Function):
             loss = (per_row * weights).sum()
         ctx.mark_dirty(logits)
         ctx.mark_non_differentiable(probs)
+        # ``probs`` never has a gradient: without this autograd would hand backward a zero-filled [N, C] for it.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(probs, rows, cols, weights)
         return loss, probs
 

@@ -7,7 +7,8 @@ batch, D = embedding size (fp32 unless noted):
     persistent   centers L*D*4 + optimizer state L*state_bytes_per_row
     working set  the sampled rows and their state, S*(D*4 + state_bytes_per_row), gathered by the forward for the
                  step and kept from step to step (sparse optimizers with S < L; see ``row_optimizer``); the
-                 sampled center gradient's storage is kept from step to step too (``resident_bytes``)
+                 storage of the N*S*4 cosines and of the sampled center gradient is kept from step to step too
+                 (``resident_bytes``; the peak already counts both)
     forward      k_fwd logit matrices N*S*4 (one buffer from cosines to softmax for ArcFace/CosFace/combined, whose
                  margin works in place; 2 for AdaFace/MagFace; 5.25 for CurricularFace; +1.25 with the
                  inter-class filter) + chunk workspace
@@ -104,9 +105,10 @@ class PlanReport(RankFields):
 
     @property
     def resident_bytes(self) -> int:
-        """What the classifier holds between steps: persistent state + the kept working set and center gradient."""
-        return self.persistent_bytes + self.working_set_bytes + (self.center_grad_bytes if self.working_set_bytes
-                                                                 else 0)
+        """What the classifier holds between training steps: persistent state + the kept working set, cosines
+        (logits) and center gradient (``partial_fc_ops.KeptStorage``)."""
+        return self.persistent_bytes + self.working_set_bytes + self.logits_bytes + (
+            self.center_grad_bytes if self.working_set_bytes else 0)
 
     @property
     def comm_total_bytes(self) -> int:
@@ -198,7 +200,7 @@ def _classifier_memory(num_local: int, num_sampled: int, n: int, d: int, optimiz
     fwd_copies, bwd_copies = _LOGIT_COPIES[kind]
     if inter_class_filter:
         fwd_copies += _FILTER_COPIES
-    chunk_rows = max(1, CHUNK_BYTES // (d * 4))
+    chunk_rows = max(1, CHUNK_BYTES // (d * 4))  # the CUDA chunk: CPU chunks are 4x smaller (a few MB less)
     workspace = 2 * CHUNK_BYTES + n * min(chunk_rows, k * num_sampled) * 4
     # Sub-centers: the cosines of all K rows per class (and their gradient) before the max over K.
     subcenter_cos = k * logits if k > 1 else 0
