@@ -207,21 +207,26 @@ class SparseRowOptimizer(torch.optim.Optimizer):
                             buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         state = self._state_for(p)
 
-        def gather(name: str, source: torch.Tensor) -> torch.Tensor:
+        def allocate(name: str, source: torch.Tensor) -> torch.Tensor:
             shape = (rows.numel(), *source.shape[1:])
             count = math.prod(shape)
             flat = buffers.get(name)
             if flat is None or flat.numel() < count or flat.dtype != source.dtype or flat.device != source.device:
                 flat = buffers[name] = torch.empty(count, dtype=source.dtype, device=source.device)
-            return torch.index_select(source, 0, rows, out=flat[:count].view(shape))
+            return flat[:count].view(shape)
 
-        sub_state = {k: gather(k, v) for k, v in state.items() if v.dim() > 0}
+        sources = {k: v for k, v in state.items() if v.dim() > 0}
+        sub_state: dict[str, torch.Tensor] = {k: allocate(k, v) for k, v in sources.items()}
+        weight = allocate("weight", p)
+        sources["weight"], targets = p, {**sub_state, "weight": weight}
         sub_state["step"] = state["step"]
-        weight = gather("weight", p)
         step, group = int(state["step"]), self._group_of(p)
-        if self.catch_up and group.get("momentum", True):
-            sub = weight.view(weight.shape[0], -1)
-            for part, _ in self._chunks(weight, None):
+        sub = weight.view(weight.shape[0], -1)
+        for part, _ in self._chunks(weight, None):
+            # Gathered chunk by chunk: the catch-up below finds the chunk still in cache.
+            for name, source in sources.items():
+                torch.index_select(source, 0, rows[part], out=targets[name][part])
+            if self.catch_up and group.get("momentum", True):
                 current, state_rows = take_fp32_rows(sub, part, "weight"), self._read_rows(sub_state, part)
                 if self._bring_up_to_date(sub_state, part, current, state_rows, group):
                     self._write_rows(sub_state, part, state_rows)
