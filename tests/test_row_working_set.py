@@ -4,6 +4,8 @@ without a step writes nothing; accumulated micro-batches and two forwards before
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -168,3 +170,18 @@ def test_put_rows_scatters_whole_rows(dtype):
     assert torch.equal(target, want)
     put_rows(target, slice(0, 2), 5)
     assert bool((target[:2] == 5).all()) and torch.equal(target[2:], want[2:])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_a_copied_optimizer_keeps_its_storage_settings(name):
+    """torch's Optimizer pickles only defaults, state and param_groups; the sparse optimizers' settings go too."""
+    pfc, opt = _setup("bf16", "fp32", name)
+    opt.set_rounding_key(pfc.weight, 11, 0)
+    opt.catch_up = False
+    _train(pfc, opt, range(2))
+    copy = pickle.loads(pickle.dumps(opt))
+    assert copy.state_dtype == "fp32" and copy.catch_up is False
+    assert list(copy._rounding_keys.values()) == [(11, 0)]
+    assert "_working" not in copy.__dict__ and "_spare" not in copy.__dict__
+    if name == "adamw":
+        assert copy.second_moment == opt.second_moment

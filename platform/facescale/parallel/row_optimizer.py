@@ -75,6 +75,15 @@ class SparseRowOptimizer(torch.optim.Optimizer):
 
     catch_up = True
     keep_buffers = True  # reuse the working set's storage from step to step (see ``_retire``)
+    # What torch's Optimizer.__getstate__ (defaults, state, param_groups) would drop from a pickle or deepcopy.
+    _PICKLED_SETTINGS = ("state_dtype", "second_moment", "catch_up", "_rounding_keys")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's state plus the storage settings and rounding keys (not the working set or kept buffers: the
+        next forward gathers them again)."""
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._PICKLED_SETTINGS if k in self.__dict__})
+        return state
 
     @staticmethod
     def _chunks(p: torch.Tensor, rows: torch.Tensor | None) -> Iterable[tuple[torch.Tensor | slice, slice]]:
