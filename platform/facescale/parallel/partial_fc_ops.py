@@ -86,8 +86,9 @@ class ShardCosine(torch.autograd.Function):
         # The center gradient is written once, in the centers' dtype (bf16 centers: a bf16 gradient, rounded to
         # nearest -- autograd would cast it to the parameter's dtype anyway); the math stays in fp32 per chunk.
         same_dtype = weight.dtype == norm_embeddings.dtype
-        # Kept storage for sampled rows only: all rows' gradient (rate 1) would double the resident centers.
-        grad_buffer = ctx.grad_buffer if rows is not None else None
+        # Kept at rate 1 too (all rows): a fresh [L, D] gradient costs its page faults and its unmapping every step
+        # (~75 ms per GB here); a GPU's caching allocator keeps that memory reserved the same way.
+        grad_buffer = ctx.grad_buffer
         grad_rows = KeptStorage.take_or_new(grad_buffer, (source.num_rows, width), weight.dtype, weight.device)
         chunk = min(source.chunk, source.num_rows)
         scaled = norm_embeddings.new_empty((batch * chunk,))

@@ -7,8 +7,8 @@ batch, D = embedding size (fp32 unless noted):
     persistent   centers L*D*4 + optimizer state L*state_bytes_per_row
     working set  the sampled rows and their state, S*(D*4 + state_bytes_per_row), gathered by the forward for the
                  step and kept from step to step (sparse optimizers with S < L; see ``row_optimizer``); the
-                 storage of the N*S*4 cosines and of the sampled center gradient is kept from step to step too
-                 (``resident_bytes``; the peak already counts both)
+                 storage of the N*S*4 cosines and of the scored rows' gradient (S*D, all L*D rows at rate 1) is
+                 kept from step to step too (``resident_bytes``; the peak already counts both)
     forward      k_fwd logit matrices N*S*4 (one buffer from cosines to softmax for ArcFace/CosFace/combined, whose
                  margin works in place; 2 for AdaFace/MagFace; 5.25 for CurricularFace; +1.25 with the
                  inter-class filter) + chunk workspace
@@ -102,13 +102,13 @@ class PlanReport(RankFields):
     comm_bytes: dict[str, int] = field(default_factory=dict)
     working_set_bytes: int = 0  # the sampled rows + state, kept from step to step
     center_dtype: str = "fp32"
+    kept_grad_bytes: int = 0  # the scored rows' gradient storage, kept from step to step
 
     @property
     def resident_bytes(self) -> int:
         """What the classifier holds between training steps: persistent state + the kept working set, cosines
         (logits) and center gradient (``partial_fc_ops.KeptStorage``)."""
-        return self.persistent_bytes + self.working_set_bytes + self.logits_bytes + (
-            self.center_grad_bytes if self.working_set_bytes else 0)
+        return self.persistent_bytes + self.working_set_bytes + self.logits_bytes + self.kept_grad_bytes
 
     @property
     def comm_total_bytes(self) -> int:
@@ -218,7 +218,7 @@ def _classifier_memory(num_local: int, num_sampled: int, n: int, d: int, optimiz
     return dict(centers_bytes=centers, optimizer_state_bytes=state, center_grad_bytes=center_grad,
                 logits_bytes=logits, forward_bytes=forward, backward_bytes=backward,
                 optimizer_step_bytes=optimizer_step, embeddings_bytes=embeddings, persistent_bytes=persistent,
-                working_set_bytes=working_set,
+                working_set_bytes=working_set, kept_grad_bytes=sampled_grad,
                 peak_bytes=peak)
 
 
@@ -271,14 +271,15 @@ def format_plan(report: PlanReport) -> str:
         f"  centers ({r.center_dtype})            {_size(r.centers_bytes):>14}",
         f"  optimizer state           {_size(r.optimizer_state_bytes):>14}",
         f"  = persistent              {_size(r.persistent_bytes):>14}   ({r.bytes_per_identity:,.0f} B/identity)",
-        f"  sampled-row working set   {_size(r.working_set_bytes):>14}   (kept between steps, as is the center "
-        "gradient's storage)",
+        f"  sampled-row working set   {_size(r.working_set_bytes):>14}   (kept between steps)",
         f"  center gradient           {_size(r.center_grad_bytes):>14}",
         f"  logits (one N x S matrix) {_size(r.logits_bytes):>14}",
         f"  forward peak extra        {_size(r.forward_bytes):>14}   (logits, margin, softmax)",
         f"  backward peak extra       {_size(r.backward_bytes):>14}   (logit gradients + center gradient)",
         f"  optimizer step extra      {_size(r.optimizer_step_bytes):>14}",
         f"  = peak                    {_size(r.peak_bytes):>14}",
+        f"  resident between steps    {_size(r.resident_bytes):>14}   (persistent + working set, logits and the "
+        "scored rows' gradient, whose storage is kept)",
     ]
     lines += format_rank_tail(r)
     return "\n".join(lines)
