@@ -15,6 +15,8 @@ batch, D = embedding size (fp32 unless noted):
     backward     max(k_bwd * N*S*4, N*S*4 + center gradient + chunk workspace); the center gradient is S*D*4
                  (sparse), or L*D*4 + S*D*4 for the dense v2 baseline
     optimizer    center gradient + chunked temporaries (sparse); + a dense gradient copy (torch SGD, v2 baseline)
+    kept         the logits' and the scored rows' gradient storage stay between steps, so the forward also holds
+                 the gradient's and the optimizer step the logits'
     peak         persistent + working set + max(forward, backward, optimizer)
 
 With K sub-centers per class (Sub-center ArcFace) the centers, their optimizer state and the center gradient are
@@ -204,11 +206,13 @@ def _classifier_memory(num_local: int, num_sampled: int, n: int, d: int, optimiz
     workspace = 2 * CHUNK_BYTES + n * min(chunk_rows, k * num_sampled) * 4
     # Sub-centers: the cosines of all K rows per class (and their gradient) before the max over K.
     subcenter_cos = k * logits if k > 1 else 0
-    forward = int(fwd_copies * logits) + subcenter_cos + workspace
+    # The kept storage (KeptStorage) is resident in every phase: the scored rows' gradient during the forward, the
+    # logit buffer during the optimizer step.
+    forward = int(fwd_copies * logits) + subcenter_cos + workspace + sampled_grad
     backward = max(int(bwd_copies * logits) + subcenter_cos, logits + subcenter_cos + center_grad + workspace)
     # bf16: + the rounded chunk and the stochastic rounding's small int64 hash blocks (about one chunk in all).
     step_temps = k * num_local * d * 4 if dense else (3 + (1 if cb == 2 else 0)) * STEP_CHUNK_BYTES
-    optimizer_step = center_grad + step_temps
+    optimizer_step = center_grad + step_temps + logits
     embeddings = 4 * n * d * 4
     persistent = centers + state
     sampled = not dense and num_sampled < num_local
