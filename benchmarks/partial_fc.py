@@ -456,7 +456,9 @@ def _big_and_floor_markdown(payload: dict[str, Any]) -> list[str]:
     if payload.get("floor"):
         lines += ["", "**Step against its GEMM floor** (1M identities, 2 gloo ranks, one thread each, batch 128 per "
                   "rank). Floor = the three GEMMs alone on the same shapes and thread (logits `E W_s^T`, embedding "
-                  "gradient `G W_s`, center gradient `G^T E`; fp32, contiguous), timed right after each step in the "
+                  "gradient `G W_s`, center gradient `G^T E`; fp32, contiguous, written into outputs kept from step to "
+                  "step so that no page fault is timed -- before 2026-12-01 the outputs were fresh, which added "
+                  "~9 % to the floor at rate 0.1 and ~10 % at 1.0), timed right after each step in the "
                   "same processes, so both see the same machine load; 7 steps after 1 warm-up at rate 0.1, 3 at "
                   "1.0; ratio = median of per-step ratios "
                   f"(issue 16's goal: <= 1.5 at rate 0.1, <= 1.3 at 1.0); {_when(payload, 'floor')}. Step and floor "
