@@ -11,8 +11,7 @@ import torch
 
 from facescale.heads.config import MarginConfig, build_margin
 from facescale.parallel import PartialFC, build_partial_fc_optimizer
-from facescale.parallel.partial_fc_ops import KeptStorage
-from facescale.parallel.row_state import put_rows
+from facescale.parallel.row_state import KeptStorage, put_rows
 
 CLASSES, DIM, BATCH = 600, 64, 16
 
@@ -119,12 +118,12 @@ def test_kept_buffers_change_no_result():
     fresh[1].keep_buffers = False
     fresh[0].grad_buffer = fresh[0].logits_buffer = None  # fresh cosines and center gradient every step
     _train(*kept, range(2))
-    weight_storage = kept[1]._spare[kept[0].weight][0]["weight"].data_ptr()
+    weight_storage = kept[1]._kept[kept[0].weight]["weight"].storage.data_ptr()
     _train(*kept, range(2, 5))
     _train(*fresh, range(5))
     _assert_bitwise_equal(_state(*kept), _state(*fresh))
     # The kept storage really was reused: the same working-set rows, and the last gradient in the kept buffer.
-    assert kept[1]._spare[kept[0].weight][0]["weight"].data_ptr() == weight_storage
+    assert kept[1]._kept[kept[0].weight]["weight"].storage.data_ptr() == weight_storage
     assert kept[0].weight.grad._values().data_ptr() == kept[0].grad_buffer.storage.data_ptr()
     assert kept[0].logits_buffer.storage is not None and fresh[0].logits_buffer is None
 
@@ -182,6 +181,6 @@ def test_a_copied_optimizer_keeps_its_storage_settings(name):
     copy = pickle.loads(pickle.dumps(opt))
     assert copy.state_dtype == "fp32" and copy.catch_up is False
     assert list(copy._rounding_keys.values()) == [(11, 0)]
-    assert "_working" not in copy.__dict__ and "_spare" not in copy.__dict__
+    assert "_working" not in copy.__dict__ and "_kept" not in copy.__dict__
     if name == "adamw":
         assert copy.second_moment == opt.second_moment

@@ -45,12 +45,8 @@ from facescale.heads.margin import IGNORE_LABEL
 from facescale.heads.subcenter import SubCenters
 from facescale.parallel.dist import all_gather_rows, all_reduce_, class_range, rank_and_world_size
 from facescale.parallel.partial_fc_ops import CHUNK_BYTES as CHUNK_BYTES  # re-exported: the planner sizes chunks
-from facescale.parallel.partial_fc_ops import (
-    AllGatherEmbeddings,
-    DistSoftmaxCrossEntropy,
-    KeptStorage,
-    ShardCosine,
-)
+from facescale.parallel.partial_fc_ops import AllGatherEmbeddings, DistSoftmaxCrossEntropy, ShardCosine
+from facescale.parallel.row_state import KeptStorage
 
 MarginCallable = Callable[..., torch.Tensor]
 # Class centers are initialised in blocks of this many classes, each from its own seed, so the initial matrix is

@@ -7,7 +7,6 @@ embeddings)``, right once DDP averages) is described in :mod:`facescale.parallel
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch.distributed as dist
 
 from facescale.heads.margin import IGNORE_LABEL
 from facescale.parallel.dist import all_gather_rows, all_reduce_, rank_and_world_size, reduce_scatter_rows
+from facescale.parallel.row_state import KeptStorage
 
 # Rows of centers handled per chunk when computing logits; bounds the temporary normalised copy (~8 MB at D=512).
 # CPU: 2 MiB, cache-sized (see ``row_optimizer.CPU_STEP_CHUNK_BYTES``); the planner counts the larger value.
@@ -117,43 +117,6 @@ class ShardCosine(torch.autograd.Function):
             else:
                 grad_weight = torch.zeros_like(weight).index_copy_(0, rows, grad_rows)
         return grad_embeddings, grad_weight, None, None, None, None
-
-
-class KeptStorage:
-    """One tensor's storage kept from step to step (as CUDA's caching allocator keeps GPU memory): on CPU a fresh
-    ~100 MB tensor pays its page faults again every step, ~40 ms per 100 MB here. The peak is unchanged (the tensor
-    exists at the peak anyway); what a rank holds between steps grows by it (``PlanReport.resident_bytes``).
-
-    The storage is handed out again only when nothing else holds it (its use count is 1: this object's reference):
-    a gradient still in ``.grad``, a graph that saved the tensor, a caller that kept it -- any of them makes the next
-    :meth:`take` allocate a fresh storage instead, which is kept from then on.
-    """
-
-    def __init__(self) -> None:
-        self.storage: torch.UntypedStorage | None = None
-
-    def __getstate__(self) -> dict[str, Any]:  # copies and pickles of the module do not carry the storage
-        return {"storage": None}
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """An uninitialised contiguous ``shape`` tensor on the kept storage when it is free, else on a fresh one."""
-        nbytes = math.prod(shape) * dtype.itemsize
-        kept = self.storage
-        if kept is not None and (kept.device != torch.device(device) or kept.nbytes() < nbytes):
-            self.storage = kept = None  # the old one first: never both held
-        if kept is None or torch._C._storage_Use_Count(kept._cdata) > 1:
-            self.storage = kept = torch.UntypedStorage(nbytes, device=device)
-        return torch.empty(0, dtype=dtype, device=device).set_(kept, 0, shape)
-
-    @staticmethod
-    def take_or_new(kept: KeptStorage | None, shape: tuple[int, ...], dtype: torch.dtype,
-                    device: torch.device) -> torch.Tensor:
-        """``kept.take(...)``, or a plain ``torch.empty`` without a ``kept``."""
-        return torch.empty(shape, dtype=dtype, device=device) if kept is None else kept.take(shape, dtype, device)
-
-    def release(self) -> None:
-        """Drops the kept storage (the next :meth:`take` allocates it again)."""
-        self.storage = None
 
 
 class _RowSource:

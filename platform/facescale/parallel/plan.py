@@ -109,7 +109,7 @@ class PlanReport(RankFields):
     @property
     def resident_bytes(self) -> int:
         """What the classifier holds between training steps: persistent state + the kept working set, cosines
-        (logits) and center gradient (``partial_fc_ops.KeptStorage``)."""
+        (logits) and center gradient (``row_state.KeptStorage``)."""
         return self.persistent_bytes + self.working_set_bytes + self.logits_bytes + self.kept_grad_bytes
 
     @property

@@ -18,8 +18,6 @@ paths give the same bits.
 
 from __future__ import annotations
 
-import math
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +25,14 @@ from typing import Any
 import torch
 
 from facescale.parallel.partial_fc import mix_seed
-from facescale.parallel.row_state import chunk_buffers, put_rows, stochastic_round_bf16, take_fp32_rows, take_rows
+from facescale.parallel.row_state import (
+    KeptStorage,
+    chunk_buffers,
+    put_rows,
+    stochastic_round_bf16,
+    take_fp32_rows,
+    take_rows,
+)
 
 # Rows updated at once; bounds the fp32 temporaries of a step (~3 x 8 MB at D=512). On CPU the chunk is smaller,
 # so that the few tensors of a chunk stay in the last-level cache across its dozen elementwise passes (measured on
@@ -62,7 +67,6 @@ class _WorkingSet:
     state: dict[str, torch.Tensor]  # the row-state tensors at ``rows`` (same keys and dtypes) + the scalar step
     step: int  # optimizer steps taken when gathered
     version: int  # the parameter's version counter when gathered (any later write invalidates the set)
-    buffers: dict[str, torch.Tensor]  # the flat storage of ``weight`` and ``state``, reused by the next set
 
 
 class SparseRowOptimizer(torch.optim.Optimizer):
@@ -74,7 +78,7 @@ class SparseRowOptimizer(torch.optim.Optimizer):
     """
 
     catch_up = True
-    keep_buffers = True  # reuse the working set's storage from step to step (see ``_retire``)
+    keep_buffers = True  # keep the working set's storage from step to step (``row_state.KeptStorage``)
     # What torch's Optimizer.__getstate__ (defaults, state, param_groups) would drop from a pickle or deepcopy.
     _PICKLED_SETTINGS = ("state_dtype", "second_moment", "catch_up", "_rounding_keys")
 
@@ -191,38 +195,27 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         there (nothing is written to ``p`` or its state) and returns the rows ``[len(rows), ...]`` in ``p``'s dtype:
         the values the coming forward should score. The next ``step`` whose gradient covers exactly these rows
         updates the working set and writes each row once (module docstring)."""
-        self._retire(p, self.__dict__.setdefault("_working", {}).pop(p, None))  # never two sets held at once
-        spare, handed_out = self.__dict__.setdefault("_spare", {}).pop(p, ({}, None))
-        # Reused only when no graph still holds the rows last handed out (two forwards before one backward).
-        buffers = spare if handed_out is None or handed_out() is None else {}
+        self.__dict__.setdefault("_working", {}).pop(p, None)  # the previous set first: never two held at once
         with chunk_buffers():
-            weight, sub_state = self._gather_working_set(p, rows, buffers)
-        self._working[p] = _WorkingSet(rows, weight, sub_state, int(sub_state["step"]), p._version, buffers)
+            weight, sub_state = self._gather_working_set(p, rows)
+        self._working[p] = _WorkingSet(rows, weight, sub_state, int(sub_state["step"]), p._version)
         return weight
 
-    def _retire(self, p: torch.Tensor, working: _WorkingSet | None) -> None:
-        """Keeps a finished working set's storage for the next one: the sampled rows' buffers are then allocated
-        once per run, not once per step (a fresh ~100 MB tensor costs its page faults again on CPU, about as much as
-        the gather itself). With them, a weak reference to the rows handed to the forward: while a graph still holds
-        them, the next set gets fresh storage instead."""
-        if working is not None and self.keep_buffers:
-            self._spare[p] = (working.buffers, weakref.ref(working.weight))
-
     def release_buffers(self) -> None:
-        """Frees the kept working-set buffers (they are re-allocated by the next forward)."""
-        self.__dict__.get("_spare", {}).clear()
+        """Frees the kept working-set storage (the next forward allocates it again)."""
+        self.__dict__.get("_kept", {}).clear()
 
-    def _gather_working_set(self, p: torch.Tensor, rows: torch.Tensor,
-                            buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _gather_working_set(self, p: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         state = self._state_for(p)
+        # The sampled rows' storage is kept from step to step (a fresh ~100 MB tensor costs its page faults again on
+        # CPU, about as much as the gather itself); a storage a graph still holds (two forwards before one
+        # backward) is not reused: KeptStorage hands out only free storage.
+        kept = self.__dict__.setdefault("_kept", {}).setdefault(p, {}) if self.keep_buffers else {}
 
         def allocate(name: str, source: torch.Tensor) -> torch.Tensor:
             shape = (rows.numel(), *source.shape[1:])
-            count = math.prod(shape)
-            flat = buffers.get(name)
-            if flat is None or flat.numel() < count or flat.dtype != source.dtype or flat.device != source.device:
-                flat = buffers[name] = torch.empty(count, dtype=source.dtype, device=source.device)
-            return flat[:count].view(shape)
+            storage = kept.setdefault(name, KeptStorage()) if self.keep_buffers else None
+            return KeptStorage.take_or_new(storage, shape, source.dtype, source.device)
 
         sources = {k: v for k, v in state.items() if v.dim() > 0}
         sub_state: dict[str, torch.Tensor] = {k: allocate(k, v) for k, v in sources.items()}
@@ -246,7 +239,6 @@ class SparseRowOptimizer(torch.optim.Optimizer):
                           state: dict[str, torch.Tensor]) -> _WorkingSet | None:
         """Pops ``p``'s working set; returns it when it is still current and holds exactly the gradient's rows."""
         working = self.__dict__.get("_working", {}).pop(p, None)
-        self._retire(p, working)  # the step below still reads it; the next forward's gather comes after
         if working is None or rows is None or working.step != int(state["step"]) or working.version != p._version:
             return None
         if working.rows.shape != rows.shape or not torch.equal(working.rows, rows):
