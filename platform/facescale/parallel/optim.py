@@ -86,18 +86,24 @@ class SparseRowSGD(SparseRowOptimizer):
     def _write_rows(self, state: dict[str, torch.Tensor], index: Any, rows: list[torch.Tensor]) -> None:
         write_state_rows(state, "momentum", index, rows[0])
 
-    def _coast(self, weight: torch.Tensor, rows: list[torch.Tensor], skipped: torch.Tensor, last: torch.Tensor,
-               group: dict[str, Any]) -> None:
+    def _coast_plan(self, skipped: torch.Tensor, last: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Per row the entries ``[w_w, w_m, m_w, m_m]`` of ``A^k`` (k = the row's skipped steps), ``[R, 4]`` fp32.
+
+        A^k once per distinct k (a few dozen values at most), by repeated squaring in fp64 -- the same bits for a
+        given k whatever other rows are in the batch, so a plan for a whole working set equals per-chunk plans."""
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        buf = rows[0]
-        # A^k once per distinct k (a few dozen values at most), by repeated squaring; then one row of 4 per row.
         counts, which = torch.unique(skipped, return_inverse=True)
         power = torch.eye(2, dtype=torch.float64).repeat(counts.numel(), 1, 1)
         base = torch.tensor([[1.0 - lr * wd, -lr * mu], [wd, mu]], dtype=torch.float64)
         while bool((counts > 0).any()):
             power = torch.where((counts & 1).bool()[:, None, None], power @ base, power)
             base, counts = base @ base, counts >> 1
-        power = power.float().view(-1, 4)[which]
+        return power.float().view(-1, 4)[which]
+
+    def _coast(self, weight: torch.Tensor, rows: list[torch.Tensor], skipped: torch.Tensor, last: torch.Tensor,
+               group: dict[str, Any], plan: torch.Tensor | None = None) -> None:
+        buf = rows[0]
+        power = plan if plan is not None else self._coast_plan(skipped, last, group)
         w_w, w_m, m_w, m_m = (power[:, i, None] for i in range(4))
         new_buf = torch.mul(buf, m_m, out=scratch("coast", tuple(buf.shape), buf.dtype, buf.device))
         new_buf.addcmul_(weight, m_w)
@@ -160,7 +166,7 @@ class SparseRowAdamW(SparseRowOptimizer):
         put_rows(state["exp_avg_sq"], index, rows[1])
 
     def _coast(self, weight: torch.Tensor, rows: list[torch.Tensor], skipped: torch.Tensor, last: torch.Tensor,
-               group: dict[str, Any]) -> None:
+               group: dict[str, Any], plan: None = None) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         exp_avg, exp_avg_sq = rows
         decay = 1.0 - lr * wd

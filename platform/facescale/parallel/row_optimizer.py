@@ -109,9 +109,15 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _coast(self, weight: torch.Tensor, rows: list[torch.Tensor], skipped: torch.Tensor, last: torch.Tensor,
-               group: dict[str, Any]) -> None:
-        """Applies in place the ``skipped`` zero-gradient dense steps after step ``last`` (per row)."""
+               group: dict[str, Any], plan: Any = None) -> None:
+        """Applies in place the ``skipped`` zero-gradient dense steps after step ``last`` (per row); ``plan``: these
+        rows' part of what :meth:`_coast_plan` returned, when it returned something."""
         raise NotImplementedError
+
+    def _coast_plan(self, skipped: torch.Tensor, last: torch.Tensor, group: dict[str, Any]) -> Any:
+        """What of the replay depends only on ``skipped`` and ``last`` (per row), computed once for a whole working
+        set instead of per chunk (a tensor of rows, sliced per chunk); ``None``: nothing, ``_coast`` does it all."""
+        return None
 
     def _update_rows(self, weight: torch.Tensor, grad: torch.Tensor, rows: list[torch.Tensor],
                      group: dict[str, Any], t: int) -> torch.Tensor:
@@ -178,7 +184,7 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         self._store_rows(p, flat, index, weight, t, _ROUND_STEP)
 
     def _bring_up_to_date(self, state: dict[str, torch.Tensor], index: Any, weight: torch.Tensor,
-                          rows: list[torch.Tensor], group: dict[str, Any]) -> bool:
+                          rows: list[torch.Tensor], group: dict[str, Any], plan: Any = None) -> bool:
         """Replays missed steps on the fp32 rows; False when every row was already current."""
         step = int(state["step"])
         last = take_rows(state["last_step"], index).long()
@@ -186,7 +192,7 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         if not bool((skipped > 0).any()):
             return False
         put_rows(state["last_step"], index, step)
-        self._coast(weight, rows, skipped, last, group)
+        self._coast(weight, rows, skipped, last, group, None if plan is None else plan[index])
         return True
 
     @torch.no_grad()
@@ -224,13 +230,17 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         sub_state["step"] = state["step"]
         step, group = int(state["step"]), self._group_of(p)
         sub = weight.view(weight.shape[0], -1)
+        catch_up, plan = self.catch_up and group.get("momentum", True), None
+        if catch_up:  # the rows' last steps first: what of the replay depends on them alone is planned once
+            last = torch.index_select(sources.pop("last_step"), 0, rows, out=targets["last_step"]).long()
+            plan = self._coast_plan(step - last, last, group)
         for part, _ in self._chunks(weight, None):
             # Gathered chunk by chunk: the catch-up below finds the chunk still in cache.
             for name, source in sources.items():
                 torch.index_select(source, 0, rows[part], out=targets[name][part])
-            if self.catch_up and group.get("momentum", True):
+            if catch_up:
                 current, state_rows = take_fp32_rows(sub, part, "weight"), self._read_rows(sub_state, part)
-                if self._bring_up_to_date(sub_state, part, current, state_rows, group):
+                if self._bring_up_to_date(sub_state, part, current, state_rows, group, plan):
                     self._write_rows(sub_state, part, state_rows)
                     self._store_rows(p, sub, part, current, step, _ROUND_CATCH_UP, global_index=rows[part])
         return weight, sub_state
