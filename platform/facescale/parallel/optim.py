@@ -108,7 +108,7 @@ class SparseRowSGD(SparseRowOptimizer):
         new_buf = torch.mul(buf, m_m, out=scratch("coast", tuple(buf.shape), buf.dtype, buf.device))
         new_buf.addcmul_(weight, m_w)
         weight.mul_(w_w).addcmul_(buf, w_m)
-        buf.copy_(new_buf)
+        rows[0] = new_buf  # handed back in the list (the callers write ``rows``): no copy pass into ``buf``
 
     def _update_rows(self, weight: torch.Tensor, grad: torch.Tensor, rows: list[torch.Tensor],
                      group: dict[str, Any], t: int) -> torch.Tensor:

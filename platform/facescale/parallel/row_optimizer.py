@@ -110,8 +110,9 @@ class SparseRowOptimizer(torch.optim.Optimizer):
 
     def _coast(self, weight: torch.Tensor, rows: list[torch.Tensor], skipped: torch.Tensor, last: torch.Tensor,
                group: dict[str, Any], plan: Any = None) -> None:
-        """Applies in place the ``skipped`` zero-gradient dense steps after step ``last`` (per row); ``plan``: these
-        rows' part of what :meth:`_coast_plan` returned, when it returned something."""
+        """Applies the ``skipped`` zero-gradient dense steps after step ``last`` (per row) to ``weight`` in place and
+        to the state ``rows`` (in place, or by putting new tensors in the list: callers write what the list holds);
+        ``plan``: these rows' part of what :meth:`_coast_plan` returned, when it returned something."""
         raise NotImplementedError
 
     def _coast_plan(self, skipped: torch.Tensor, last: torch.Tensor, group: dict[str, Any]) -> Any:

@@ -275,8 +275,11 @@ def write_state_rows(state: dict[str, torch.Tensor], name: str, rows: torch.Tens
         # max |x| per block without an |x| copy, as max(max x, -min x): exactly vector_norm(ord=inf), ~15x faster on
         # CPU (abs_ only turns a -0 from all-zero blocks into +0).
         scale = torch.maximum(grouped.amax(dim=2), grouped.amin(dim=2).neg_()).abs_() / 127.0
-        # |x| / (max|x| / 127) <= 127 * (1 + 2^-23) (one rounding in the scale) rounds to at most 127: no clamp pass.
-        q = grouped.div_(scale.clamp_min(1e-30).unsqueeze(2)).round_().view(values.shape[0], -1)
+        # Multiplied by the scale's reciprocal (a multiply pass is ~2x faster than a divide on CPU): |x| * fl(1 / s)
+        # with s = fl(max|x| / 127) is at most 127 * (1 + 3 * 2^-24) (three roundings), which rounds to at most 127:
+        # no clamp pass.
+        inverse = scale.clamp_min(1e-30).reciprocal_().unsqueeze(2)
+        q = grouped.mul_(inverse).round_().view(values.shape[0], -1)
         if not isinstance(rows, slice):  # a slice converts while it copies; a scatter needs int8 rows first
             q = scratch(f"write_{name}", tuple(q.shape), torch.int8, q.device).copy_(q)
         put_rows(state[f"{name}_q"], rows, q)
