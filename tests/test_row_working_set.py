@@ -63,6 +63,68 @@ def test_the_working_set_step_gives_the_bits_of_the_stored_path(center_dtype, st
     _assert_bitwise_equal(_state(*working), _state(*stored))
 
 
+def test_the_cosine_fills_the_working_set_chunk_by_chunk(monkeypatch):
+    """With chunks of 16 rows, the forward asks for the working set chunk by chunk, in order, and leaves it filled
+    (so the step takes the working set, not the stored path); the bits equal the stored path's."""
+    import facescale.parallel.partial_fc_ops as ops
+    import facescale.parallel.row_optimizer as row_optimizer
+
+    monkeypatch.setattr(ops, "CPU_CHUNK_BYTES", 16 * DIM * 4)
+    monkeypatch.setattr(row_optimizer, "CPU_STEP_CHUNK_BYTES", 16 * DIM * 4)
+    working, stored = _setup(), _setup()
+    ends: list[int] = []
+    fill = row_optimizer.SparseRowOptimizer._fill_working_set
+
+    def recording(self, ws, end):
+        ends.append(end)
+        fill(self, ws, end)
+
+    cls = row_optimizer.SparseRowOptimizer
+    stepped: list[int] = []
+    stored_step = cls._step_stored
+    cls._fill_working_set = recording
+    cls._step_stored = lambda self, *a: stepped.append(1) or stored_step(self, *a)
+    try:
+        _train(*working, range(4))
+    finally:
+        cls._fill_working_set, cls._step_stored = fill, stored_step
+    rows = working[0].num_sample
+    assert ends[:-(-rows // 16)] == [min(end, rows) for end in range(16, rows + 16, 16)]  # step 0's chunks, in order
+    assert working[1].__dict__.get("_working") == {}  # each set filled, then taken by its step
+    assert stepped == []  # the working set's step every time, never the fallback
+    _train(*stored, range(4), drop_working_set=True)  # the same 16-row chunks, from the stored rows
+    _assert_bitwise_equal(_state(*working), _state(*stored))
+
+
+def test_a_working_set_left_unfilled_falls_back_to_the_stored_rows(monkeypatch):
+    """A working set that was never filled to the end (a forward cut short) is not stepped on: the step gathers
+    from the stored rows, which nothing has written, and gives the stored path's bits."""
+    import facescale.parallel.partial_fc_ops as ops
+    import facescale.parallel.row_optimizer as row_optimizer
+
+    monkeypatch.setattr(ops, "CPU_CHUNK_BYTES", 16 * DIM * 4)  # several chunks: one can be left unfilled
+    monkeypatch.setattr(row_optimizer, "CPU_STEP_CHUNK_BYTES", 16 * DIM * 4)
+    lazy, stored = _setup(), _setup()
+    _train(*lazy, range(2))
+    _train(*stored, range(2), drop_working_set=True)
+    embeddings, labels = _batch(2)
+    lazy[1].zero_grad(set_to_none=True)
+    lazy[0](embeddings, labels).backward()
+    weight = lazy[0].weight
+    rows = lazy[1]._working[weight].rows
+    grad = weight.grad
+    _, fill = lazy[1].prepare_rows_lazily(weight, rows)  # a new set for the same rows, filled only in part
+    fill(rows.numel() // 2)
+    assert lazy[1]._working[weight].pending is not None
+    weight.grad = grad
+    lazy[1].step()
+    stored[1].zero_grad(set_to_none=True)
+    stored[0](embeddings, labels).backward()
+    stored[1]._working.clear()
+    stored[1].step()
+    _assert_bitwise_equal(_state(*lazy), _state(*stored))
+
+
 def test_a_forward_without_a_step_writes_nothing():
     pfc, opt = _setup()
     _train(pfc, opt, range(3))

@@ -317,15 +317,16 @@ class PartialFC(nn.Module):
         # Sampling picks classes; a class's K sub-center rows come together.
         rows = self.expand_rows(classes)
         self.last_sampled_rows = rows
-        prepare = getattr(self._optimizer, "prepare_rows", None)
-        sampled = None
+        prepare = getattr(self._optimizer, "prepare_rows_lazily", None)
+        sampled = fill = None
         if prepare is not None and rows is not None and self.training and torch.is_grad_enabled():
-            # The sampled rows, gathered once and given the steps dense training would have given them; the
-            # optimizer's step updates this working set and writes each row once (see row_optimizer.py).
-            sampled = prepare(self.weight, rows)
+            # The sampled rows, gathered once and given the steps dense training would have given them -- chunk by
+            # chunk as the cosine reaches them (``fill``); the optimizer's step updates this working set and writes
+            # each row once (see row_optimizer.py).
+            sampled, fill = prepare(self.weight, rows)
 
         buffers = (self.logits_buffer, self.grad_buffer) if self.training and torch.is_grad_enabled() else None
-        cos = ShardCosine.apply(F.normalize(embeddings), self.weight, rows, self.sparse_grad, sampled, buffers)
+        cos = ShardCosine.apply(F.normalize(embeddings), self.weight, rows, self.sparse_grad, sampled, buffers, fill)
         keep = None
         sub = self.subcenters
         if sub is not None:

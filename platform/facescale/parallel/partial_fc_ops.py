@@ -7,7 +7,7 @@ embeddings)``, right once DDP averages) is described in :mod:`facescale.parallel
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -56,13 +56,16 @@ class ShardCosine(torch.autograd.Function):
     centers' gradient covers exactly ``rows``: a sparse COO tensor (``sparse_grad``) or a dense
     ``[num_local, D]`` tensor (v2 style). The clamp to [-1, 1] only guards rounding; its gradient is the identity.
     ``buffers`` (training): the :class:`KeptStorage` of the ``[N, S]`` cosines and of the sampled rows' gradient.
+    ``fill(end)`` (with ``sampled``): called before rows ``[.., end)`` of ``sampled`` are read in forward, so the
+    optimizer fills its working set chunk by chunk (``SparseRowOptimizer.prepare_rows_lazily``).
     """
 
     @staticmethod
     def forward(ctx: Any, norm_embeddings: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None,
                 sparse_grad: bool, sampled: torch.Tensor | None = None,
-                buffers: tuple[KeptStorage, KeptStorage] | None = None) -> torch.Tensor:
-        source = _RowSource(weight, rows, sampled, norm_embeddings.dtype)
+                buffers: tuple[KeptStorage, KeptStorage] | None = None,
+                fill: Callable[[int], None] | None = None) -> torch.Tensor:
+        source = _RowSource(weight, rows, sampled, norm_embeddings.dtype, fill)
         num_rows, batch = source.num_rows, norm_embeddings.shape[0]
         # Not a view (its own tensor on a kept storage): the margin and the softmax write into it in place, which
         # autograd forbids on a view.
@@ -81,7 +84,7 @@ class ShardCosine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_cos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None,
-                                                            None, None]:
+                                                            None, None, None]:
         norm_embeddings, weight, rows, norms, sampled = ctx.saved_tensors
         source = _RowSource(weight, rows, sampled, norm_embeddings.dtype)
         batch, width = norm_embeddings.shape
@@ -120,7 +123,7 @@ class ShardCosine(torch.autograd.Function):
                                                       check_invariants=False)
             else:
                 grad_weight = torch.zeros_like(weight).index_copy_(0, rows, grad_rows)
-        return grad_embeddings, grad_weight, None, None, None, None
+        return grad_embeddings, grad_weight, None, None, None, None, None
 
 
 class _RowSource:
@@ -128,8 +131,8 @@ class _RowSource:
     views where the storage already is contiguous fp32, else copies into one reused chunk buffer."""
 
     def __init__(self, weight: torch.Tensor, rows: torch.Tensor | None, sampled: torch.Tensor | None,
-                 dtype: torch.dtype) -> None:
-        self.weight, self.rows, self.sampled, self.dtype = weight, rows, sampled, dtype
+                 dtype: torch.dtype, fill: Callable[[int], None] | None = None) -> None:
+        self.weight, self.rows, self.sampled, self.dtype, self.fill = weight, rows, sampled, dtype, fill
         self.num_rows = weight.shape[0] if rows is None else rows.numel()
         self.chunk = _chunk_rows(weight)
         self._buffer: torch.Tensor | None = None
@@ -149,6 +152,8 @@ class _RowSource:
             yield start, min(start + self.chunk, self.num_rows)
 
     def take(self, start: int, end: int) -> torch.Tensor:
+        if self.fill is not None:  # the optimizer gathers and catches up the working set's rows up to ``end``
+            self.fill(end)
         if self.sampled is not None or self.rows is None:
             block = (self.weight if self.sampled is None else self.sampled)[start:end]
             if block.dtype == self.dtype:

@@ -18,8 +18,9 @@ paths give the same bits.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -67,6 +68,25 @@ class _WorkingSet:
     state: dict[str, torch.Tensor]  # the row-state tensors at ``rows`` (same keys and dtypes) + the scalar step
     step: int  # optimizer steps taken when gathered
     version: int  # the parameter's version counter when gathered (any later write invalidates the set)
+    pending: _PendingGather | None = None  # the chunks not yet gathered (``prepare_rows_lazily``); None: filled
+
+
+@dataclass
+class _PendingGather:
+    """What ``_fill_working_set`` needs to gather and catch up the rest of a working set, chunk by chunk."""
+
+    p: torch.Tensor
+    rows: torch.Tensor
+    sources: dict[str, torch.Tensor]  # stored tensors to gather from (the parameter and its row state)
+    targets: dict[str, torch.Tensor]  # the working set's tensors, by the same names
+    sub_state: dict[str, torch.Tensor]
+    group: dict[str, Any]
+    catch_up: bool
+    plan: Any = None  # the optimizer's ``_coast_plan`` for all rows
+    parts: list[slice] = field(default_factory=list)
+    next_part: int = 0
+    filled: int = 0  # rows [0, filled) are gathered and current
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # chunk scratch, kept across fill calls
 
 
 class SparseRowOptimizer(torch.optim.Optimizer):
@@ -202,17 +222,26 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         there (nothing is written to ``p`` or its state) and returns the rows ``[len(rows), ...]`` in ``p``'s dtype:
         the values the coming forward should score. The next ``step`` whose gradient covers exactly these rows
         updates the working set and writes each row once (module docstring)."""
-        self.__dict__.setdefault("_working", {}).pop(p, None)  # the previous set first: never two held at once
-        with chunk_buffers():
-            weight, sub_state = self._gather_working_set(p, rows)
-        self._working[p] = _WorkingSet(rows, weight, sub_state, int(sub_state["step"]), p._version)
+        weight, fill = self.prepare_rows_lazily(p, rows)
+        fill(rows.numel())
         return weight
+
+    def prepare_rows_lazily(self, p: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, Callable[[int], None]]:
+        """:meth:`prepare_rows` whose gather and catch-up happen on demand: returns the working set's rows (not yet
+        filled) and ``fill(end)``, which fills rows ``[0, end)`` in order. Partial FC's cosine calls it chunk by
+        chunk, so each chunk of rows is gathered, caught up and scored while it is in cache (the working set is read
+        from memory once fewer). A step finding the set unfilled falls back to the stored rows (the same bits)."""
+        self.__dict__.setdefault("_working", {}).pop(p, None)  # the previous set first: never two held at once
+        pending = self._start_gather(p, rows)
+        weight, sub_state = pending.targets["weight"], pending.sub_state
+        self._working[p] = _WorkingSet(rows, weight, sub_state, int(sub_state["step"]), p._version, pending)
+        return weight, functools.partial(self._fill_working_set, self._working[p])
 
     def release_buffers(self) -> None:
         """Frees the kept working-set storage (the next forward allocates it again)."""
         self.__dict__.get("_kept", {}).clear()
 
-    def _gather_working_set(self, p: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _start_gather(self, p: torch.Tensor, rows: torch.Tensor) -> _PendingGather:
         state = self._state_for(p)
         # The sampled rows' storage is kept from step to step (a fresh ~100 MB tensor costs its page faults again on
         # CPU, about as much as the gather itself); a storage a graph still holds (two forwards before one
@@ -229,28 +258,43 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         weight = allocate("weight", p)
         sources["weight"], targets = p, {**sub_state, "weight": weight}
         sub_state["step"] = state["step"]
-        step, group = int(state["step"]), self._group_of(p)
-        sub = weight.view(weight.shape[0], -1)
-        catch_up, plan = self.catch_up and group.get("momentum", True), None
-        if catch_up:  # the rows' last steps first: what of the replay depends on them alone is planned once
+        group = self._group_of(p)
+        pending = _PendingGather(p, rows, sources, targets, sub_state, group,
+                                 self.catch_up and group.get("momentum", True))
+        if pending.catch_up:  # the rows' last steps first: what of the replay depends on them alone is planned once
             last = torch.index_select(sources.pop("last_step"), 0, rows, out=targets["last_step"]).long()
-            plan = self._coast_plan(step - last, last, group)
-        for part, _ in self._chunks(weight, None):
-            # Gathered chunk by chunk: the catch-up below finds the chunk still in cache.
-            for name, source in sources.items():
-                torch.index_select(source, 0, rows[part], out=targets[name][part])
-            if catch_up:
-                current, state_rows = take_fp32_rows(sub, part, "weight"), self._read_rows(sub_state, part)
-                if self._bring_up_to_date(sub_state, part, current, state_rows, group, plan):
-                    self._write_rows(sub_state, part, state_rows)
-                    self._store_rows(p, sub, part, current, step, _ROUND_CATCH_UP, global_index=rows[part])
-        return weight, sub_state
+            pending.plan = self._coast_plan(int(state["step"]) - last, last, group)
+        pending.parts = [part for part, _ in self._chunks(weight, None)]
+        return pending
+
+    @torch.no_grad()
+    def _fill_working_set(self, working: _WorkingSet, end: int) -> None:
+        """Gathers and catches up the working set's chunks, in order, until rows ``[0, end)`` are filled."""
+        g = working.pending
+        if g is None or g.filled >= end:
+            return
+        sub, step = g.targets["weight"].view(g.rows.numel(), -1), int(g.sub_state["step"])
+        with chunk_buffers(g.buffers):
+            while g.filled < end and g.next_part < len(g.parts):
+                part = g.parts[g.next_part]
+                for name, source in g.sources.items():
+                    torch.index_select(source, 0, g.rows[part], out=g.targets[name][part])
+                if g.catch_up:  # the chunk is still in cache
+                    current, state_rows = take_fp32_rows(sub, part, "weight"), self._read_rows(g.sub_state, part)
+                    if self._bring_up_to_date(g.sub_state, part, current, state_rows, g.group, g.plan):
+                        self._write_rows(g.sub_state, part, state_rows)
+                        self._store_rows(g.p, sub, part, current, step, _ROUND_CATCH_UP, global_index=g.rows[part])
+                g.next_part, g.filled = g.next_part + 1, part.stop
+        if g.next_part == len(g.parts):
+            working.pending = None  # filled: drop the gather's references (the kept storage is reused by count)
 
     def _take_working_set(self, p: torch.Tensor, rows: torch.Tensor | None,
                           state: dict[str, torch.Tensor]) -> _WorkingSet | None:
         """Pops ``p``'s working set; returns it when it is still current and holds exactly the gradient's rows."""
         working = self.__dict__.get("_working", {}).pop(p, None)
         if working is None or rows is None or working.step != int(state["step"]) or working.version != p._version:
+            return None
+        if working.pending is not None:  # never filled to the end (a forward cut short): the stored rows are current
             return None
         if working.rows.shape != rows.shape or not torch.equal(working.rows, rows):
             return None

@@ -99,13 +99,14 @@ _BUFFERS: contextvars.ContextVar[dict[str, torch.Tensor] | None] = contextvars.C
 
 
 @contextlib.contextmanager
-def chunk_buffers() -> Iterator[None]:
-    """Inside, :func:`scratch` hands out one buffer per name, reused chunk after chunk, freed on exit.
+def chunk_buffers(buffers: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+    """Inside, :func:`scratch` hands out one buffer per name, reused chunk after chunk, freed on exit (kept in
+    ``buffers`` when given, for a later ``chunk_buffers(buffers)``).
 
     A fresh ~8 MB temporary per chunk costs page faults on CPU (glibc hands freed heap tops back to the kernel, which
     zeroes the pages again on the next touch): about as much as the arithmetic on it. The optimizers' chunk loops
     run inside this context."""
-    token = _BUFFERS.set({})
+    token = _BUFFERS.set({} if buffers is None else buffers)
     try:
         yield
     finally:
