@@ -260,3 +260,18 @@ def test_a_copied_optimizer_keeps_its_storage_settings(name):
     assert "_working" not in copy.__dict__ and "_kept" not in copy.__dict__
     if name == "adamw":
         assert copy.second_moment == opt.second_moment
+
+
+@pytest.mark.parametrize("center_dtype", ["fp32", "bf16"])
+def test_the_step_leaves_the_gradient_as_it_was(center_dtype):
+    """The fused SGD update reads the gradient (weight decay added on the fly) and never writes it."""
+    pfc, opt = _setup(center_dtype)
+    _train(pfc, opt, range(2))
+    opt.zero_grad(set_to_none=True)
+    embeddings, labels = _batch(2)
+    pfc(embeddings, labels).backward()
+    before = pfc.weight.grad.coalesce().to_dense().clone()
+    weight = pfc.weight.detach().clone()
+    opt.step()
+    assert torch.equal(pfc.weight.grad.coalesce().to_dense(), before)
+    assert not torch.equal(pfc.weight.detach(), weight)  # the step did update the sampled rows
