@@ -52,7 +52,7 @@ class ShardCosine(torch.autograd.Function):
     ``tests/test_engine.py`` drifted past its bound with it: kept as it was.) Saves only the embeddings,
     the row source and per-row norms; the rows are re-read chunk by chunk in backward. The rows come from
     ``weight[rows]`` (all rows when ``rows`` is ``None``) or, when the optimizer has already gathered and caught
-    them up, from ``sampled`` (``[len(rows), D]``, the same values; see ``SparseRowOptimizer.prepare_rows``). The
+    them up, from ``sampled`` (``[len(rows), D]``, the same values; see ``SparseRowOptimizer.prepare_rows_lazily``). The
     centers' gradient covers exactly ``rows``: a sparse COO tensor (``sparse_grad``) or a dense
     ``[num_local, D]`` tensor (v2 style). The clamp to [-1, 1] only guards rounding; its gradient is the identity.
     ``buffers`` (training): the :class:`KeptStorage` of the ``[N, S]`` cosines and of the sampled rows' gradient.

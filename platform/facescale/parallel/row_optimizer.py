@@ -9,11 +9,12 @@ scatter; step: gather and scatter) plus two gathers by the cosine. Instead, as a
 kept a ``sub_weight`` and ``sub_weight_mom`` (An et al., arXiv:2010.05222), the forward gathers the sampled rows
 and their state once into a working set and catches them up *there* (rounded exactly as a store would round
 them); the cosine's forward and backward read the working set (contiguous, no gather); ``step`` updates the
-working set and scatters each row once. Nothing is written to the centers before ``step``, so a step that is
-skipped (non-finite loss) just drops the working set: the stored rows are caught up later, in closed form, to the
-same values. When the gradient's rows are not the working set's (micro-batches accumulated over several
-forwards), ``step`` falls back to gathering from the stored rows, catching up and rounding the same way, so both
-paths give the same bits.
+working set and scatters each row once. Partial FC takes the set through ``prepare_rows_lazily``, which gathers
+and catches up each chunk just before the cosine scores it. Nothing is written to the centers before ``step``, so a
+step that is skipped (non-finite loss) just drops the working set: the stored rows are caught up later, in closed
+form, to the same values. When the gradient's rows are not the working set's (micro-batches accumulated over
+several forwards), ``step`` falls back to gathering from the stored rows, catching up and rounding the same way, so
+both paths give the same bits.
 """
 
 from __future__ import annotations
@@ -305,7 +306,7 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         """Brings ``rows`` of ``p`` (all when ``None``) up to date with the dense steps they missed, in storage.
 
         Call it with ``rows=None`` before reading every center (evaluate, export) or before a step change of the lr
-        (the missed steps are replayed at the current lr). (Partial FC's forward uses ``prepare_rows`` instead.)
+        (the missed steps are replayed at the current lr). (Partial FC's forward uses ``prepare_rows_lazily`` instead.)
         """
         state = self.state.get(p)
         group = self._group_of(p)
