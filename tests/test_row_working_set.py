@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from facescale.heads.config import MarginConfig, build_margin
-from facescale.parallel import PartialFC, build_partial_fc_optimizer
+from facescale.parallel import PartialFC, SparseRowAdamW, build_partial_fc_optimizer
 from facescale.parallel.row_state import KeptStorage, put_rows
 
 CLASSES, DIM, BATCH = 600, 64, 16
@@ -275,3 +275,40 @@ def test_the_step_leaves_the_gradient_as_it_was(center_dtype):
     opt.step()
     assert torch.equal(pfc.weight.grad.coalesce().to_dense(), before)
     assert not torch.equal(pfc.weight.detach(), weight)  # the step did update the sampled rows
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+@pytest.mark.parametrize("drop_working_set", [False, True])
+def test_state_caught_up_by_the_step_follows_the_dense_optimizer(name, drop_working_set):
+    """The forward catches up only the sampled rows' weight; the step catches up their state (the working set's
+    path, and the stored path when the set is dropped). Fed the same gradients, the centers and their state follow
+    a dense optimizer that moves every row every step (fp32 state: no quantisation in between): torch's SGD, or for
+    AdamW with row-wise v (whose replay is exact; it has no torch twin) the same optimizer on dense gradients."""
+    pfc = PartialFC(build_margin(MarginConfig(type="arcface")), DIM, CLASSES, sample_rate=0.2, seed=3)
+    dense_weight = torch.nn.Parameter(pfc.weight.detach().clone())
+    if name == "sgd":
+        opt = build_partial_fc_optimizer(pfc.parameters(), "sgd", lr=0.5, momentum=0.9, weight_decay=5e-4,
+                                         state_dtype="fp32")
+        dense = torch.optim.SGD([dense_weight], lr=0.5, momentum=0.9, weight_decay=5e-4)
+        pairs = {"momentum": "momentum_buffer"}
+    else:
+        opt = SparseRowAdamW(pfc.parameters(), lr=0.01, weight_decay=0.1, state_dtype="fp32")
+        dense = SparseRowAdamW([dense_weight], lr=0.01, weight_decay=0.1, state_dtype="fp32")
+        pairs = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+    pfc.attach_optimizer(opt)
+    for step in range(12):
+        opt.zero_grad(set_to_none=True)
+        pfc(*_batch(step)).backward()
+        dense_weight.grad = pfc.weight.grad.coalesce().to_dense()
+        if drop_working_set:
+            opt._working.clear()
+        opt.step()
+        dense.step()
+    state = opt.state[pfc.weight]
+    behind = state["last_step"] < 12
+    assert int(behind.sum()) > CLASSES // 4  # rows skipped by the last step lag behind the dense run until caught up
+    assert not torch.allclose(pfc.weight.detach()[behind], dense_weight.detach()[behind], rtol=1e-3, atol=0)
+    opt.catch_up_rows(pfc.weight)
+    torch.testing.assert_close(pfc.weight.detach(), dense_weight.detach(), rtol=1e-5, atol=1e-7)
+    for ours, theirs in pairs.items():
+        torch.testing.assert_close(state[ours], dense.state[dense_weight][theirs], rtol=1e-5, atol=1e-7)

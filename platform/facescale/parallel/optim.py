@@ -38,7 +38,6 @@ from facescale.parallel.row_state import (
     put_rows,
     read_state_rows,
     row_state_layout,
-    scratch,
     take_rows,
     write_state_rows,
 )
@@ -87,10 +86,14 @@ class SparseRowSGD(SparseRowOptimizer):
         write_state_rows(state, "momentum", index, rows[0])
 
     def _coast_plan(self, skipped: torch.Tensor, last: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """Per row the entries ``[w_w, w_m, m_w, m_m]`` of ``A^k`` (k = the row's skipped steps), ``[R, 4]`` fp32.
+        """Per row ``[w_w, w_m, m_w, m_m, c_w, c_m]``, ``[R, 6]`` fp32: the entries of ``A^k`` (k = the row's skipped
+        steps) and the coefficients that give the caught-up momentum from the caught-up weight, ``m' = c_w w' + c_m m``.
 
         A^k once per distinct k (a few dozen values at most), by repeated squaring in fp64 -- the same bits for a
-        given k whatever other rows are in the batch, so a plan for a whole working set equals per-chunk plans."""
+        given k whatever other rows are in the batch, so a plan for a whole working set equals per-chunk plans.
+        From ``w' = w_w w + w_m m`` and ``m' = m_w w + m_m m``: ``m' = (m_w / w_w) w' + (m_m - w_m m_w / w_w) m``
+        (``c_m`` is det(A^k) / w_w = mu^k / w_w; no cancellation, as ``w_w`` stays near 1 for the k that occur; a
+        ``w_w`` that underflows to 0 -- a row decayed to nothing -- gives m' = 0)."""
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         counts, which = torch.unique(skipped, return_inverse=True)
         power = torch.eye(2, dtype=torch.float64).repeat(counts.numel(), 1, 1)
@@ -98,17 +101,21 @@ class SparseRowSGD(SparseRowOptimizer):
         while bool((counts > 0).any()):
             power = torch.where((counts & 1).bool()[:, None, None], power @ base, power)
             base, counts = base @ base, counts >> 1
-        return power.float().view(-1, 4)[which]
+        w_w, w_m, m_w, m_m = power.view(-1, 4).unbind(1)
+        safe = torch.where(w_w == 0, 1.0, w_w)
+        c_w = torch.where(w_w == 0, 0.0, m_w / safe)
+        c_m = torch.where(w_w == 0, 0.0, m_m - w_m * c_w)
+        return torch.stack([w_w, w_m, m_w, m_m, c_w, c_m], dim=1).float()[which]
 
-    def _coast(self, weight: torch.Tensor, rows: list[torch.Tensor], skipped: torch.Tensor, last: torch.Tensor,
-               group: dict[str, Any], plan: torch.Tensor | None = None) -> None:
-        buf = rows[0]
-        power = plan if plan is not None else self._coast_plan(skipped, last, group)
-        w_w, w_m, m_w, m_m = (power[:, i, None] for i in range(4))
-        new_buf = torch.mul(buf, m_m, out=scratch("coast", tuple(buf.shape), buf.dtype, buf.device))
-        new_buf.addcmul_(weight, m_w)
-        weight.mul_(w_w).addcmul_(buf, w_m)
-        rows[0] = new_buf  # handed back in the list (the callers write ``rows``): no copy pass into ``buf``
+    def _coast_weight(self, weight: torch.Tensor, rows: list[torch.Tensor], plan: torch.Tensor,
+                      group: dict[str, Any]) -> None:
+        weight.mul_(plan[:, 0, None]).addcmul_(rows[0], plan[:, 1, None])
+
+    def _coast_state(self, weight: torch.Tensor, rows: list[torch.Tensor], plan: torch.Tensor,
+                     group: dict[str, Any]) -> None:
+        # From the caught-up weight: Partial FC's forward catches up the weight alone, and the step does this just
+        # before the update, so the momentum is not stored (for int8: quantised) in between.
+        rows[0].mul_(plan[:, 5, None]).addcmul_(weight, plan[:, 4, None])
 
     def _update_rows(self, weight: torch.Tensor, grad: torch.Tensor, rows: list[torch.Tensor],
                      group: dict[str, Any], t: int) -> torch.Tensor:
@@ -166,9 +173,14 @@ class SparseRowAdamW(SparseRowOptimizer):
         write_state_rows(state, "exp_avg", index, rows[0])
         put_rows(state["exp_avg_sq"], index, rows[1])
 
-    def _coast(self, weight: torch.Tensor, rows: list[torch.Tensor], skipped: torch.Tensor, last: torch.Tensor,
-               group: dict[str, Any], plan: None = None) -> None:
+    def _coast_plan(self, skipped: torch.Tensor, last: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Per row ``[skipped, last]`` (int64): the replay depends on the row's own steps only."""
+        return torch.stack([skipped, last], dim=1)
+
+    def _coast_weight(self, weight: torch.Tensor, rows: list[torch.Tensor], plan: torch.Tensor,
+                      group: dict[str, Any]) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        skipped, last = plan.unbind(1)
         exp_avg, exp_avg_sq = rows
         decay = 1.0 - lr * wd
         replayed = skipped.clamp(max=self.REPLAY_LIMIT)
@@ -185,9 +197,13 @@ class SparseRowAdamW(SparseRowOptimizer):
         total = (total * decay ** (skipped - replayed).double()).float().unsqueeze(1)
         direction = exp_avg if row_scale is not None else exp_avg / exp_avg_sq.sqrt().clamp_min(1e-30)
         weight.mul_((decay ** skipped.double()).float().unsqueeze(1)).sub_(direction * total)
-        exp_avg.mul_((beta1 ** skipped.double()).float().unsqueeze(1))
-        shape = (-1,) if exp_avg_sq.dim() == 1 else (-1, 1)
-        exp_avg_sq.mul_((beta2 ** skipped.double()).float().view(shape))
+
+    def _coast_state(self, weight: torch.Tensor, rows: list[torch.Tensor], plan: torch.Tensor,
+                     group: dict[str, Any]) -> None:
+        (beta1, beta2), skipped = group["betas"], plan[:, 0].double()
+        exp_avg, exp_avg_sq = rows
+        exp_avg.mul_((beta1 ** skipped).float().unsqueeze(1))
+        exp_avg_sq.mul_((beta2 ** skipped).float().view((-1,) if exp_avg_sq.dim() == 1 else (-1, 1)))
 
     def _update_rows(self, weight: torch.Tensor, grad: torch.Tensor, rows: list[torch.Tensor],
                      group: dict[str, Any], t: int) -> torch.Tensor:

@@ -100,8 +100,10 @@ class ShardCosine(torch.autograd.Function):
         scaled = norm_embeddings.new_empty((batch * chunk,))
         product = norm_embeddings.new_empty((chunk, width))  # for w . g: vecdot would allocate it per chunk
         spare = None if same_dtype else norm_embeddings.new_empty((chunk, width))
+        inv_norms = norms.reciprocal()  # for all rows at once (elementwise: the same bits as per chunk)
+        inv_norms_sq = inv_norms.square()
         for start, end in source.spans():
-            centers, inv_norm = source.take(start, end), norms[start:end].reciprocal()
+            centers, inv_norm = source.take(start, end), inv_norms[start:end]
             # With G the cosine gradient and u = w/|w|: dE = G u = (G / |w|) w, and dw = (I - u u^T) G^T E / |w|
             # = g - w (w . g) / |w|^2 with g = (G / |w|)^T E -- both use the small [N, chunk] block scaled once,
             # never a normalised [chunk, D] copy of the rows.
@@ -110,7 +112,7 @@ class ShardCosine(torch.autograd.Function):
             grad_embeddings.addmm_(grad_chunk, centers)
             grad_w = grad_rows[start:end] if same_dtype else spare[:end - start]
             torch.mm(grad_chunk.t(), norm_embeddings, out=grad_w)
-            radial = torch.mul(grad_w, centers, out=product[:end - start]).sum(dim=1).mul_(inv_norm.square_())
+            radial = torch.mul(grad_w, centers, out=product[:end - start]).sum(dim=1).mul_(inv_norms_sq[start:end])
             grad_w.addcmul_(centers, radial.unsqueeze(1), value=-1.0)
             if not same_dtype:
                 grad_rows[start:end] = grad_w

@@ -7,14 +7,15 @@ rows must be brought up to date (the dense steps they missed, see ``SparseRowSGD
 optimizer updates them. Done naively that is four passes over the sampled rows in memory (catch-up: gather and
 scatter; step: gather and scatter) plus two gathers by the cosine. Instead, as arcface_torch's first Partial FC
 kept a ``sub_weight`` and ``sub_weight_mom`` (An et al., arXiv:2010.05222), the forward gathers the sampled rows
-and their state once into a working set and catches them up *there* (rounded exactly as a store would round
-them); the cosine's forward and backward read the working set (contiguous, no gather); ``step`` updates the
-working set and scatters each row once. Partial FC takes the set through ``prepare_rows_lazily``, which gathers
-and catches up each chunk just before the cosine scores it. Nothing is written to the centers before ``step``, so a
-step that is skipped (non-finite loss) just drops the working set: the stored rows are caught up later, in closed
-form, to the same values. When the gradient's rows are not the working set's (micro-batches accumulated over
-several forwards), ``step`` falls back to gathering from the stored rows, catching up and rounding the same way, so
-both paths give the same bits.
+and their state once into a working set and catches their weight up *there* (rounded exactly as a store would
+round it); the cosine's forward and backward read the working set (contiguous, no gather); ``step`` catches the
+state up (from the caught-up weight: nothing about the state is stored or rounded in between), updates the rows and
+scatters each row once. Partial FC takes the set through ``prepare_rows_lazily``, which gathers and catches up each
+chunk just before the cosine scores it. Nothing is written to the centers before ``step``, so a step that is
+skipped (non-finite loss) just drops the working set: the stored rows are caught up later, in closed form, to the
+same values. When the gradient's rows are not the working set's (micro-batches accumulated over several forwards),
+``step`` falls back to gathering from the stored rows, catching up and rounding the same way, so both paths give
+the same bits.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class _WorkingSet:
     step: int  # optimizer steps taken when gathered
     version: int  # the parameter's version counter when gathered (any later write invalidates the set)
     pending: _PendingGather | None = None  # the chunks not yet gathered (``prepare_rows_lazily``); None: filled
+    # Chunks (by first row) whose weight was caught up, and whose state waits for the step: their part of the plan.
+    deferred: dict[int, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,7 +98,8 @@ class SparseRowOptimizer(torch.optim.Optimizer):
     the sampled-row working set (module docstring).
 
     Subclasses keep ``step`` (optimizer steps taken) and ``last_step`` (per row: the step its weight and state
-    are current at) and implement ``_read_rows``/``_write_rows``/``_coast``/``_update_rows``/``state_layout``.
+    are current at) and implement ``_read_rows``/``_write_rows``/``_coast_plan``/``_coast_weight``/``_coast_state``/
+    ``_update_rows``/``state_layout``.
     """
 
     catch_up = True
@@ -129,17 +133,22 @@ class SparseRowOptimizer(torch.optim.Optimizer):
     def _write_rows(self, state: dict[str, torch.Tensor], index: Any, rows: list[torch.Tensor]) -> None:
         raise NotImplementedError
 
-    def _coast(self, weight: torch.Tensor, rows: list[torch.Tensor], skipped: torch.Tensor, last: torch.Tensor,
-               group: dict[str, Any], plan: Any = None) -> None:
-        """Applies the ``skipped`` zero-gradient dense steps after step ``last`` (per row) to ``weight`` in place and
-        to the state ``rows`` (in place, or by putting new tensors in the list: callers write what the list holds);
-        ``plan``: these rows' part of what :meth:`_coast_plan` returned, when it returned something."""
+    def _coast_plan(self, skipped: torch.Tensor, last: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Per row, what the replay of the ``skipped`` zero-gradient dense steps after step ``last`` needs: a tensor
+        of rows, computed once for a whole working set and sliced per chunk."""
         raise NotImplementedError
 
-    def _coast_plan(self, skipped: torch.Tensor, last: torch.Tensor, group: dict[str, Any]) -> Any:
-        """What of the replay depends only on ``skipped`` and ``last`` (per row), computed once for a whole working
-        set instead of per chunk (a tensor of rows, sliced per chunk); ``None``: nothing, ``_coast`` does it all."""
-        return None
+    def _coast_weight(self, weight: torch.Tensor, rows: list[torch.Tensor], plan: torch.Tensor,
+                      group: dict[str, Any]) -> None:
+        """The replay's effect on the fp32 ``weight`` (in place), from the state ``rows`` as stored (only read);
+        ``plan``: these rows' part of :meth:`_coast_plan`."""
+        raise NotImplementedError
+
+    def _coast_state(self, weight: torch.Tensor, rows: list[torch.Tensor], plan: torch.Tensor,
+                     group: dict[str, Any]) -> None:
+        """The replay's effect on the state ``rows`` (in place), after :meth:`_coast_weight`: from the state as
+        stored and the caught-up ``weight`` (as stored too: rounded, for bf16 centers)."""
+        raise NotImplementedError
 
     def _update_rows(self, weight: torch.Tensor, grad: torch.Tensor, rows: list[torch.Tensor],
                      group: dict[str, Any], t: int) -> torch.Tensor:
@@ -178,11 +187,13 @@ class SparseRowOptimizer(torch.optim.Optimizer):
             grad = take_fp32_rows(values, part, "grad")  # may be a view of p.grad: never written
             weight = take_fp32_rows(flat, index, "weight")
             state_rows = list(self._read_rows(state, index))
-            if self.catch_up and self._bring_up_to_date(state, index, weight, state_rows, group):
-                # Stored and read back, as ``prepare_rows`` rounds its caught-up rows: both paths give the same bits.
-                self._write_rows(state, index, state_rows)
+            plan = self._bring_up_to_date(state, index, weight, state_rows, group, weight_only=True) \
+                if self.catch_up else None
+            if plan is not None:
+                # Stored and read back, as the working set rounds its caught-up weight: both paths give the same bits.
                 self._store_rows(p, flat, index, weight, t - 1, _ROUND_CATCH_UP)
-                weight, state_rows = take_fp32_rows(flat, index, "weight"), list(self._read_rows(state, index))
+                weight = take_fp32_rows(flat, index, "weight")
+                self._coast_state(weight, state_rows, plan, group)
             self._finish_rows(p, flat, index, weight, grad, state_rows, state, group, t)
 
     def _step_working_set(self, p: torch.Tensor, working: _WorkingSet, values: torch.Tensor,
@@ -194,6 +205,9 @@ class SparseRowOptimizer(torch.optim.Optimizer):
             grad = take_fp32_rows(values, part, "grad")
             weight = take_fp32_rows(sub, part, "weight")  # fp32: a view of the working set, updated in place
             state_rows = list(self._read_rows(working.state, part))
+            plan = working.deferred.get(part.start)
+            if plan is not None:  # the forward caught up this chunk's weight only
+                self._coast_state(weight, state_rows, plan, group)
             self._finish_rows(p, flat, working.rows[part], weight, grad, state_rows, state, group, t)
 
     def _finish_rows(self, p: torch.Tensor, flat: torch.Tensor, index: torch.Tensor | slice, weight: torch.Tensor,
@@ -206,16 +220,22 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         self._store_rows(p, flat, index, weight, t, _ROUND_STEP)
 
     def _bring_up_to_date(self, state: dict[str, torch.Tensor], index: Any, weight: torch.Tensor,
-                          rows: list[torch.Tensor], group: dict[str, Any], plan: Any = None) -> bool:
-        """Replays missed steps on the fp32 rows; False when every row was already current."""
+                          rows: list[torch.Tensor], group: dict[str, Any], plan: Any = None,
+                          weight_only: bool = False) -> Any:
+        """Replays missed steps on the fp32 rows (with ``weight_only``, on the weight alone: ``_coast_state`` is left
+        to the caller). Returns ``None`` when every row was already current, else these rows' plan; ``plan``: the
+        whole working set's, indexed here."""
         step = int(state["step"])
         last = take_rows(state["last_step"], index).long()
         skipped = step - last
         if not bool((skipped > 0).any()):
-            return False
+            return None
         put_rows(state["last_step"], index, step)
-        self._coast(weight, rows, skipped, last, group, None if plan is None else plan[index])
-        return True
+        part = self._coast_plan(skipped, last, group) if plan is None else plan[index]
+        self._coast_weight(weight, rows, part, group)
+        if not weight_only:
+            self._coast_state(weight, rows, part, group)
+        return part
 
     @torch.no_grad()
     def prepare_rows(self, p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -282,8 +302,9 @@ class SparseRowOptimizer(torch.optim.Optimizer):
                     torch.index_select(source, 0, g.rows[part], out=g.targets[name][part])
                 if g.catch_up:  # the chunk is still in cache
                     current, state_rows = take_fp32_rows(sub, part, "weight"), self._read_rows(g.sub_state, part)
-                    if self._bring_up_to_date(g.sub_state, part, current, state_rows, g.group, g.plan):
-                        self._write_rows(g.sub_state, part, state_rows)
+                    plan = self._bring_up_to_date(g.sub_state, part, current, state_rows, g.group, g.plan, True)
+                    if plan is not None:  # the state is the step's to catch up
+                        working.deferred[part.start] = plan
                         self._store_rows(g.p, sub, part, current, step, _ROUND_CATCH_UP, global_index=g.rows[part])
                 g.next_part, g.filled = g.next_part + 1, part.stop
         if g.next_part == len(g.parts):
@@ -317,7 +338,7 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         with chunk_buffers():
             for index, _ in self._chunks(p, rows):
                 weight, state_rows = take_fp32_rows(flat, index, "weight"), self._read_rows(state, index)
-                if self._bring_up_to_date(state, index, weight, state_rows, group):
+                if self._bring_up_to_date(state, index, weight, state_rows, group) is not None:
                     # Writes only when something changed: a current row keeps its version (autograd checks it).
                     self._write_rows(state, index, state_rows)
                     self._store_rows(p, flat, index, weight, int(state["step"]), _ROUND_CATCH_UP)
