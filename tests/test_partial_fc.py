@@ -395,6 +395,27 @@ def test_single_process_errors():
         PartialFC(build_margin(MarginConfig(type="arcface")), 8, 10, sample_rate=0.0)
 
 
+@pytest.mark.parametrize("center_dtype", ["fp32", "bf16"])
+def test_backward_computes_only_the_gradients_asked_for(center_dtype):
+    """Frozen centers get no gradient and the embeddings the same one; embeddings without a gradient leave the
+    centers' gradient as it was (``ShardCosine.backward`` skips the products nobody needs)."""
+    def run(freeze_centers: bool, embeddings_grad: bool):
+        pfc = PartialFC(build_margin(MarginConfig(type="arcface")), 16, 40, sample_rate=0.5, seed=1,
+                        center_dtype=center_dtype)
+        pfc.weight.requires_grad_(not freeze_centers)
+        g = torch.Generator().manual_seed(2)
+        emb = torch.randn(6, 16, generator=g).requires_grad_(embeddings_grad)
+        pfc(emb, torch.randint(0, 40, (6,), generator=g)).backward()
+        return emb.grad, pfc.weight.grad
+
+    emb_grad, center_grad = run(False, True)
+    assert emb_grad is not None and center_grad is not None and center_grad._nnz() == 20
+    frozen_emb_grad, frozen_center_grad = run(True, True)
+    assert frozen_center_grad is None and torch.equal(frozen_emb_grad, emb_grad)
+    _, alone = run(False, False)
+    assert torch.equal(alone.to_dense(), center_grad.to_dense())
+
+
 # ------------------------------------------------------------------------------------------------ planner
 def test_parse_count():
     from facescale.parallel.plan import parse_count

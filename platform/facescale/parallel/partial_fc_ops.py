@@ -88,34 +88,30 @@ class ShardCosine(torch.autograd.Function):
         norm_embeddings, weight, rows, norms, sampled = ctx.saved_tensors
         source = _RowSource(weight, rows, sampled, norm_embeddings.dtype)
         batch, width = norm_embeddings.shape
-        grad_embeddings = torch.zeros_like(norm_embeddings)
+        # Each gradient only when asked for (frozen centers, or embeddings that need none).
+        grad_embeddings = torch.zeros_like(norm_embeddings) if ctx.needs_input_grad[0] else None
         # The center gradient is written once, in the centers' dtype (bf16 centers: a bf16 gradient, rounded to
         # nearest -- autograd would cast it to the parameter's dtype anyway); the math stays in fp32 per chunk.
-        same_dtype = weight.dtype == norm_embeddings.dtype
         # Kept at rate 1 too (all rows): a fresh [L, D] gradient costs its page faults and its unmapping every step
         # (~75 ms per GB here); a GPU's caching allocator keeps that memory reserved the same way.
-        grad_buffer = ctx.grad_buffer
-        grad_rows = KeptStorage.take_or_new(grad_buffer, (source.num_rows, width), weight.dtype, weight.device)
+        grad_rows = KeptStorage.take_or_new(ctx.grad_buffer, (source.num_rows, width), weight.dtype, weight.device) \
+            if ctx.needs_input_grad[1] else None
         chunk = min(source.chunk, source.num_rows)
         scaled = norm_embeddings.new_empty((batch * chunk,))
-        product = norm_embeddings.new_empty((chunk, width))  # for w . g: vecdot would allocate it per chunk
-        spare = None if same_dtype else norm_embeddings.new_empty((chunk, width))
+        scratch = _CenterGradScratch(norm_embeddings, weight.dtype, chunk) if grad_rows is not None else None
         inv_norms = norms.reciprocal()  # for all rows at once (elementwise: the same bits as per chunk)
         inv_norms_sq = inv_norms.square()
         for start, end in source.spans():
-            centers, inv_norm = source.take(start, end), inv_norms[start:end]
+            centers = source.take(start, end)
             # With G the cosine gradient and u = w/|w|: dE = G u = (G / |w|) w, and dw = (I - u u^T) G^T E / |w|
             # = g - w (w . g) / |w|^2 with g = (G / |w|)^T E -- both use the small [N, chunk] block scaled once,
             # never a normalised [chunk, D] copy of the rows.
             grad_chunk = scaled[:batch * (end - start)].view(batch, end - start)
-            torch.mul(grad_cos[:, start:end], inv_norm, out=grad_chunk)
-            grad_embeddings.addmm_(grad_chunk, centers)
-            grad_w = grad_rows[start:end] if same_dtype else spare[:end - start]
-            torch.mm(grad_chunk.t(), norm_embeddings, out=grad_w)
-            radial = torch.mul(grad_w, centers, out=product[:end - start]).sum(dim=1).mul_(inv_norms_sq[start:end])
-            grad_w.addcmul_(centers, radial.unsqueeze(1), value=-1.0)
-            if not same_dtype:
-                grad_rows[start:end] = grad_w
+            torch.mul(grad_cos[:, start:end], inv_norms[start:end], out=grad_chunk)
+            if grad_embeddings is not None:
+                grad_embeddings.addmm_(grad_chunk, centers)
+            if scratch is not None:
+                scratch.center_gradient(grad_chunk, centers, inv_norms_sq[start:end], grad_rows[start:end])
         grad_weight = None
         if ctx.needs_input_grad[1]:
             if rows is None:
@@ -126,6 +122,27 @@ class ShardCosine(torch.autograd.Function):
             else:
                 grad_weight = torch.zeros_like(weight).index_copy_(0, rows, grad_rows)
         return grad_embeddings, grad_weight, None, None, None, None, None
+
+
+class _CenterGradScratch:
+    """The reused per-chunk buffers of :meth:`ShardCosine.backward`'s center gradient."""
+
+    def __init__(self, norm_embeddings: torch.Tensor, dtype: torch.dtype, chunk: int) -> None:
+        self.embeddings = norm_embeddings
+        width = norm_embeddings.shape[1]
+        self.product = norm_embeddings.new_empty((chunk, width))  # for w . g: vecdot would allocate it per chunk
+        self.spare = None if dtype == norm_embeddings.dtype else norm_embeddings.new_empty((chunk, width))
+
+    def center_gradient(self, grad_chunk: torch.Tensor, centers: torch.Tensor, inv_norms_sq: torch.Tensor,
+                        out: torch.Tensor) -> None:
+        """``out = g - w (w . g) / |w|^2`` with ``g = grad_chunk^T E`` (``grad_chunk`` already scaled by 1/|w|)."""
+        rows = centers.shape[0]
+        grad_w = out if self.spare is None else self.spare[:rows]
+        torch.mm(grad_chunk.t(), self.embeddings, out=grad_w)
+        radial = torch.mul(grad_w, centers, out=self.product[:rows]).sum(dim=1).mul_(inv_norms_sq)
+        grad_w.addcmul_(centers, radial.unsqueeze(1), value=-1.0)
+        if self.spare is not None:
+            out.copy_(grad_w)
 
 
 class _RowSource:
