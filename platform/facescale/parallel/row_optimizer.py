@@ -71,8 +71,7 @@ class _WorkingSet:
     step: int  # optimizer steps taken when gathered
     version: int  # the parameter's version counter when gathered (any later write invalidates the set)
     pending: _PendingGather | None = None  # the chunks not yet gathered (``prepare_rows_lazily``); None: filled
-    # Chunks (by first row) whose weight was caught up, and whose state waits for the step: their part of the plan.
-    deferred: dict[int, Any] = field(default_factory=dict)
+    deferred: dict[int, Any] = field(default_factory=dict)  # first row -> plan: chunks whose state the step catches up
 
 
 @dataclass
@@ -88,6 +87,7 @@ class _PendingGather:
     catch_up: bool
     plan: Any = None  # the optimizer's ``_coast_plan`` for all rows
     parts: list[slice] = field(default_factory=list)
+    behind: list[bool] = field(default_factory=list)  # per part: some row missed steps (its weight needs catching up)
     next_part: int = 0
     filled: int = 0  # rows [0, filled) are gathered and current
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # chunk scratch, kept across fill calls
@@ -220,22 +220,20 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         self._store_rows(p, flat, index, weight, t, _ROUND_STEP)
 
     def _bring_up_to_date(self, state: dict[str, torch.Tensor], index: Any, weight: torch.Tensor,
-                          rows: list[torch.Tensor], group: dict[str, Any], plan: Any = None,
-                          weight_only: bool = False) -> Any:
+                          rows: list[torch.Tensor], group: dict[str, Any], weight_only: bool = False) -> Any:
         """Replays missed steps on the fp32 rows (with ``weight_only``, on the weight alone: ``_coast_state`` is left
-        to the caller). Returns ``None`` when every row was already current, else these rows' plan; ``plan``: the
-        whole working set's, indexed here."""
+        to the caller). Returns ``None`` when every row was already current, else these rows' plan."""
         step = int(state["step"])
         last = take_rows(state["last_step"], index).long()
         skipped = step - last
         if not bool((skipped > 0).any()):
             return None
         put_rows(state["last_step"], index, step)
-        part = self._coast_plan(skipped, last, group) if plan is None else plan[index]
-        self._coast_weight(weight, rows, part, group)
+        plan = self._coast_plan(skipped, last, group)
+        self._coast_weight(weight, rows, plan, group)
         if not weight_only:
-            self._coast_state(weight, rows, part, group)
-        return part
+            self._coast_state(weight, rows, plan, group)
+        return plan
 
     @torch.no_grad()
     def prepare_rows(self, p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -282,10 +280,15 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         group = self._group_of(p)
         pending = _PendingGather(p, rows, sources, targets, sub_state, group,
                                  self.catch_up and group.get("momentum", True))
+        pending.parts = [part for part, _ in self._chunks(weight, None)]
         if pending.catch_up:  # the rows' last steps first: what of the replay depends on them alone is planned once
             last = torch.index_select(sources.pop("last_step"), 0, rows, out=targets["last_step"]).long()
-            pending.plan = self._coast_plan(int(state["step"]) - last, last, group)
-        pending.parts = [part for part, _ in self._chunks(weight, None)]
+            skipped = int(state["step"]) - last
+            pending.plan = self._coast_plan(skipped, last, group)
+            # Which chunks have a row behind, at once (not a test and a sync per chunk): counts up to each chunk's end.
+            ends = torch.tensor([part.stop - 1 for part in pending.parts], device=rows.device)
+            counts = (skipped > 0).cumsum(0)[ends]
+            pending.behind = torch.diff(counts, prepend=counts.new_zeros(1)).gt(0).tolist()
         return pending
 
     @torch.no_grad()
@@ -300,12 +303,11 @@ class SparseRowOptimizer(torch.optim.Optimizer):
                 part = g.parts[g.next_part]
                 for name, source in g.sources.items():
                     torch.index_select(source, 0, g.rows[part], out=g.targets[name][part])
-                if g.catch_up:  # the chunk is still in cache
+                if g.catch_up and g.behind[g.next_part]:  # the chunk is still in cache
                     current, state_rows = take_fp32_rows(sub, part, "weight"), self._read_rows(g.sub_state, part)
-                    plan = self._bring_up_to_date(g.sub_state, part, current, state_rows, g.group, g.plan, True)
-                    if plan is not None:  # the state is the step's to catch up
-                        working.deferred[part.start] = plan
-                        self._store_rows(g.p, sub, part, current, step, _ROUND_CATCH_UP, global_index=g.rows[part])
+                    self._coast_weight(current, state_rows, g.plan[part], g.group)
+                    working.deferred[part.start] = g.plan[part]  # the state is the step's to catch up
+                    self._store_rows(g.p, sub, part, current, step, _ROUND_CATCH_UP, global_index=g.rows[part])
                 g.next_part, g.filled = g.next_part + 1, part.stop
         if g.next_part == len(g.parts):
             working.pending = None  # filled: drop the gather's references (the kept storage is reused by count)
