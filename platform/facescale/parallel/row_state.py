@@ -273,9 +273,10 @@ def write_state_rows(state: dict[str, torch.Tensor], name: str, rows: torch.Tens
     if f"{name}_q" in state:
         blocks = state[f"{name}_scale"].shape[1]
         grouped = values.view(values.shape[0], blocks, -1)
-        # max |x| per block without an |x| copy, as max(max x, -min x): exactly vector_norm(ord=inf), ~15x faster on
-        # CPU (abs_ only turns a -0 from all-zero blocks into +0).
-        scale = torch.maximum(grouped.amax(dim=2), grouped.amin(dim=2).neg_()).abs_() / 127.0
+        # max |x| per block as the max of |x| in a reused chunk buffer: exactly vector_norm(ord=inf), ~25x faster on
+        # CPU (and ~20 % faster than max(max x, -min x), two reductions, here).
+        magnitude = torch.abs(grouped, out=scratch(f"abs_{name}", tuple(grouped.shape), grouped.dtype, grouped.device))
+        scale = magnitude.amax(dim=2) / 127.0
         # Multiplied by the scale's reciprocal (a multiply pass is ~2x faster than a divide on CPU): |x| * fl(1 / s)
         # with s = fl(max|x| / 127) is at most 127 * (1 + 3 * 2^-24) (three roundings), which rounds to at most 127:
         # no clamp pass.
