@@ -190,9 +190,8 @@ class SparseRowOptimizer(torch.optim.Optimizer):
             plan = self._bring_up_to_date(state, index, weight, state_rows, group, weight_only=True) \
                 if self.catch_up else None
             if plan is not None:
-                # Stored and read back, as the working set rounds its caught-up weight: both paths give the same bits.
-                self._store_rows(p, flat, index, weight, t - 1, _ROUND_CATCH_UP)
-                weight = take_fp32_rows(flat, index, "weight")
+                # Rounded as the working set stores its caught-up weight, not stored: the step's store is the one write.
+                weight.copy_(self._rounded(p, weight, index, t - 1, _ROUND_CATCH_UP))  # fp32: a no-op self-copy
                 self._coast_state(weight, state_rows, plan, group)
             self._finish_rows(p, flat, index, weight, grad, state_rows, state, group, t)
 
@@ -305,8 +304,8 @@ class SparseRowOptimizer(torch.optim.Optimizer):
                     torch.index_select(source, 0, g.rows[part], out=g.targets[name][part])
                 if g.catch_up and g.behind[g.next_part]:  # the chunk is still in cache
                     current, state_rows = take_fp32_rows(sub, part, "weight"), self._read_rows(g.sub_state, part)
-                    self._coast_weight(current, state_rows, g.plan[part], g.group)
-                    working.deferred[part.start] = g.plan[part]  # the state is the step's to catch up
+                    plan = working.deferred[part.start] = g.plan[part]  # the state is the step's to catch up
+                    self._coast_weight(current, state_rows, plan, g.group)
                     self._store_rows(g.p, sub, part, current, step, _ROUND_CATCH_UP, global_index=g.rows[part])
                 g.next_part, g.filled = g.next_part + 1, part.stop
         if g.next_part == len(g.parts):
@@ -356,16 +355,18 @@ class SparseRowOptimizer(torch.optim.Optimizer):
                     salt: int, global_index: Any = None) -> None:
         """Writes fp32 rows into ``flat`` at ``index``: exact for fp32, stochastically rounded for bf16, keyed by
         (seed, step, row of ``p``: ``global_index`` when ``flat`` is a working set, else ``index``)."""
+        put_rows(flat, index, self._rounded(p, weight, index if global_index is None else global_index, step, salt))
+
+    def _rounded(self, p: torch.Tensor, weight: torch.Tensor, key_index: Any, step: int, salt: int) -> torch.Tensor:
+        """fp32 rows ``weight`` (rows ``key_index`` of ``p``) as :meth:`_store_rows` stores them (bf16: rounded)."""
         if p.dtype != torch.bfloat16:
-            put_rows(flat, index, weight)
-            return
+            return weight
         seed, offset = getattr(self, "_rounding_keys", {}).get(p, (0, 0))
-        key_index = index if global_index is None else global_index
         if isinstance(key_index, slice):
             local = torch.arange(key_index.start, key_index.stop, dtype=torch.int64, device=weight.device)
         else:
             local = key_index.to(torch.int64)
-        put_rows(flat, index, stochastic_round_bf16(weight, mix_seed(seed, step, salt), local + offset))
+        return stochastic_round_bf16(weight, mix_seed(seed, step, salt), local + offset)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads hyperparameters and state, keeping the state's storage dtype (torch would cast it to fp32)."""
