@@ -198,9 +198,11 @@ def _chunk_rows(weight: torch.Tensor) -> int:
 class DistSoftmaxCrossEntropy(torch.autograd.Function):
     """Mean softmax cross-entropy over logits whose class dimension is split across the ranks of ``group``.
 
-    Returns ``(loss, probs)``: the logits are turned into the softmax probabilities *in place* (one ``[N, C]``
-    buffer from the cosines to the logit gradient; ``probs`` is that same tensor, marked as modified, and carries
-    no gradient of its own). Callers that need the logits afterwards pass a copy.
+    Returns ``(loss, shifted_exp)``: the logits are turned into ``exp(logit - row max)`` *in place* (one ``[N, C]``
+    buffer from the cosines to the logit gradient; ``shifted_exp`` is that same tensor, marked as modified, and
+    carries no gradient of its own). They are not divided by the row sums: the backward folds that division into
+    its own scaling, one pass over the logits fewer (the softmax probabilities are ``shifted_exp`` over the
+    all-reduced row sums). Callers that need the logits afterwards pass a copy.
     """
 
     @staticmethod
@@ -215,15 +217,12 @@ class DistSoftmaxCrossEntropy(torch.autograd.Function):
         cols = local_target[rows]
         row_stats = logits.new_zeros((2, num_rows))
         row_stats[1, rows] = logits[rows, cols] - max_logit[rows]
-        probs = logits.sub_(max_logit.unsqueeze(1)).exp_()
-        row_stats[0] = probs.sum(dim=1)
+        shifted_exp = logits.sub_(max_logit.unsqueeze(1)).exp_()
+        row_stats[0] = shifted_exp.sum(dim=1)
         # NOTE: all-reduce (sum) of [sum of exp(logit - max); target logit - max] per row -- the denominator is
         # spread over every rank's classes, and each row's target logit lives on exactly one rank (zeros elsewhere).
         all_reduce_(row_stats, dist.ReduceOp.SUM, group)
         sum_exp, target_shifted = row_stats
-        # Divided here, not folded into backward's scaling: the fold changes the gradient's last bits (checked
-        # against DeepSpeed ZeRO's trajectory in tests/test_engine.py) for one pass over the logits.
-        probs.div_(sum_exp.unsqueeze(1))
         per_row = sum_exp.log() - target_shifted
         if keep is None:  # the mean over every row
             weights = None
@@ -232,21 +231,22 @@ class DistSoftmaxCrossEntropy(torch.autograd.Function):
             weights = keep.to(per_row.dtype) / keep.sum().clamp_min(1).to(per_row.dtype)
             loss = (per_row * weights).sum()
         ctx.mark_dirty(logits)
-        ctx.mark_non_differentiable(probs)
-        # ``probs`` never has a gradient: without this autograd would hand backward a zero-filled [N, C] for it.
+        ctx.mark_non_differentiable(shifted_exp)
+        # ``shifted_exp`` never has a gradient: without this autograd would hand backward a zero-filled [N, C] for it.
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(probs, rows, cols, weights)
-        return loss, probs
+        ctx.save_for_backward(shifted_exp, rows, cols, weights, sum_exp)
+        return loss, shifted_exp
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_probs: torch.Tensor | None) -> tuple[torch.Tensor, None,
+    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_exp: torch.Tensor | None) -> tuple[torch.Tensor, None,
                                                                                                 None, None]:
-        probs, rows, cols, weights = ctx.saved_tensors
-        # The softmax buffer becomes the gradient in place (a second backward then fails loudly, as it should).
-        grad = probs
-        grad[rows, cols] -= 1.0
-        if weights is None:
-            grad.mul_(grad_loss / grad.shape[0])
-        else:
-            grad.mul_(weights.unsqueeze(1) * grad_loss)
+        shifted_exp, rows, cols, weights, sum_exp = ctx.saved_tensors
+        # d(loss)/d(logit) = scale * (softmax - onehot), with the division by the row sums folded into the one pass
+        # that scales the buffer, which becomes the gradient in place (a second backward then fails loudly).
+        grad = shifted_exp
+        scale = grad_loss / grad.shape[0] if weights is None else weights * grad_loss
+        per_row = (scale / sum_exp).unsqueeze(1)
+        target = grad[rows, cols] * per_row[rows, 0] - (scale[rows] if scale.dim() else scale)
+        grad.mul_(per_row)
+        grad[rows, cols] = target
         return grad, None, None, None
