@@ -17,7 +17,7 @@ from facescale.heads.margin import IGNORE_LABEL
 from facescale.parallel.dist import all_gather_rows, all_reduce_, rank_and_world_size, reduce_scatter_rows
 from facescale.parallel.row_state import KeptStorage
 
-# Rows of centers handled per chunk when computing logits; bounds the temporary normalised copy (~8 MB at D=512).
+# Rows of centers handled per chunk when computing logits; bounds the chunk's fp32 copy of bf16 rows (~8 MB at D=512).
 # CPU: 2 MiB, cache-sized (see ``row_optimizer.CPU_STEP_CHUNK_BYTES``); the planner counts the larger value.
 CHUNK_BYTES = 8 << 20
 CPU_CHUNK_BYTES = 2 << 20
@@ -45,11 +45,12 @@ class AllGatherEmbeddings(torch.autograd.Function):
 class ShardCosine(torch.autograd.Function):
     """Cosine logits of normalised embeddings against (a subset of) this rank's centers, in row chunks.
 
-    Forward normalises each chunk of rows into one reused buffer (no normalised ``[rows, D]`` copy is ever held);
-    backward makes no normalised copy at all: both gradients use the small ``[N, chunk]`` gradient block scaled by
-    ``1/|w|`` per column. (Scaling the forward's products instead of its rows would save ~2 ms per step at 1M
-    identities, by the op profile, but it moves the cosines' rounding, and the DDP-vs-ZeRO trajectory test of
-    ``tests/test_engine.py`` drifted past its bound with it: kept as it was.) Saves only the embeddings,
+    Neither pass makes a normalised copy of the rows: the forward scales each chunk's ``[N, chunk]`` product by
+    ``1/|w|`` per column, and both gradients use the ``[N, chunk]`` gradient block scaled the same way. (Until
+    2026-12-02 the forward normalised the rows into a chunk buffer first, a ``[chunk, D]`` pass: ~10 ms per step
+    more at 1M identities, rate 0.1, here. Scaling the product moves the cosines' rounding by an ulp; the
+    DDP-vs-ZeRO trajectory test of ``tests/test_engine.py`` had drifted past its bound with it at an earlier state
+    of the code, and now passes at 0.63 of it.) Saves only the embeddings,
     the row source and per-row norms; the rows are re-read chunk by chunk in backward. The rows come from
     ``weight[rows]`` (all rows when ``rows`` is ``None``) or, when the optimizer has already gathered and caught
     them up, from ``sampled`` (``[len(rows), D]``, the same values; see ``SparseRowOptimizer.prepare_rows_lazily``). The
@@ -75,9 +76,11 @@ class ShardCosine(torch.autograd.Function):
         for start, end in source.spans():
             centers = source.take(start, end)
             torch.linalg.vector_norm(centers, dim=1, out=norms[start:end])
-            normed = source.normed(centers, norms[start:end].clamp_min_(1e-12))
-            # Written in place into its columns (BLAS takes the row stride), clamped while they are in cache.
-            torch.mm(norm_embeddings, normed.t(), out=cos[:, start:end]).clamp_(-1.0, 1.0)
+            # E w / |w|: the product is scaled per column (an [N, chunk] pass) rather than the rows normalised first
+            # (a [chunk, D] pass, twice the size at N = 256, D = 512). Written in place into its columns (BLAS takes
+            # the row stride), scaled and clamped while they are in cache.
+            block = torch.mm(norm_embeddings, centers.t(), out=cos[:, start:end])
+            block.div_(norms[start:end].clamp_min_(1e-12)).clamp_(-1.0, 1.0)
         ctx.save_for_backward(norm_embeddings, weight, rows, norms, sampled)
         ctx.sparse_grad, ctx.grad_buffer = sparse_grad, grad_buffer
         return cos
@@ -155,16 +158,6 @@ class _RowSource:
         self.num_rows = weight.shape[0] if rows is None else rows.numel()
         self.chunk = _chunk_rows(weight)
         self._buffer: torch.Tensor | None = None
-        self._normed: torch.Tensor | None = None
-
-    def normed(self, centers: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-        """``centers / norms`` (per row) in a reused chunk buffer. The embeddings' products use the normalised rows
-        (rather than scaling the product afterwards) so their rounding, and the backbone's gradient, stay exactly
-        what a plain ``F.normalize`` would give."""
-        if self._normed is None:
-            self._normed = torch.empty((min(self.chunk, self.num_rows), self.weight.shape[1]), dtype=self.dtype,
-                                       device=self.weight.device)
-        return torch.div(centers, norms.unsqueeze(1), out=self._normed[:centers.shape[0]])
 
     def spans(self) -> Iterable[tuple[int, int]]:
         for start in range(0, self.num_rows, self.chunk):
